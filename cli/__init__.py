@@ -1,0 +1,1 @@
+"""The tamp-fx command line."""

@@ -1,0 +1,47 @@
+"""Instrument pass: an observer after every linear node and at every attention node."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx
+
+from tamp_fx.passes.base import OBSERVER_PREFIX, PassResult
+from tamp_fx.graph import is_attention, is_linear, weight_name
+from tamp_fx.observers import AttentionObserver, LinearObserver, ObserverContext
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    context: ObserverContext
+
+
+def _sdpa_scale(node: torch.fx.Node) -> float | None:
+    return node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+
+
+def instrument(gm: torch.fx.GraphModule, config: InstrumentConfig) -> PassResult:
+    """Insert observers; returns ``info["linear"]`` (weight name -> LinearObserver) and
+    ``info["attention"]`` (list of AttentionObserver). Graph outputs are unchanged."""
+    linear_observers: dict[str, LinearObserver] = {}
+    attention_observers: list[AttentionObserver] = []
+    for node in list(gm.graph.nodes):
+        if is_linear(node):
+            observer = LinearObserver(config.context)
+            name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"
+            linear_observers[weight_name(node)] = observer
+            args = (node.args[0], node)
+        elif is_attention(node):
+            observer = AttentionObserver(config.context)
+            name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"
+            attention_observers.append(observer)
+            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            args = (node.args[0], node.args[1], mask, _sdpa_scale(node))
+        else:
+            continue
+        gm.add_submodule(name, observer)
+        with gm.graph.inserting_after(node):
+            gm.graph.call_module(name, args)
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, modified=bool(linear_observers or attention_observers),
+                      info={"linear": linear_observers, "attention": attention_observers})

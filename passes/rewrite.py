@@ -1,0 +1,43 @@
+"""Rewrite pass: apply the plan pass's decisions to the weights, remove the observers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from tamp_fx.passes.base import DECISION_KEY, OBSERVER_PREFIX, PassError, PassResult
+from tamp_fx.masks import apply_mask
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    remove_observers: bool = True
+
+
+def _replace_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    """Swap in a new Parameter: the exported module shares storage with the user's model,
+    which must never be written."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_name)
+    setattr(owner, attr, torch.nn.Parameter(value, requires_grad=False))
+
+
+def rewrite(gm: torch.fx.GraphModule, config: RewriteConfig = RewriteConfig()) -> PassResult:
+    modified = False
+    for node in list(gm.graph.nodes):
+        decision = node.meta.get(DECISION_KEY)
+        if decision is not None:
+            weight = gm.get_parameter(decision.weight)
+            if tuple(weight.shape) != tuple(decision.mask.shape):
+                raise PassError("rewrite", node, f"mask shape {tuple(decision.mask.shape)} does not match weight {tuple(weight.shape)}")
+            _replace_parameter(gm, decision.weight, apply_mask(weight.detach(), decision.mask.to(weight.device)))
+            modified = True
+        if config.remove_observers and node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
+            gm.graph.erase_node(node)
+            gm.delete_submodule(str(node.target))
+            modified = True
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return PassResult(gm, modified)

@@ -1,0 +1,127 @@
+"""The public verbs: ``plan`` (calibrate and decide) and ``apply`` (write a pruned model)."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tamp_fx.adapters import decoder_layout, family_of, modality_token_ids
+from tamp_fx.artifact import LinearPlan, Plan
+from tamp_fx.calibration import load_calibration
+from tamp_fx.capture import capture_layer_inputs
+from tamp_fx.config import PlanConfig
+from tamp_fx.driver import prune_layers
+from tamp_fx.errors import TampError
+from tamp_fx.masks import apply_mask
+from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_keys, checkpoint_names, fingerprint,
+                              load_model, load_processor, resolve_source)
+from tamp_fx.progress import Bars
+
+log = logging.getLogger(__name__)
+
+
+def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False) -> Plan:
+    """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
+
+    Nothing is written: save the result with ``Plan.save``.
+    """
+    source = resolve_source(model)
+    net = load_model(source)
+    processor = load_processor(source, net.config)
+    layout = decoder_layout(net)
+    token_ids = modality_token_ids(net.config)
+    samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed)
+    with Bars(progress) as bars:
+        with bars.task("capture decoder inputs", len(samples)) as advance:
+            acts = capture_layer_inputs(net, layout, samples, token_ids, advance)
+        results = prune_layers(layout, acts, config, bars)
+    params = dict(net.named_parameters())
+    full = {f"{layout.layer_prefix(r.index)}.{w}": (r, w) for r in results for w in r.decisions}
+    names = checkpoint_names(source, {n: params[n] for n in full})
+    linears, masks = {}, {}
+    for mem_name, (result, w) in full.items():
+        d, info = result.decisions[w], result.linears[w]
+        ckpt = names[mem_name]
+        linears[ckpt] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
+                                   d.group, info.block, {**d.stats, "shares_input_with": list(info.shares_input_with),
+                                                         "feeds_attention": info.feeds_attention})
+        masks[ckpt] = d.mask
+    model_info = {
+        "fingerprint": fingerprint({names[n]: params[n] for n in full}),
+        "model_type": net.config.model_type,
+        "architecture": type(net).__name__,
+        "source": source.path.name,
+        "decoder": layout.prefix,
+        "num_layers": len(layout.layers),
+        "modality_token_ids": {m.name.lower(): i for m, i in token_ids.items()},
+        "untouched": list(layout.untouched),
+        "calibration": {"file": Path(calib).name, "samples": len(samples)},
+    }
+    layers = [{"layer": r.index, **r.stats} for r in results]
+    return Plan(config, model_info, linears, layers, masks)
+
+
+def _check_plan_matches(plan_: Plan, tensors: dict[str, torch.Tensor], source: ModelSource) -> None:
+    missing = [n for n in plan_.linears if n not in tensors]
+    if missing:
+        raise TampError(f"the plan prunes {missing[0]}, which {source.path} does not have: the plan was made for another model")
+    for name, lp in plan_.linears.items():
+        if tuple(tensors[name].shape) != lp.shape:
+            raise TampError(f"the plan's {name} has shape {lp.shape}, the model's {tuple(tensors[name].shape)}: "
+                            "the plan was made for another model")
+    if fingerprint(tensors) != plan_.model.get("fingerprint"):
+        raise TampError(f"the plan was made for another model (fingerprint differs from {source.path}): "
+                        "re-run `tamp-fx plan` on this model")
+
+
+def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overwrite: bool = False,
+          progress: bool = False) -> Path:
+    """Write ``model`` with the plan's masks applied to ``out``: a directory that loads with
+    ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical."""
+    source = resolve_source(model)
+    plan_ = plan_ if isinstance(plan_, Plan) else Plan.load(plan_)
+    protect = (source.path,) if source.kind == "hf" else (source.path, )
+    if source.kind == "gguf":
+        return _apply_gguf(source, plan_, Path(out), overwrite, protect)
+    keys = checkpoint_keys(source)
+    tensors = {}
+    for name in plan_.linears:
+        if name in keys:
+            with safe_open(keys[name], "pt") as f:
+                tensors[name] = f.get_tensor(name)
+    _check_plan_matches(plan_, tensors, source)
+    shards = sorted(set(keys.values()))
+    with atomic_directory(Path(out), overwrite=overwrite, protect=protect) as tmp, Bars(progress) as bars:
+        for item in source.path.iterdir():
+            if item.suffix != ".safetensors":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        with bars.task("write shards", len(shards)) as advance:
+            for shard in shards:
+                with safe_open(shard, "pt") as f:
+                    metadata = f.metadata()
+                    out_tensors = {k: (apply_mask(f.get_tensor(k), plan_.masks[k]) if k in plan_.masks else f.get_tensor(k))
+                                   for k in f.keys()}
+                save_file(out_tensors, tmp / shard.name, metadata=metadata)
+                advance()
+    return Path(out)
+
+
+def _apply_gguf(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...]) -> Path:
+    net = load_model(source)
+    state = net.state_dict()
+    _check_plan_matches(plan_, {n: state[n] for n in plan_.linears if n in state}, source)
+    processor = load_processor(source, net.config)
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, torch.no_grad():
+        for name, mask in plan_.masks.items():
+            net.get_parameter(name).copy_(apply_mask(state[name], mask))
+        net.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out
+
+
+__all__ = ["plan", "apply", "PlanConfig", "Plan"]
+_ = family_of  # re-exported for adapters' users

@@ -1,0 +1,174 @@
+"""Calibration data: windows of a text file, or LLaVA / ShareGPT4V conversations (JSON or
+JSONL, with ``image`` / ``images`` / ``audio`` paths resolved relative to the file), turned
+by the model's processor into model inputs (one sample = a batch of one)."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tamp_fx.errors import TampError
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, torch.Tensor]
+_PLACEHOLDER = re.compile(r"(<image>|<video>|<audio>)")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def load_calibration(path: str | Path, processor: Any, *, nsamples: int = 128, seqlen: int = 512,
+                     seed: int = 0) -> list[Sample]:
+    """Model inputs for up to ``nsamples`` calibration samples drawn with ``seed``.
+
+    A ``.json`` / ``.jsonl`` file holds conversations; any other file is plain text, cut
+    into windows of ``seqlen`` tokens at random offsets.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TampError(f"calibration file {path} does not exist: pass a text file or a LLaVA-style .json/.jsonl")
+    if path.stat().st_size == 0:
+        raise TampError(f"calibration file {path} is empty: pass a file with text or conversations")
+    if path.suffix in (".json", ".jsonl"):
+        return _conversation_samples(path, processor, nsamples, seed)
+    return _text_windows(path, processor, nsamples, seqlen, seed)
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _text_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: int) -> list[Sample]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise TampError(f"calibration file {path} has no text: pass a file with text or conversations")
+    ids = torch.tensor(_tokenizer(processor)(text, add_special_tokens=False)["input_ids"])  # (T,)
+    if ids.numel() <= seqlen:
+        raise TampError(f"calibration file {path} has {ids.numel()} tokens, not more than --seqlen {seqlen}: "
+                        "pass a longer file or a smaller --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)]
+    return [{"input_ids": ids[s:s + seqlen][None], "attention_mask": torch.ones(1, seqlen, dtype=torch.long)}
+            for s in starts]
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    raw = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        else:
+            records = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise TampError(f"calibration file {path} is not valid {path.suffix[1:].upper()}: {error}") from error
+    if not isinstance(records, list) or not records:
+        raise TampError(f"calibration file {path} holds no conversations: expected a list of "
+                        '{"image": ..., "conversations": [{"from": "human", "value": ...}, ...]}')
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise TampError(f"calibration sample {i} of {path} has no \"conversations\" list")
+    return records
+
+
+def _paths(record: dict[str, Any], keys: tuple[str, ...], base: Path, index: int, source: Path) -> list[Path]:
+    found: list[Path] = []
+    for key in keys:
+        value = record.get(key)
+        if value is None:
+            continue
+        for item in [value] if isinstance(value, str) else value:
+            p = (base / item).resolve()
+            if not p.is_file():
+                raise TampError(f"calibration sample {index} of {source} refers to missing file {p}: "
+                                "fix the path (paths are relative to the calibration file)")
+            found.append(p)
+    return found
+
+
+def _load_image(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise TampError(f"calibration image {path} cannot be read ({error}): pass a PNG or JPEG") from error
+
+
+def _load_audio(path: Path, sampling_rate: int) -> np.ndarray:
+    try:
+        with wave.open(str(path), "rb") as w:
+            frames = w.readframes(w.getnframes())
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+    except (wave.Error, EOFError, OSError) as error:
+        raise TampError(f"calibration audio {path} cannot be read ({error}): pass a PCM .wav file") from error
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    audio = np.frombuffer(frames, dtype=dtype).astype(np.float32).reshape(-1, channels).mean(1)  # (T,)
+    audio = (audio - 128) / 128 if width == 1 else audio / float(np.iinfo(dtype).max)
+    if rate != sampling_rate:  # linear resampling is enough for calibration statistics
+        n = int(round(len(audio) * sampling_rate / rate))
+        audio = np.interp(np.linspace(0, len(audio) - 1, n), np.arange(len(audio)), audio).astype(np.float32)
+    return audio
+
+
+def _messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = []
+    for turn in record["conversations"]:
+        role = _ROLES.get(str(turn.get("from", turn.get("role", "human"))).lower(), "user")
+        content = []
+        for part in _PLACEHOLDER.split(str(turn.get("value", turn.get("content", "")))):
+            if part in ("<image>", "<video>", "<audio>"):
+                content.append({"type": part[1:-1]})
+            elif part.strip():
+                content.append({"type": "text", "text": part.strip()})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, tokenize=False)
+    tokens = {"image": getattr(processor, "image_token", "<image>"), "video": getattr(processor, "video_token", "<video>"),
+              "audio": getattr(processor, "audio_token", "<audio>")}
+    lines = []
+    for m in messages:
+        body = " ".join(c["text"] if c["type"] == "text" else tokens[c["type"]] for c in m["content"])
+        lines.append(f"{m['role'].upper()}: {body}")
+    return "\n".join(lines)
+
+
+def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int) -> list[Sample]:
+    records = _read_records(path)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    if len(records) < nsamples:
+        log.warning("%s has %d conversations, fewer than nsamples=%d: using all of them", path, len(records), nsamples)
+    samples = []
+    for index in order[:nsamples]:
+        record = records[index]
+        images = [_load_image(p) for p in _paths(record, ("image", "images"), path.parent, index, path)]
+        audio_paths = _paths(record, ("audio", "audios"), path.parent, index, path)
+        kwargs: dict[str, Any] = {}
+        if images:
+            if not hasattr(processor, "image_processor"):
+                raise TampError(f"calibration sample {index} of {path} has images but the model takes no images")
+            kwargs["images"] = images
+        if audio_paths:
+            extractor = getattr(processor, "feature_extractor", None)
+            if extractor is None:
+                raise TampError(f"calibration sample {index} of {path} has audio but the model takes no audio")
+            kwargs["audio"] = [_load_audio(p, extractor.sampling_rate) for p in audio_paths]
+            kwargs["sampling_rate"] = extractor.sampling_rate
+        text = _prompt(processor, _messages(record))
+        call = processor if kwargs else _tokenizer(processor)
+        try:
+            inputs = call(text=[text], return_tensors="pt", **kwargs)
+        except Exception as error:  # noqa: BLE001
+            raise TampError(f"the processor rejected calibration sample {index} of {path}: {str(error).splitlines()[0]}") from error
+        samples.append(dict(inputs))
+    return samples

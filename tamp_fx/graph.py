@@ -1,0 +1,135 @@
+"""Graph capture: torch.export of one decoder layer, op sets, and the graph questions asked of it.
+
+Nodes are matched by op (``aten.linear``, ``aten.scaled_dot_product_attention``), never by
+module name, so one code path serves Llama, Qwen2, Mistral and Gemma decoders alike.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from tamp_fx.errors import TampError
+
+log = logging.getLogger(__name__)
+
+LINEAR_OPS = frozenset({torch.ops.aten.linear.default})
+ATTENTION_OPS = frozenset({torch.ops.aten.scaled_dot_product_attention.default})
+
+
+def is_linear(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_OPS
+
+
+def is_attention(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in ATTENTION_OPS
+
+
+def _dynamic_spec(x: Any) -> Any:
+    """Every dimension larger than one may vary (sequence length); size-1 dims (batch) stay static."""
+    if isinstance(x, torch.Tensor):
+        return {i: Dim.AUTO for i, size in enumerate(x.shape) if size > 1} or None
+    return None
+
+
+def export_layer(layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
+    """Export ``layer`` called as ``layer(*args, **kwargs)`` to an ATen GraphModule whose
+    sequence dimension is dynamic, so one graph serves calibration samples of any length.
+
+    The returned module shares parameter storage with ``layer``: passes must replace
+    parameters, never write into them.
+    """
+    dynamic = (tuple(pytree.tree_map(_dynamic_spec, a) for a in args),
+               {k: pytree.tree_map(_dynamic_spec, v) for k, v in kwargs.items()})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            ep = torch.export.export(layer, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        except Exception as dyn_error:  # noqa: BLE001 - fall back to a static graph for this shape
+            log.debug("dynamic export failed (%s); exporting with static shapes", dyn_error)
+            try:
+                ep = torch.export.export(layer, args, kwargs, strict=False)
+            except Exception as error:  # noqa: BLE001
+                raise TampError(f"torch.export could not trace decoder layer {type(layer).__name__}: "
+                                f"{str(error).splitlines()[0]}") from error
+    gm = ep.module()
+    if not any(is_linear(n) for n in gm.graph.nodes):
+        raise TampError(f"decoder layer {type(layer).__name__} exported without any aten.linear node: nothing to prune")
+    return gm
+
+
+def weight_name(node: torch.fx.Node) -> str:
+    """The parameter name (relative to the layer) of a linear node's weight."""
+    weight = node.args[1]
+    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+        raise TampError(f"linear node's weight is not a parameter: {node.format_node()}")
+    return str(weight.target)
+
+
+def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if is_linear(n)]
+
+
+def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
+    """The data-flow graph of ``graph`` as a networkx DiGraph over its nodes."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for user in node.users:
+            g.add_edge(node, user)
+    return g
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """What the graph says about one linear: its weight, who shares its input, where it sits."""
+
+    weight: str                   # parameter name relative to the layer
+    shares_input_with: tuple[str, ...]
+    feeds_attention: bool         # an ancestor of an attention node (q, k, v projections)
+    block: str                    # "attention" (projections into and out of attention) or "mlp"
+
+
+def analyse_linears(gm: torch.fx.GraphModule) -> dict[str, LinearInfo]:
+    """Answer the graph questions about every linear of a layer, keyed by weight name.
+
+    q/k/v are the linears upstream of an attention node; the output projection is a linear
+    reached from an attention node without passing another linear; the rest is the MLP.
+    """
+    g = to_networkx(gm.graph)
+    linears = linear_nodes(gm)
+    attentions = [n for n in gm.graph.nodes if is_attention(n)]
+    upstream = set().union(*(nx.ancestors(g, a) for a in attentions)) if attentions else set()
+    linear_set = set(linears)
+    out_projections: set[torch.fx.Node] = set()
+    for attention in attentions:
+        # breadth-first from the attention node, stopping at the first linear on each path
+        frontier, seen = [attention], {attention}
+        while frontier:
+            node = frontier.pop()
+            for user in g.successors(node):
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user in linear_set:
+                    out_projections.add(user)
+                else:
+                    frontier.append(user)
+    by_input: dict[torch.fx.Node, list[str]] = {}
+    for node in linears:
+        by_input.setdefault(node.args[0], []).append(weight_name(node))
+    info = {}
+    for node in linears:
+        name = weight_name(node)
+        siblings = tuple(n for n in by_input[node.args[0]] if n != name)
+        feeds = node in upstream
+        block = "attention" if feeds or node in out_projections else "mlp"
+        info[name] = LinearInfo(name, siblings, feeds, block)
+    return info

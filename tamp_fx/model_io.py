@@ -1,0 +1,202 @@
+"""Model I/O: read a Hugging Face directory or a GGUF file, name weights as the checkpoint
+does, fingerprint a model, and write pruned checkpoints atomically."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+
+from tamp_fx.adapters import FAMILIES, family_of
+from tamp_fx.errors import TampError
+
+log = logging.getLogger(__name__)
+
+_HINT = "pass a Hugging Face model directory (config.json + *.safetensors) or a .gguf file"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a Hugging Face directory or a GGUF file."""
+
+    path: Path
+    kind: str                        # "hf" or "gguf"
+
+    @property
+    def directory(self) -> Path:
+        return self.path if self.kind == "hf" else self.path.parent
+
+
+def resolve_source(path: str | os.PathLike) -> ModelSource:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TampError(f"model {p} does not exist: {_HINT}")
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(p.resolve(), "gguf")
+    if p.is_file():
+        raise TampError(f"model {p} is a {p.suffix or 'plain'} file: {_HINT}")
+    if not (p / "config.json").is_file():
+        raise TampError(f"model directory {p} has no config.json: {_HINT}")
+    if not _weight_files(p):
+        raise TampError(f"model directory {p} has no *.safetensors weights: {_HINT}")
+    return ModelSource(p.resolve(), "hf")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def load_config(source: ModelSource):
+    try:
+        if source.kind == "gguf":
+            return transformers.AutoConfig.from_pretrained(source.directory, gguf_file=source.path.name)
+        return transformers.AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise TampError(f"could not read the config of {source.path}: {str(error).splitlines()[0]}") from error
+
+
+def _model_class(config):
+    family = family_of(config)
+    for name in (getattr(config, "architectures", None) or []):
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    return getattr(transformers, family.auto_class)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load the model in eval mode with sdpa attention. A GGUF file is de-quantized and rebuilt
+    from its config without ``quantization_config`` so that it can be saved like any model."""
+    config = load_config(source)
+    cls = _model_class(config)
+    try:
+        if source.kind == "gguf":
+            quantized = cls.from_pretrained(source.directory, gguf_file=source.path.name, dtype=dtype)
+            cls, config = type(quantized), quantized.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.architectures = [cls.__name__]
+            config._attn_implementation = "sdpa"
+            model = cls._from_config(config, dtype=dtype)
+            model.load_state_dict(quantized.state_dict())
+            del quantized
+        else:
+            model = cls.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa")
+    except TampError:
+        raise
+    except Exception as error:  # noqa: BLE001 - corrupt files surface from deep inside transformers
+        raise TampError(f"could not load model {source.path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+    return model.eval()
+
+
+def load_processor(source: ModelSource, config=None):
+    """The processor (multimodal) or tokenizer (text-only) that came with the model."""
+    config = config if config is not None else load_config(source)
+    family = family_of(config)
+    try:
+        if source.kind == "gguf":
+            return transformers.AutoTokenizer.from_pretrained(source.directory, gguf_file=source.path.name)
+        if family.has_processor:
+            return transformers.AutoProcessor.from_pretrained(source.path)
+        return transformers.AutoTokenizer.from_pretrained(source.path)
+    except Exception as error:  # noqa: BLE001
+        raise TampError(f"could not load the processor of {source.path}: {str(error).splitlines()[0]}") from error
+
+
+# --- checkpoint names -------------------------------------------------------------------
+
+def checkpoint_keys(source: ModelSource) -> dict[str, Path]:
+    """Every tensor name of a Hugging Face checkpoint and the shard that holds it."""
+    keys: dict[str, Path] = {}
+    for shard in _weight_files(source.path):
+        try:
+            with safe_open(shard, "pt") as f:
+                keys.update({k: shard for k in f.keys()})
+        except Exception as error:  # noqa: BLE001
+            raise TampError(f"weights file {shard} is unreadable ({str(error).splitlines()[0]}): re-download or re-save the model") from error
+    return keys
+
+
+def checkpoint_names(source: ModelSource, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Map in-memory parameter names to the names the checkpoint stores them under.
+
+    Identical names map to themselves; otherwise (checkpoints saved in an older layout) the
+    tensor with the longest common name suffix, the same shape and the same values is taken.
+    """
+    if source.kind == "gguf":
+        return {name: name for name in params}
+    keys = checkpoint_keys(source)
+    mapping = {}
+    for name, tensor in params.items():
+        if name in keys:
+            mapping[name] = name
+            continue
+        mapping[name] = _match_by_suffix(name, tensor, keys)
+    return mapping
+
+
+def _match_by_suffix(name: str, tensor: torch.Tensor, keys: Mapping[str, Path]) -> str:
+    parts = name.split(".")
+    for start in range(1, len(parts)):
+        suffix = ".".join(parts[start:])
+        for key in (k for k in keys if k.endswith("." + suffix) or k == suffix):
+            with safe_open(keys[key], "pt") as f:
+                stored = f.get_tensor(key)
+            if stored.shape == tensor.shape and torch.equal(stored.to(tensor.dtype), tensor.detach().cpu()):
+                return key
+    raise TampError(f"parameter {name} has no counterpart in the checkpoint of this model: is the directory complete?")
+
+
+# --- fingerprint ------------------------------------------------------------------------
+
+def fingerprint(tensors: Mapping[str, torch.Tensor], samples: int = 4096) -> str:
+    """A digest of the named tensors: names, shapes and an evenly strided sample of values
+    (as float32), so two models with the same architecture but other weights differ."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().reshape(-1)
+        idx = torch.linspace(0, t.numel() - 1, min(samples, t.numel())).long()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensors[name].shape)).encode())
+        digest.update(t[idx].float().cpu().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+# --- atomic output ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, overwrite: bool, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out`` that becomes ``out`` only if the block
+    finishes; an interrupted run leaves nothing at ``out``. Refuses to replace any path in
+    ``protect`` (the inputs) or an existing ``out`` unless ``overwrite``."""
+    out = Path(out).expanduser().absolute()
+    for p in protect:
+        p = Path(p).resolve()
+        if out.resolve() == p or p.is_relative_to(out.resolve()) or out.resolve().is_relative_to(p):
+            raise TampError(f"output {out} would overwrite or sit inside the input {p}: choose another --out")
+    if out.exists() and not overwrite:
+        raise TampError(f"output {out} already exists: choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
