@@ -5,6 +5,7 @@ module name, so one code path serves Llama, Qwen2, Mistral and Gemma decoders al
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass
@@ -46,8 +47,8 @@ def export_layer(layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
     The returned module shares parameter storage with ``layer``: passes must replace
     parameters, never write into them.
     """
-    dynamic = (tuple(pytree.tree_map(_dynamic_spec, a) for a in args),
-               {k: pytree.tree_map(_dynamic_spec, v) for k, v in kwargs.items()})
+    bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+    dynamic = {name: pytree.tree_map(_dynamic_spec, value) for name, value in bound.arguments.items()}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:

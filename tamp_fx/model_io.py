@@ -18,7 +18,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from tamp_fx.adapters import FAMILIES, family_of
+from tamp_fx import processors
+from tamp_fx.adapters import family_of
 from tamp_fx.errors import TampError
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def load_processor(source: ModelSource, config=None):
         if source.kind == "gguf":
             return transformers.AutoTokenizer.from_pretrained(source.directory, gguf_file=source.path.name)
         if family.has_processor:
-            return transformers.AutoProcessor.from_pretrained(source.path)
+            return processors.load_processor(source.path)
         return transformers.AutoTokenizer.from_pretrained(source.path)
     except Exception as error:  # noqa: BLE001
         raise TampError(f"could not load the processor of {source.path}: {str(error).splitlines()[0]}") from error

@@ -9,14 +9,21 @@
 
 The tokenizer is a small byte-level BPE trained on :data:`_CORPUS` with the family's special
 tokens added, so every family's config token ids (``image_token_id`` ...) match the tokenizer.
-Video is left out everywhere: the video processors of this transformers release need
-torchvision, which this project does not depend on.
+Video: the video processors of this transformers release need torchvision, which this project
+does not depend on, so no video calibration data is written. LLaVA-OneVision, Qwen2-VL and
+Qwen2.5-VL processors are built without a video processor, but their ``processor_config.json``
+carries a matching ``video_processor`` entry: with torchvision installed ``AutoProcessor`` loads
+them (video included); without it ``AutoProcessor`` raises ImportError and :func:`tamp_fx.processors.load_processor`
+rebuilds the processor, images only.
 
 Command line: ``python -m tamp_fx.testing.tiny FAMILY OUT_DIR``.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import logging
 import sys
@@ -27,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tamp_fx.processors import _videoless, load_processor  # noqa: F401 - load_processor re-exported for tests
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,7 @@ _COLOURS = {
     "white": (245, 245, 245),
     "black": (15, 15, 15),
 }
-_ANSWERS_SPOKEN = ("zero one two three four five six seven eight nine ten eleven twelve").split()
+_NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,9 @@ _CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _QWEN_VISION = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
 _FAMILIES: dict[str, _Family] = {
-    "llava": _Family("LlavaForConditionalGeneration", _PLAIN + ("<image>",), "plain", "image", "<image>", (32, 32)),
+    "llava": _Family(
+        "LlavaForConditionalGeneration", _PLAIN + ("<image>",), "plain", "image", "<image>", (32, 32)
+    ),
     "llava_next": _Family(
         "LlavaNextForConditionalGeneration", _PLAIN + ("<image>",), "plain", "image", "<image>", (32, 64)
     ),
@@ -216,12 +227,18 @@ def _build_tokenizer(spec: _Family):
 def _chat_template(spec: _Family) -> str:
     """A small Jinja chat template: string or list content, image/audio parts as placeholders."""
     if spec.chat_style == "chatml":
-        start, end, gen = "'<|im_start|>' + message['role'] + '\\n'", "'<|im_end|>\\n'", "'<|im_start|>assistant\\n'"
+        start, end, gen = (
+            "'<|im_start|>' + message['role'] + '\\n'",
+            "'<|im_end|>\\n'",
+            "'<|im_start|>assistant\\n'",
+        )
     else:
         start, end, gen = "message['role'].upper() + ': '", "'\\n'", "'ASSISTANT:'"
     media = ""
     if spec.media is not None:
-        media = f"{{%- elif part['type'] == '{spec.media}' -%}}{{{{ {json.dumps(spec.media_text + chr(10))} }}}}"
+        media = (
+            f"{{%- elif part['type'] == '{spec.media}' -%}}{{{{ {json.dumps(spec.media_text + chr(10))} }}}}"
+        )
     return (
         "{%- for message in messages -%}"
         f"{{{{ {start} }}}}"
@@ -234,11 +251,6 @@ def _chat_template(spec: _Family) -> str:
         "{%- endfor -%}"
         f"{{%- if add_generation_prompt -%}}{{{{ {gen} }}}}{{%- endif -%}}"
     )
-
-
-def _token_ids(tokenizer) -> dict[str, int]:
-    """Map every added special token of ``tokenizer`` to its id."""
-    return {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
 
 
 def _text_ids(tokenizer) -> dict[str, int | None]:
@@ -279,6 +291,7 @@ def _clip_vision(image_size: int = 32, patch_size: int = 8) -> dict:
 
 
 def _config_llava(tokenizer):
+    """LLaVA-1.5 style: CLIP 32 px / patch 8 (16 tokens after dropping CLS) + Llama."""
     from transformers import LlavaConfig
 
     return LlavaConfig(
@@ -292,6 +305,7 @@ def _config_llava(tokenizer):
 
 
 def _config_llava_next(tokenizer):
+    """LLaVA-NeXT: the LLaVA towers plus anyres tiling over :data:`_GRID_PINPOINTS`."""
     from transformers import LlavaNextConfig
 
     return LlavaNextConfig(
@@ -306,6 +320,7 @@ def _config_llava_next(tokenizer):
 
 
 def _config_llava_onevision(tokenizer):
+    """LLaVA-OneVision: SigLIP 32 px / patch 8 (no CLS), anyres tiling, Qwen2."""
     from transformers import LlavaOnevisionConfig
 
     vision = dict(_clip_vision(), model_type="siglip_vision_model", vision_use_head=False)
@@ -339,23 +354,37 @@ _QWEN_PATCH = 7  # 56x84 px -> 8x12 patches -> 4x6 = 24 tokens after the 2x2 mer
 
 
 def _config_qwen2_vl(tokenizer):
+    """Qwen2-VL: patch-7 ViT with 2x2 merge and M-RoPE text decoder."""
     from transformers import Qwen2VLConfig
 
     text = dict(_TEXT, **_text_ids(tokenizer), rope_parameters=dict(_MROPE))
     vision = dict(
-        depth=2, embed_dim=32, hidden_size=_TEXT["hidden_size"], mlp_ratio=2, num_heads=2,
-        patch_size=_QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+        depth=2,
+        embed_dim=32,
+        hidden_size=_TEXT["hidden_size"],
+        mlp_ratio=2,
+        num_heads=2,
+        patch_size=_QWEN_PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
     )
     return Qwen2VLConfig(text_config=text, vision_config=vision, **_qwen_vl_ids(tokenizer))
 
 
 def _config_qwen2_5_vl(tokenizer):
+    """Qwen2.5-VL: like Qwen2-VL with windowed attention in block 0, full in block 1."""
     from transformers import Qwen2_5_VLConfig
 
     text = dict(_TEXT, **_text_ids(tokenizer), rope_parameters=dict(_MROPE))
     vision = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=_TEXT["hidden_size"],
-        patch_size=_QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2,
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=_TEXT["hidden_size"],
+        patch_size=_QWEN_PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
         window_size=2 * 2 * _QWEN_PATCH,  # 2x2 merged tokens per attention window
         fullatt_block_indexes=[1],
     )
@@ -367,6 +396,7 @@ _AUDIO_CHUNK_SECONDS = 2  # feature extractor pads every clip to 2 s = 200 mel f
 
 
 def _config_qwen2_audio(tokenizer):
+    """Qwen2-Audio: 2-layer Whisper-style encoder over 32 mel bins, 2 s windows."""
     from transformers import Qwen2AudioConfig
 
     audio = dict(
@@ -386,6 +416,7 @@ def _config_qwen2_audio(tokenizer):
 
 
 def _config_llama(tokenizer):
+    """Text-only Llama."""
     from transformers import LlamaConfig
 
     kwargs = _llama_text(tokenizer)
@@ -415,6 +446,7 @@ def _clip_image_processor():
 
 
 def _processor_llava(tokenizer, config):
+    """LlavaProcessor with a PIL CLIP image processor."""
     from transformers import LlavaProcessor
 
     return LlavaProcessor(
@@ -428,11 +460,13 @@ def _processor_llava(tokenizer, config):
 
 
 def _processor_llava_next(tokenizer, config):
+    """LlavaNextProcessor with the PIL anyres image processor."""
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
         image_grid_pinpoints=_GRID_PINPOINTS,
     )
     return LlavaNextProcessor(
@@ -446,16 +480,18 @@ def _processor_llava_next(tokenizer, config):
 
 
 def _processor_llava_onevision(tokenizer, config):
+    """LlavaOnevisionProcessor (no video processor) with the PIL image processor."""
     from transformers import LlavaOnevisionProcessor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
 
     image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": 32, "width": 32}, image_grid_pinpoints=_GRID_PINPOINTS,
+        size={"height": 32, "width": 32},
+        image_grid_pinpoints=_GRID_PINPOINTS,
     )
     side = config.vision_config.image_size // config.vision_config.patch_size
-    return LlavaOnevisionProcessor(
+    return _videoless(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,
@@ -472,37 +508,51 @@ def _qwen_image_processor():
 
     return Qwen2VLImageProcessorPil(
         size={"shortest_edge": 28 * 28, "longest_edge": 112 * 112},
-        patch_size=_QWEN_PATCH, merge_size=2, temporal_patch_size=2,
+        patch_size=_QWEN_PATCH,
+        merge_size=2,
+        temporal_patch_size=2,
     )
 
 
 def _processor_qwen2_vl(tokenizer, config):
+    """Qwen2VLProcessor (no video processor) with the PIL image processor."""
     from transformers import Qwen2VLProcessor
 
-    return Qwen2VLProcessor(
-        image_processor=_qwen_image_processor(), tokenizer=tokenizer, video_processor=None,
+    return _videoless(Qwen2VLProcessor)(
+        image_processor=_qwen_image_processor(),
+        tokenizer=tokenizer,
+        video_processor=None,
         chat_template=tokenizer.chat_template,
     )
 
 
 def _processor_qwen2_5_vl(tokenizer, config):
+    """Qwen2_5_VLProcessor (no video processor) with the PIL image processor."""
     from transformers import Qwen2_5_VLProcessor
 
-    return Qwen2_5_VLProcessor(
-        image_processor=_qwen_image_processor(), tokenizer=tokenizer, video_processor=None,
+    return _videoless(Qwen2_5_VLProcessor)(
+        image_processor=_qwen_image_processor(),
+        tokenizer=tokenizer,
+        video_processor=None,
         chat_template=tokenizer.chat_template,
     )
 
 
 def _processor_qwen2_audio(tokenizer, config):
+    """Qwen2AudioProcessor with a 32-mel, 2 s Whisper feature extractor."""
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
     feature_extractor = WhisperFeatureExtractor(
-        feature_size=_N_MELS, sampling_rate=SAMPLING_RATE, hop_length=160,
-        chunk_length=_AUDIO_CHUNK_SECONDS, n_fft=400,
+        feature_size=_N_MELS,
+        sampling_rate=SAMPLING_RATE,
+        hop_length=160,
+        chunk_length=_AUDIO_CHUNK_SECONDS,
+        n_fft=400,
     )
     return Qwen2AudioProcessor(
-        feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+        feature_extractor=feature_extractor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
     )
 
 
@@ -515,6 +565,35 @@ _PROCESSOR_BUILDERS: dict[str, Callable] = {
     "qwen2_audio": _processor_qwen2_audio,
     "llama": lambda tokenizer, config: tokenizer,
 }
+
+
+def _video_processor_config(family: str, processor) -> dict | None:
+    """The video processor config a torchvision install would load (matching the image side)."""
+    if family not in ("qwen2_vl", "qwen2_5_vl", "llava_onevision"):
+        return None
+    image = processor.image_processor
+    common = {"image_mean": list(image.image_mean), "image_std": list(image.image_std)}
+    if family != "llava_onevision":
+        return dict(
+            common,
+            video_processor_type="Qwen2VLVideoProcessor",
+            patch_size=_QWEN_PATCH,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": 28 * 28, "longest_edge": 4 * 112 * 112},
+        )
+    return dict(common, video_processor_type="LlavaOnevisionVideoProcessor", size={"height": 32, "width": 32})
+
+
+def _save_processor(family: str, processor, out: Path) -> None:
+    """``save_pretrained`` the processor, adding the video processor config where the family has one."""
+    processor.save_pretrained(out)
+    video = _video_processor_config(family, processor)
+    if video is not None:
+        path = out / "processor_config.json"
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved["video_processor"] = video
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -565,19 +644,20 @@ def read_wav(path: str | Path) -> np.ndarray:
     return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def _tone(rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A seeded ~1 s sine tone with a little noise; returns (samples, 'high'/'low')."""
-    freq = float(rng.uniform(200.0, 2000.0))
+def _tone(rng: np.random.Generator, high: bool) -> np.ndarray:
+    """A seeded 1 s sine tone (high: 1-3 kHz, low: 150-500 Hz) with a little noise."""
+    freq = float(rng.uniform(1000.0, 3000.0) if high else rng.uniform(150.0, 500.0))
     t = np.arange(int(SAMPLING_RATE * AUDIO_SECONDS)) / SAMPLING_RATE
-    samples = 0.5 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.shape)
-    return samples, "high" if freq > 800 else "low"
+    return 0.5 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.shape)
 
 
 def _conversation(question: str, answer: str) -> list[dict[str, str]]:
+    """One human/gpt exchange in LLaVA conversation format."""
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
 
 
 def _image_sample(out_dir: Path, rng: np.random.Generator, spec: _Family, k: int) -> dict:
+    """Draw image ``k``, save it under images/ and return its calib record."""
     from PIL import Image
 
     pixels, colour, corner = _draw_image(rng, spec.image_hw)
@@ -588,7 +668,9 @@ def _image_sample(out_dir: Path, rng: np.random.Generator, spec: _Family, k: int
 
 
 def _audio_sample(out_dir: Path, rng: np.random.Generator, spec: _Family, k: int) -> dict:
-    samples, pitch = _tone(rng)
+    """Synthesise tone ``k``, save it under audio/ and return its calib record."""
+    pitch = "high" if k % 4 in (0, 3) else "low"
+    samples = _tone(rng, pitch == "high")
     rel = f"audio/{k}.wav"
     _write_wav(out_dir / rel, samples)
     question, answer = [
@@ -599,9 +681,10 @@ def _audio_sample(out_dir: Path, rng: np.random.Generator, spec: _Family, k: int
 
 
 def _text_sample(out_dir: Path, rng: np.random.Generator, spec: _Family, k: int) -> dict:
+    """A text-only arithmetic exchange."""
     a, b = (int(x) for x in rng.integers(0, 7, size=2))
-    question = f"What is {_ANSWERS_SPOKEN[a]} plus {_ANSWERS_SPOKEN[b]}?"
-    answer = f"{_ANSWERS_SPOKEN[a].capitalize()} plus {_ANSWERS_SPOKEN[b]} is {_ANSWERS_SPOKEN[a + b]}."
+    question = f"What is {_NUMBER_WORDS[a]} plus {_NUMBER_WORDS[b]}?"
+    answer = f"{_NUMBER_WORDS[a].capitalize()} plus {_NUMBER_WORDS[b]} is {_NUMBER_WORDS[a + b]}."
     return {"conversations": _conversation(question, answer)}
 
 
@@ -643,7 +726,7 @@ def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0, n_samples: in
     torch.manual_seed(seed)
     model = getattr(transformers, spec.arch)(config).eval()
     model.save_pretrained(out)
-    _PROCESSOR_BUILDERS[family](tokenizer, config).save_pretrained(out)
+    _save_processor(family, _PROCESSOR_BUILDERS[family](tokenizer, config), out)
     _write_calib(out, spec, seed, n_samples)
     log.info("built tiny %s (%d parameters) in %s", family, sum(p.numel() for p in model.parameters()), out)
     return out
@@ -651,14 +734,18 @@ def build_tiny(family: str, out_dir: str | Path, *, seed: int = 0, n_samples: in
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tamp_fx.testing.tiny FAMILY OUT_DIR``; exit 2 on a bad family or non-empty dir."""
-    parser = argparse.ArgumentParser(prog="python -m tamp_fx.testing.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tamp_fx.testing.tiny", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("family", metavar="FAMILY", help=f"one of: {', '.join(FAMILIES)}")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-samples", type=int, default=4)
     args = parser.parse_args(argv)
     if args.family not in FAMILIES:
-        print(f"error: unknown family {args.family!r}; valid families: {', '.join(FAMILIES)}", file=sys.stderr)
+        print(
+            f"error: unknown family {args.family!r}; valid families: {', '.join(FAMILIES)}", file=sys.stderr
+        )
         return 2
     if args.out_dir.exists() and (not args.out_dir.is_dir() or any(args.out_dir.iterdir())):
         print(f"error: output directory {args.out_dir} exists and is not empty", file=sys.stderr)

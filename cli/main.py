@@ -1,0 +1,193 @@
+"""The tamp-fx command line: argument parsing, progress and printing over the Python API."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune the language decoder of multimodal LLMs with TAMP, as torch.fx passes.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+class Method(str, Enum):
+    magnitude = "magnitude"
+    wanda = "wanda"
+
+
+def _setup(verbose: bool) -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws its own bars
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _guard(fn):
+    """Run a command body, turning TampError into a one-line message and exit status 1."""
+    from tamp_fx.errors import TampError
+    try:
+        return fn()
+    except TampError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted: nothing was written")
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        _fail(f"output {out} already exists: choose another --out or pass --overwrite")
+
+
+@app.command()
+def plan(
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
+    calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations.")],
+    out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
+    method: Annotated[Method, typer.Option(help="Pruning method.")] = Method.wanda,
+    sparsity: Annotated[float, typer.Option(help="Target sparsity of every decoder linear, in [0, 1).")] = 0.5,
+    nsamples: Annotated[int, typer.Option(help="Number of calibration samples.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+) -> None:
+    """Calibrate MODEL on --calib and save a pruning plan to --out."""
+    _setup(verbose)
+
+    def body() -> None:
+        import tamp_fx
+        config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        _refuse_existing(out, overwrite)
+        start = time.perf_counter()
+        result = tamp_fx.plan(model, calib, config, progress=not quiet)
+        result.save(out, overwrite=overwrite, protect=(model.resolve(),))
+        s = result.summary()
+        console.print(f"planned {s['linears']} linears, {s['sparsity']:.2%} of {s['parameters']:,} parameters "
+                      f"pruned, in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
+    _guard(body)
+
+
+@app.command()
+def apply(
+    model: Annotated[Path, typer.Argument(help="The model the plan was made for.")],
+    plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the pruned model to.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+) -> None:
+    """Apply a plan to MODEL and save a pruned model that loads like the original."""
+    _setup(verbose)
+
+    def body() -> None:
+        import tamp_fx
+        _refuse_existing(out, overwrite)
+        plan_ = tamp_fx.Plan.load(plan_dir)
+        start = time.perf_counter()
+        tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet)
+        console.print(f"applied {len(plan_.linears)} masks in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
+    _guard(body)
+
+
+def _shorten(names: list[str]) -> list[str]:
+    """Drop a suffix every name shares (``q_proj``, ``up_proj`` -> ``q``, ``up``) so tables fit."""
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1] if len(names) > 1 else ""
+    cut = suffix.find("_") if "_" in suffix else -1
+    if cut < 0:
+        return names
+    suffix = suffix[cut:]
+    return [n[: -len(suffix)] for n in names]
+
+
+@app.command()
+def inspect(plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")]) -> None:
+    """Show a plan: per-layer sparsity of every linear."""
+    _setup(False)
+
+    def body() -> None:
+        import tamp_fx
+        plan_ = tamp_fx.Plan.load(plan_dir)
+        rows: dict[int, dict[str, float]] = {}
+        sizes: dict[int, list[float]] = {}
+        columns: list[str] = []
+        for lp in plan_.linears.values():
+            short = lp.module_name.rsplit(".", 3)[-3:-1]
+            col = ".".join(short).split(".")[-1]
+            if col not in columns:
+                columns.append(col)
+            rows.setdefault(lp.layer, {})[col] = lp.sparsity
+            n = lp.shape[0] * lp.shape[1]
+            acc = sizes.setdefault(lp.layer, [0.0, 0.0])
+            acc[0] += n * lp.sparsity
+            acc[1] += n
+        s = plan_.summary()
+        table = Table(title=f"{plan_.config.method} plan for {plan_.model.get('source')}: "
+                            f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
+        table.add_column("layer", justify="right")
+        for col in _shorten(columns):
+            table.add_column(col, justify="right")
+        table.add_column("layer total", justify="right", style="bold")
+        for layer in sorted(rows):
+            table.add_row(str(layer), *(f"{rows[layer][c]:.1%}" if c in rows[layer] else "-" for c in columns),
+                          f"{sizes[layer][0] / sizes[layer][1]:.1%}")
+        out_console.print(table)
+    _guard(body)
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
+    text: Annotated[Path, typer.Option(help="Plain text file for perplexity.")],
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Perplexity of MODEL on --text (non-overlapping windows of --seqlen tokens)."""
+    _setup(False)
+
+    def body() -> None:
+        from tamp_fx.evaluate import perplexity
+        from tamp_fx.model_io import load_model, load_processor, resolve_source
+        from tamp_fx.progress import Bars
+        source = resolve_source(model)
+        net = load_model(source)
+        tokenizer = load_processor(source, net.config)
+        start = time.perf_counter()
+        with Bars(not quiet and not as_json) as bars, bars.task("perplexity windows", max_windows) as advance:
+            result = perplexity(net, tokenizer, text, seqlen=seqlen, max_windows=max_windows, advance=advance)
+        seconds = time.perf_counter() - start
+        if as_json:
+            out_console.print_json(json.dumps({"model": str(model), "text": str(text), "perplexity": result.perplexity,
+                                               "windows": result.windows, "seqlen": result.seqlen, "seconds": round(seconds, 2)}))
+        else:
+            out_console.print(f"perplexity {result.perplexity:.3f} on {text} ({result.windows} windows of "
+                              f"{result.seqlen} tokens, {seconds:.1f} s)", highlight=False)
+    _guard(body)
+
+
+def main() -> None:
+    app(prog_name="tamp-fx")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

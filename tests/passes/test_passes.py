@@ -1,0 +1,134 @@
+"""The pass contract on real (tiny, random) Llama decoder layers."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tamp_fx.graph import analyse_linears, export_layer, linear_nodes, weight_name
+from tamp_fx.masks import pruned_count
+from tamp_fx.observers import ObserverContext
+from tamp_fx.passes.base import DECISION_KEY, OBSERVER_PREFIX
+from tamp_fx.passes.instrument import InstrumentConfig, instrument
+from tamp_fx.passes.plan import PlanPassConfig, plan
+from tamp_fx.passes.rewrite import rewrite
+from tamp_fx.testing.models import random_activations, tiny_llama
+
+SLOW = settings(max_examples=8, deadline=None)
+
+
+def _layer_and_acts(seed: int, seq_lens: list[int], kv_heads: int = 2):
+    model = tiny_llama(seed, kv_heads=kv_heads)
+    acts = random_activations(model, seq_lens, seed)
+    return model.model.layers[0], acts
+
+
+def _run(module, acts, context=None):
+    outs = []
+    with torch.no_grad():
+        for j in range(len(acts)):
+            if context is not None:
+                context.labels = acts.labels[j]
+            outs.append(module(acts.hidden[j], **acts.layer_kwargs[j][0]))
+    return outs
+
+
+@SLOW
+@given(seed=st.integers(0, 2**16), seq_lens=st.lists(st.integers(2, 24), min_size=1, max_size=3),
+       kv_heads=st.sampled_from([1, 2, 4]))
+def test_observers_leave_every_output_bit_identical(seed, seq_lens, kv_heads):
+    layer, acts = _layer_and_acts(seed, seq_lens, kv_heads)
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    before = _run(gm, acts)
+    context = ObserverContext()
+    result = instrument(gm, InstrumentConfig(context))
+    assert result.modified and len(result.info["linear"]) == 7 and len(result.info["attention"]) == 1
+    after = _run(gm, acts, context)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    assert all(o.n_tokens == sum(seq_lens) for o in result.info["linear"].values())
+
+
+@SLOW
+@given(seed=st.integers(0, 2**16), seq_lens=st.lists(st.integers(2, 16), min_size=1, max_size=3))
+def test_a_keep_all_plan_is_the_identity(seed, seq_lens):
+    layer, acts = _layer_and_acts(seed, seq_lens)
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    before = _run(gm, acts)
+    context = ObserverContext()
+    observers = instrument(gm, InstrumentConfig(context)).info["linear"]
+    _run(gm, acts, context)
+    weights = {n: gm.get_parameter(n).detach().clone() for n in observers}
+    decisions = plan(gm, PlanPassConfig("wanda", {n: 0.0 for n in observers}, observers)).info["decisions"]
+    assert all(d.mask.all() and d.sparsity == 0.0 for d in decisions.values())
+    rewrite(gm)
+    assert not any(str(n.target).startswith(OBSERVER_PREFIX) for n in gm.graph.nodes)
+    for n, w in weights.items():
+        assert torch.equal(gm.get_parameter(n), w)
+    for a, b in zip(before, _run(gm, acts)):
+        assert torch.equal(a, b)
+
+
+def test_wanda_plan_equals_a_brute_force_reference_and_leaves_the_model_untouched():
+    layer, acts = _layer_and_acts(3, [7, 12, 5])
+    original = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    # brute force: record every linear's inputs with hooks on the eager layer
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    _run(layer, acts)
+    for h in hooks:
+        h.remove()
+
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    context = ObserverContext()
+    observers = instrument(gm, InstrumentConfig(context)).info["linear"]
+    _run(gm, acts, context)
+    decisions = plan(gm, PlanPassConfig("wanda", {n: 0.5 for n in observers}, observers)).info["decisions"]
+    assert all(DECISION_KEY in n.meta for n in linear_nodes(gm))
+    for module_name, inputs in seen.items():
+        x = torch.cat(inputs).double()                                   # (T, C_in)
+        w = original[f"{module_name}.weight"].double()
+        expected = torch.ones_like(w, dtype=torch.bool)
+        for i in range(w.shape[0]):
+            scores = [(abs(float(w[i, j])) * float((x[:, j] ** 2).mean().sqrt()), j) for j in range(w.shape[1])]
+            for _, j in sorted(scores)[:pruned_count(0.5, w.shape[1])]:
+                expected[i, j] = False
+        assert torch.equal(decisions[f"{module_name}.weight"].mask, expected), module_name
+    rewrite(gm)
+    for n, p in layer.named_parameters():
+        assert torch.equal(p, original[n]), f"{n} of the user's model was modified"
+    for n, d in decisions.items():
+        w = gm.get_parameter(n)
+        assert torch.equal(w == 0, ~d.mask | (original[n] == 0))
+
+
+def test_graph_questions_group_linears_by_shared_input_and_block():
+    layer, acts = _layer_and_acts(0, [6])
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    info = analyse_linears(gm)
+    q = info["self_attn.q_proj.weight"]
+    assert set(q.shares_input_with) == {"self_attn.k_proj.weight", "self_attn.v_proj.weight"} and q.feeds_attention
+    assert info["self_attn.o_proj.weight"].block == "attention" and not info["self_attn.o_proj.weight"].feeds_attention
+    assert info["mlp.gate_proj.weight"].shares_input_with == ("mlp.up_proj.weight",)
+    assert {i.block for n, i in info.items() if n.startswith("mlp.")} == {"mlp"}
+    assert [weight_name(n) for n in linear_nodes(gm)][0] == "self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_attention_observer_equals_eager_softmax_attention(kv_heads):
+    model = tiny_llama(5, kv_heads=kv_heads)
+    acts = random_activations(model, [9, 4], 5)
+    layer = model.model.layers[0]
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    context = ObserverContext()
+    attention = instrument(gm, InstrumentConfig(context)).info["attention"][0]
+    _run(gm, acts, context)
+    model.config._attn_implementation = "eager"
+    probs = []
+    hook = layer.self_attn.register_forward_hook(lambda m, i, out: probs.append(out[1]))
+    _run(layer, acts)
+    hook.remove()
+    for row, p in zip(attention.last_rows, probs):                    # p (1, H, N, N)
+        assert torch.allclose(row, p[0, :, -1, :].mean(0), atol=1e-6)
