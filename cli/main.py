@@ -29,7 +29,7 @@ class Method(str, Enum):
 def _setup(verbose: bool) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws its own bars
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+                        handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -182,6 +182,30 @@ def evaluate(
         else:
             out_console.print(f"perplexity {result.perplexity:.3f} on {text} ({result.windows} windows of "
                               f"{result.seqlen} tokens, {seconds:.1f} s)", highlight=False)
+    _guard(body)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its models and plan.")] = Path("demo-out"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Prune SmolLM2-135M with Wanda at 50% and compare perplexity before and after."""
+    _setup(False)
+
+    def body() -> None:
+        from tamp_fx.demo import EVAL_TEXT, run_demo
+        r = run_demo(workdir, progress=not quiet)
+        table = Table(title=f"SmolLM2-135M-Instruct, {r.config.method} at {r.config.sparsity:.0%} "
+                            f"({r.config.nsamples} calibration windows of {r.config.seqlen} tokens)")
+        for col in ("model", "decoder sparsity", f"perplexity ({r.dense.windows} x {r.dense.seqlen} tokens)"):
+            table.add_column(col, justify="right")
+        table.add_row("dense", "0.00%", f"{r.dense.perplexity:.2f}")
+        table.add_row("pruned", f"{r.sparsity:.2%}", f"{r.pruned.perplexity:.2f}")
+        out_console.print(table)
+        out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
+                          + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
+        out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan`)", highlight=False)
     _guard(body)
 
 

@@ -44,7 +44,10 @@ _TOKEN_ID_KEYS = {
 
 def family_of(config) -> Family:
     """The supported family of a transformers config, or a one-line error naming those supported."""
-    model_type = getattr(config, "model_type", None)
+    return family_for(getattr(config, "model_type", None))
+
+
+def family_for(model_type: str | None) -> Family:
     if model_type not in FAMILIES:
         raise TampError(f"unsupported architecture {model_type!r}: tamp-fx supports {', '.join(FAMILIES)}")
     return FAMILIES[model_type]

