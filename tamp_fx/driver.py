@@ -18,7 +18,7 @@ from tamp_fx.adapters import DecoderLayout
 from tamp_fx.capture import Activations
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
-from tamp_fx.graph import LinearInfo, analyse_linears, export_layer
+from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
 from tamp_fx.modality import Modality
 from tamp_fx.observers import ObserverContext
 from tamp_fx.progress import Bars
@@ -55,6 +55,7 @@ def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, b
     score = SCORES[config.score]
     results = []
     n_layers = len(layout.layers)
+    export_layer = LayerExporter()
     with bars.task("layers", n_layers) as advance_layer:
         for i in range(n_layers):
             start = time.perf_counter()
@@ -77,4 +78,5 @@ def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, b
             results.append(LayerResult(i, decisions, linears, stats))
             del gm
             advance_layer()
+    log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, export_layer.exports)
     return results

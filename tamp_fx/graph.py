@@ -5,6 +5,7 @@ module name, so one code path serves Llama, Qwen2, Mistral and Gemma decoders al
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import warnings
@@ -134,3 +135,56 @@ def analyse_linears(gm: torch.fx.GraphModule) -> dict[str, LinearInfo]:
         block = "attention" if feeds or node in out_projections else "mlp"
         info[name] = LinearInfo(name, siblings, feeds, block)
     return info
+
+
+def _structure_key(layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """What a layer's graph depends on besides tensor values and sequence lengths."""
+    tensors = tuple((n, tuple(t.shape), t.dtype) for n, t in
+                    [*layer.named_parameters(remove_duplicate=False), *layer.named_buffers(remove_duplicate=False)])
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    inputs = tuple((x.dtype, x.dim(), x.device.type) if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
+    return type(layer), tensors, str(spec), inputs
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    fa, fb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    return len(fa) == len(fb) and all(
+        torch.allclose(x, y, rtol=1e-4, atol=1e-5) if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb))
+
+
+class LayerExporter:
+    """Exports decoder layers, tracing once per distinct layer structure.
+
+    Decoder layers of one model usually share their code and shapes; tracing costs far more
+    than running a layer, so a later layer gets a copy of an earlier layer's graph bound to
+    its own parameters, checked against the eager layer on the sample it was given. A layer
+    whose outputs differ (other control flow) is exported afresh.
+    """
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple, tuple[torch.fx.GraphModule, torch.nn.Module]] = {}
+        self.exports = 0
+
+    def __call__(self, layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
+        key = _structure_key(layer, args, kwargs)
+        if key in self._templates:
+            template, template_layer = self._templates[key]
+            gm = _rebind(template, template_layer, layer)
+            with torch.no_grad():
+                if _same_outputs(gm(*args, **kwargs), layer(*args, **kwargs)):
+                    return gm
+            log.debug("reused graph of %s differs from the eager layer: exporting afresh", type(layer).__name__)
+        gm = export_layer(layer, args, kwargs)
+        self.exports += 1
+        self._templates[key] = (_rebind(gm, layer, layer), layer)
+        return gm
+
+
+def _rebind(gm: torch.fx.GraphModule, source: torch.nn.Module, target: torch.nn.Module) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` (graph and modules) whose tensors of ``source`` are ``target``'s."""
+    src = dict([*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)])
+    dst = dict([*target.named_parameters(remove_duplicate=False), *target.named_buffers(remove_duplicate=False)])
+    memo = {id(tensor): dst[name] for name, tensor in src.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec pickling
+        return copy.deepcopy(gm, memo)

@@ -132,3 +132,18 @@ def test_attention_observer_equals_eager_softmax_attention(kv_heads):
     hook.remove()
     for row, p in zip(attention.last_rows, probs):                    # p (1, H, N, N)
         assert torch.allclose(row, p[0, :, -1, :].mean(0), atol=1e-6)
+
+
+def test_layers_of_one_structure_are_traced_once_and_bound_to_their_own_weights():
+    from tamp_fx.graph import LayerExporter
+    model = tiny_llama(7, layers=3)
+    acts = random_activations(model, [8, 5], 7)
+    exporter = LayerExporter()
+    for i, layer in enumerate(model.model.layers):
+        gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
+        fresh = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
+        assert all(gm.get_parameter(n) is p for n, p in layer.named_parameters())
+        for j in range(len(acts)):
+            with torch.no_grad():
+                assert torch.equal(gm(acts.hidden[j], **acts.layer_kwargs[j][i]), fresh(acts.hidden[j], **acts.layer_kwargs[j][i]))
+    assert exporter.exports == 1
