@@ -21,9 +21,12 @@ console = Console(stderr=True)
 out_console = Console()
 
 
-class Method(str, Enum):
-    magnitude = "magnitude"
-    wanda = "wanda"
+from tamp_fx.config import ALLOCATIONS, METHODS, SCORE_NAMES, TOKEN_NAMES  # noqa: E402
+
+Method = Enum("Method", {m: m for m in METHODS}, type=str)
+Allocation = Enum("Allocation", {m: m for m in ALLOCATIONS}, type=str)
+Score = Enum("Score", {m: m for m in SCORE_NAMES}, type=str)
+Tokens = Enum("Tokens", {m: m for m in TOKEN_NAMES}, type=str)
 
 
 def _setup(verbose: bool) -> None:
@@ -61,8 +64,13 @@ def plan(
     model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
     calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations.")],
     out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
-    method: Annotated[Method, typer.Option(help="Pruning method.")] = Method.wanda,
-    sparsity: Annotated[float, typer.Option(help="Target sparsity of every decoder linear, in [0, 1).")] = 0.5,
+    method: Annotated[Method, typer.Option(help="Pruning method: a shortcut for allocation + score + tokens "
+                                                "(tamp = das + wanda + amia).")] = Method.wanda,
+    sparsity: Annotated[float, typer.Option(help="Target sparsity of the decoder linears (overall), in [0, 1).")] = 0.5,
+    allocation: Annotated[Optional[Allocation], typer.Option(help="Override the method's sparsity allocation.")] = None,
+    score: Annotated[Optional[Score], typer.Option(help="Override the method's weight score.")] = None,
+    tokens: Annotated[Optional[Tokens], typer.Option(help="Override the method's token selection.")] = None,
+    max_sparsity_delta: Annotated[float, typer.Option(help="DAS / ECoFLaP: no group sparser than sparsity + this.")] = 0.1,
     nsamples: Annotated[int, typer.Option(help="Number of calibration samples.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
@@ -75,13 +83,16 @@ def plan(
 
     def body() -> None:
         import tamp_fx
-        config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed)
+        config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                    allocation=allocation.value if allocation else None, score=score.value if score else None,
+                                    tokens=tokens.value if tokens else None, max_sparsity_delta=max_sparsity_delta)
         _refuse_existing(out, overwrite)
         start = time.perf_counter()
         result = tamp_fx.plan(model, calib, config, progress=not quiet)
         result.save(out, overwrite=overwrite, protect=(model.resolve(),))
         s = result.summary()
-        console.print(f"planned {s['linears']} linears, {s['sparsity']:.2%} of {s['parameters']:,} parameters "
+        console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}): "
+                      f"planned {s['linears']} linears, {s['sparsity']:.2%} of {s['parameters']:,} parameters "
                       f"pruned, in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
     _guard(body)
 
@@ -182,6 +193,24 @@ def evaluate(
         else:
             out_console.print(f"perplexity {result.perplexity:.3f} on {text} ({result.windows} windows of "
                               f"{result.seqlen} tokens, {seconds:.1f} s)", highlight=False)
+    _guard(body)
+
+
+@app.command()
+def convert(
+    model: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the Hugging Face model to.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Convert a GGUF model to a Hugging Face directory (de-quantized), which loads faster."""
+    _setup(False)
+
+    def body() -> None:
+        import tamp_fx
+        _refuse_existing(out, overwrite)
+        start = time.perf_counter()
+        tamp_fx.convert(model, out, overwrite=overwrite)
+        console.print(f"converted {model.name} in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
     _guard(body)
 
 

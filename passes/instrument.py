@@ -1,7 +1,8 @@
 """Instrument pass: an observer after every linear node and at every attention node."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch.fx
 
@@ -13,6 +14,8 @@ from tamp_fx.observers import AttentionObserver, LinearObserver, ObserverContext
 @dataclass(frozen=True)
 class InstrumentConfig:
     context: ObserverContext
+    #: builds the observer placed after a linear (what it collects depends on the method)
+    linear_observer: Callable[[ObserverContext], LinearObserver] = field(default=LinearObserver)
 
 
 def _sdpa_scale(node: torch.fx.Node) -> float | None:
@@ -26,7 +29,7 @@ def instrument(gm: torch.fx.GraphModule, config: InstrumentConfig) -> PassResult
     attention_observers: list[AttentionObserver] = []
     for node in list(gm.graph.nodes):
         if is_linear(node):
-            observer = LinearObserver(config.context)
+            observer = config.linear_observer(config.context)
             name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"
             linear_observers[weight_name(node)] = observer
             args = (node.args[0], node)

@@ -1,4 +1,5 @@
-"""Plan pass: read the observers, decide a keep-mask per linear; mutate no weight."""
+"""Plan pass: read the observers, decide a keep-mask (and SparseGPT's new weights) per linear;
+mutate no weight."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -8,10 +9,10 @@ from typing import Any
 import torch
 import torch.fx
 
-from tamp_fx.passes.base import DECISION_KEY, PassError, PassResult
 from tamp_fx.graph import is_linear, weight_name
-from tamp_fx.masks import achieved_sparsity, keep_mask
+from tamp_fx.masks import achieved_sparsity
 from tamp_fx.observers import LinearObserver
+from tamp_fx.passes.base import DECISION_KEY, PassError, PassResult
 from tamp_fx.scores import SCORES
 
 
@@ -24,6 +25,7 @@ class LinearDecision:
     sparsity: float
     group: str
     mask: torch.Tensor                       # (C_out, C_in) bool, True = keep
+    new_weight: torch.Tensor | None = None   # (C_out, C_in) reconstructed weights (SparseGPT), zero where pruned
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -32,6 +34,16 @@ class PlanPassConfig:
     score: str
     targets: Mapping[str, float]             # weight name -> target sparsity
     observers: Mapping[str, LinearObserver] = field(default_factory=dict)
+
+
+def _observed(observer: LinearObserver | None) -> dict[str, Any]:
+    if observer is None or observer.samples == 0:
+        return {}
+    stats: dict[str, Any] = {"tokens": observer.stats.n_tokens, "selected_fraction": observer.selected_fraction()}
+    if observer.diversity_samples:
+        stats["diversity"] = observer.diversity()
+        stats["importance"] = observer.importance()
+    return stats
 
 
 def plan(gm: torch.fx.GraphModule, config: PlanPassConfig) -> PassResult:
@@ -46,15 +58,15 @@ def plan(gm: torch.fx.GraphModule, config: PlanPassConfig) -> PassResult:
         if name not in config.targets:
             continue
         observer = config.observers.get(name)
-        if score.needs_activations and (observer is None or observer.n_tokens == 0):
+        if score.needs_activations and (observer is None or observer.stats.n_tokens == 0):
             raise PassError("plan", node, f"score {score.name!r} needs activations but the linear's observer saw none")
         weight = gm.get_parameter(name)                                   # (C_out, C_in)
         target = config.targets[name]
-        mask = keep_mask(score.fn(weight, observer), target, score.group)
-        stats: dict[str, Any] = {}
-        if observer is not None and observer.n_tokens:
-            stats["tokens"] = observer.n_tokens
-        decision = LinearDecision(name, target, achieved_sparsity(mask), score.group, mask, stats)
+        try:
+            mask, new_weight = score.decide(weight, observer.stats if observer else None, target)
+        except ValueError as error:
+            raise PassError("plan", node, str(error)) from error
+        decision = LinearDecision(name, target, achieved_sparsity(mask), score.group, mask, new_weight, _observed(observer))
         node.meta[DECISION_KEY] = decision
         decisions[name] = decision
     return PassResult(gm, modified=False, info={"decisions": decisions})

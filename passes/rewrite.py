@@ -31,7 +31,9 @@ def rewrite(gm: torch.fx.GraphModule, config: RewriteConfig = RewriteConfig()) -
             weight = gm.get_parameter(decision.weight)
             if tuple(weight.shape) != tuple(decision.mask.shape):
                 raise PassError("rewrite", node, f"mask shape {tuple(decision.mask.shape)} does not match weight {tuple(weight.shape)}")
-            _replace_parameter(gm, decision.weight, apply_mask(weight.detach(), decision.mask.to(weight.device)))
+            mask = decision.mask.to(weight.device)
+            value = weight.detach() if decision.new_weight is None else decision.new_weight.to(weight.device, weight.dtype)
+            _replace_parameter(gm, decision.weight, apply_mask(value, mask))
             modified = True
         if config.remove_observers and node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
             gm.graph.erase_node(node)

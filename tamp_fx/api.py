@@ -14,7 +14,10 @@ from tamp_fx.artifact import LinearPlan, Plan
 from tamp_fx.calibration import load_calibration
 from tamp_fx.capture import capture_layer_inputs
 from tamp_fx.config import PlanConfig
-from tamp_fx.driver import prune_layers
+from tamp_fx.allocators import ALLOCATORS, Allocation
+from tamp_fx.driver import layer_structure, profile_layers, prune_layers
+from tamp_fx.ecoflap import zeroth_order_block_importance
+from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
 from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_keys, checkpoint_names, fingerprint,
@@ -38,18 +41,24 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     with Bars(progress) as bars:
         with bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance)
-        results = prune_layers(layout, acts, config, bars)
+        allocation = _allocate(net, layout, acts, samples, token_ids, config, bars)
+        targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
+                   else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
+        results = prune_layers(layout, acts, config, targets, bars, LayerExporter())
     params = dict(net.named_parameters())
     full = {f"{layout.layer_prefix(r.index)}.{w}": (r, w) for r in results for w in r.decisions}
     names = checkpoint_names(source, {n: params[n] for n in full})
-    linears, masks = {}, {}
+    linears, masks, weights = {}, {}, {}
     for mem_name, (result, w) in full.items():
         d, info = result.decisions[w], result.linears[w]
         ckpt = names[mem_name]
+        extra = allocation.stats.get((result.index, w), {}) if allocation else {}
         linears[ckpt] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
-                                   d.group, info.block, {**d.stats, "shares_input_with": list(info.shares_input_with),
+                                   d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
                                                          "feeds_attention": info.feeds_attention})
         masks[ckpt] = d.mask
+        if d.new_weight is not None:
+            weights[ckpt] = d.new_weight
     model_info = {
         "fingerprint": fingerprint({names[n]: params[n] for n in full}),
         "model_type": net.config.model_type,
@@ -62,7 +71,30 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         "calibration": {"file": Path(calib).name, "samples": len(samples)},
     }
     layers = [{"layer": r.index, **r.stats} for r in results]
-    return Plan(config, model_info, linears, layers, masks)
+    return Plan(config, model_info, linears, layers, masks, weights)
+
+
+def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: Bars) -> Allocation | None:
+    """Run what the allocation needs over the dense model and return its targets (None: uniform)."""
+    needs_profile, needs_zeroth_order, strategy = ALLOCATORS[config.allocation]
+    if config.allocation == "uniform":
+        return None
+    exporter = LayerExporter()
+    start = list(acts.hidden)
+    if needs_profile:
+        profiles = profile_layers(layout, acts, config, bars, exporter)
+        acts.hidden = start
+    else:
+        profiles = layer_structure(layout, acts, exporter)
+    extra = {}
+    if needs_zeroth_order:
+        blocks: dict[str, list[str]] = {}
+        for p in profiles:
+            for w, info in p.linears.items():
+                blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layout.layer_prefix(p.index)}.{w}")
+        extra["block_importance"] = zeroth_order_block_importance(
+            net, samples, token_ids, blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
+    return strategy(profiles, config, extra)
 
 
 def _check_plan_matches(plan_: Plan, tensors: dict[str, torch.Tensor], source: ModelSource) -> None:
@@ -103,11 +135,18 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
             for shard in shards:
                 with safe_open(shard, "pt") as f:
                     metadata = f.metadata()
-                    out_tensors = {k: (apply_mask(f.get_tensor(k), plan_.masks[k]) if k in plan_.masks else f.get_tensor(k))
-                                   for k in f.keys()}
+                    out_tensors = {k: _pruned(plan_, k, f.get_tensor(k)) for k in f.keys()}
                 save_file(out_tensors, tmp / shard.name, metadata=metadata)
                 advance()
     return Path(out)
+
+
+def _pruned(plan_: Plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as the plan leaves it: masked, or replaced by reconstructed weights."""
+    if name not in plan_.masks:
+        return tensor
+    value = plan_.weights[name].to(tensor.dtype) if name in plan_.weights else tensor
+    return apply_mask(value, plan_.masks[name])
 
 
 def _apply_gguf(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...]) -> Path:
@@ -115,8 +154,8 @@ def _apply_gguf(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, pr
     state = net.state_dict()
     _check_plan_matches(plan_, {n: state[n] for n in plan_.linears if n in state}, source)
     with torch.no_grad():
-        for name, mask in plan_.masks.items():
-            net.get_parameter(name).copy_(apply_mask(state[name], mask))
+        for name in plan_.masks:
+            net.get_parameter(name).copy_(_pruned(plan_, name, state[name]))
     return _save_hf(net, load_processor(source, net.config), out, overwrite, protect)
 
 

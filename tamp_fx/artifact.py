@@ -18,6 +18,7 @@ from tamp_fx.model_io import atomic_directory
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 MASKS_FILE = "masks.safetensors"
+WEIGHTS_FILE = "weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class LinearPlan:
 class Plan:
     """A saved pruning decision: config, model identity, per-linear decisions and masks.
 
-    ``masks`` maps checkpoint weight name -> bool keep-mask (C_out, C_in).
+    ``masks`` maps checkpoint weight name -> bool keep-mask (C_out, C_in); ``weights`` holds the
+    reconstructed values of methods that update kept weights (SparseGPT), already masked.
     """
 
     config: PlanConfig
@@ -50,12 +52,14 @@ class Plan:
     linears: dict[str, LinearPlan]
     layers: list[dict[str, Any]] = field(default_factory=list)
     masks: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
             "method": self.config.method,
+            "parts": {"allocation": self.config.allocation, "score": self.config.score, "tokens": self.config.tokens},
             "config": self.config.to_dict(),
             "model": self.model,
             "summary": self.summary(),
@@ -76,6 +80,8 @@ class Plan:
             packed = {name: pack_mask(mask.cpu()) for name, mask in self.masks.items()}
             shapes = {name: ",".join(map(str, mask.shape)) for name, mask in self.masks.items()}
             save_file(packed, tmp / MASKS_FILE, metadata=shapes)
+            if self.weights:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.weights.items()}, tmp / WEIGHTS_FILE)
         return out
 
     @classmethod
@@ -97,4 +103,8 @@ class Plan:
                 if name not in f.keys():
                     raise TampError(f"{masks_file} has no mask for {name}: the plan directory is incomplete")
                 masks[name] = unpack_mask(f.get_tensor(name), lp.shape)
-        return cls(PlanConfig.from_dict(data["config"]), data["model"], linears, data.get("layers", []), masks)
+        weights = {}
+        if (directory / WEIGHTS_FILE).is_file():
+            with safe_open(directory / WEIGHTS_FILE, "pt") as f:
+                weights = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(PlanConfig.from_dict(data["config"]), data["model"], linears, data.get("layers", []), masks, weights)

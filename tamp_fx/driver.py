@@ -1,28 +1,35 @@
-"""The sequential driver: one decoder layer at a time, export -> instrument -> run ->
-plan -> rewrite -> run again, so each layer is planned on the pruned outputs of the one
-before (as Wanda and SparseGPT do)."""
+"""The sequential driver, one decoder layer at a time (DESIGN.md §3).
+
+- profile (dense): export -> instrument -> run -> statistics of every linear (diversities,
+  input norms for OWL); the dense outputs move on to the next layer.
+- prune: export -> instrument -> run -> plan -> rewrite -> run again, so each layer is
+  planned on the pruned outputs of the one before (as Wanda and SparseGPT do).
+"""
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tamp_fx.passes.instrument import InstrumentConfig, instrument
-from tamp_fx.passes.plan import LinearDecision, PlanPassConfig
-from tamp_fx.passes.plan import plan as plan_pass
-from tamp_fx.passes.rewrite import rewrite
 from tamp_fx.adapters import DecoderLayout
 from tamp_fx.capture import Activations
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
 from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
 from tamp_fx.modality import Modality
-from tamp_fx.observers import ObserverContext
+from tamp_fx.observers import LinearObserver, ObserverContext
+from tamp_fx.passes.instrument import InstrumentConfig, instrument
+from tamp_fx.passes.plan import LinearDecision, PlanPassConfig
+from tamp_fx.passes.plan import plan as plan_pass
+from tamp_fx.passes.rewrite import rewrite
 from tamp_fx.progress import Bars
 from tamp_fx.scores import SCORES
+from tamp_fx.tokens import TOKEN_SELECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -35,48 +42,113 @@ class LayerResult:
     stats: dict[str, Any]
 
 
-def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: ObserverContext | None,
-                 bars: Bars, description: str, keep_outputs: bool) -> None:
+@dataclass
+class LayerProfile:
+    """Dense statistics of one decoder layer."""
+
+    index: int
+    linears: dict[str, LinearInfo]
+    sizes: dict[str, int]                                       # weight name -> parameters
+    importance: dict[str, float] = field(default_factory=dict)  # DAS: mean diversity per linear
+    diversity: dict[str, dict[str, float]] = field(default_factory=dict)
+    outlier_ratio: float | None = None                          # OWL
+
+
+def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: ObserverContext,
+                 observed: Mapping[str, Any] | None, bars: Bars, description: str, keep_outputs: bool) -> None:
+    linear_observers = list(observed["linear"].values()) if observed else []
+    attention_observers = observed["attention"] if observed else []
     with bars.task(description, len(acts)) as advance, torch.no_grad():
         for j in range(len(acts)):
-            if context is not None:
-                context.labels = acts.labels[j]
+            context.labels = acts.labels[j]
             try:
                 out = gm(acts.hidden[j], **acts.layer_kwargs[j][layer])
+            except TampError:
+                raise
             except Exception as error:  # noqa: BLE001
                 raise TampError(f"decoder layer {layer} failed on calibration sample {j}: {str(error).splitlines()[0]}") from error
+            attention = attention_observers[0].current if attention_observers else None
+            for observer in linear_observers:
+                observer.finish_sample(attention)
             if keep_outputs:
                 acts.hidden[j] = out[0] if isinstance(out, tuple) else out
             advance()
 
 
-def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, bars: Bars) -> list[LayerResult]:
-    """Plan every decoder layer in order; ``acts.hidden`` is advanced through the pruned layers."""
-    score = SCORES[config.score]
-    results = []
-    n_layers = len(layout.layers)
-    export_layer = LayerExporter()
-    with bars.task("layers", n_layers) as advance_layer:
-        for i in range(n_layers):
-            start = time.perf_counter()
-            gm = export_layer(layout.layers[i], (acts.hidden[0],), acts.layer_kwargs[0][i])
+def _attention_stats(observed: Mapping[str, Any], n_samples: int) -> dict[str, Any]:
+    attention = observed["attention"]
+    if not attention or not attention[0].samples:
+        return {}
+    mass = sum(o.mass_per_modality for o in attention) / sum(o.samples for o in attention)
+    return {"last_token_attention_per_modality": {m.name.lower(): round(float(mass[m]), 6) for m in Modality}}
+
+
+def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, bars: Bars,
+                   exporter: LayerExporter) -> list[LayerProfile]:
+    """Run the dense model layer by layer and collect what the allocation needs.
+    ``acts.hidden`` ends at the last layer's input; callers keep a copy of the start."""
+    diversity = config.allocation.startswith("das")
+    observer_factory = functools.partial(LinearObserver, track_diversity=diversity,
+                                         all_tokens_one_modality=config.allocation == "das-alltoken")
+    profiles = []
+    with bars.task("profile layers (dense)", len(layout.layers)) as advance_layer:
+        for i, layer in enumerate(layout.layers):
+            gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
             linears = analyse_linears(gm)
             context = ObserverContext()
-            observed = instrument(gm, InstrumentConfig(context)).info
+            observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+            _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layout.layers))
+            sizes = {w: gm.get_parameter(w).numel() for w in linears}
+            profile = LayerProfile(i, linears, sizes)
+            obs = observed["linear"]
+            if diversity:
+                profile.importance = {w: obs[w].importance() for w in linears}
+                profile.diversity = {w: obs[w].diversity() for w in linears}
+            if config.allocation == "owl":
+                scores = torch.cat([(gm.get_parameter(w).detach().float().abs() * obs[w].stats.input_norm()[None, :]).flatten()
+                                    for w in linears])                      # (sum P_g,)
+                profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
+            profiles.append(profile)
+            del gm
+            advance_layer()
+    return profiles
+
+
+def layer_structure(layout: DecoderLayout, acts: Activations, exporter: LayerExporter) -> list[LayerProfile]:
+    """What the graphs say about every layer's linears, without running any sample."""
+    profiles = []
+    for i, layer in enumerate(layout.layers):
+        gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
+        linears = analyse_linears(gm)
+        profiles.append(LayerProfile(i, linears, {w: gm.get_parameter(w).numel() for w in linears}))
+    return profiles
+
+
+def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, targets: Callable[[int, dict], dict[str, float]],
+                 bars: Bars, exporter: LayerExporter) -> list[LayerResult]:
+    """Plan every decoder layer in order; ``acts.hidden`` is advanced through the pruned layers.
+    ``targets(layer_index, linears)`` gives each linear's target sparsity."""
+    score = SCORES[config.score]
+    selector = TOKEN_SELECTIONS[config.tokens](config) if score.needs_activations else None
+    observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian)
+    results = []
+    n_layers = len(layout.layers)
+    with bars.task("prune layers", n_layers) as advance_layer:
+        for i in range(n_layers):
+            start = time.perf_counter()
+            gm = exporter(layout.layers[i], (acts.hidden[0],), acts.layer_kwargs[0][i])
+            linears = analyse_linears(gm)
+            context = ObserverContext()
+            observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
             if score.needs_activations:
-                _run_samples(gm, acts, i, context, bars, f"layer {i}: calibrate", keep_outputs=False)
-            targets = {name: config.sparsity for name in linears}
-            decisions = plan_pass(gm, PlanPassConfig(config.score, targets, observed["linear"])).info["decisions"]
+                _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
+            decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"])).info["decisions"]
             rewrite(gm)
             if score.needs_activations and i + 1 < n_layers:
-                _run_samples(gm, acts, i, None, bars, f"layer {i}: propagate", keep_outputs=True)
-            stats = {"seconds": round(time.perf_counter() - start, 3)}
-            attention = observed["attention"]
-            if attention and score.needs_activations:
-                mass = sum(o.mass_per_modality for o in attention) / max(1, len(acts) * len(attention))
-                stats["last_token_attention_per_modality"] = {m.name.lower(): round(float(mass[m]), 6) for m in Modality}
+                _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
+            stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed, len(acts))}
             results.append(LayerResult(i, decisions, linears, stats))
             del gm
             advance_layer()
-    log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, export_layer.exports)
+    log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
     return results

@@ -1,13 +1,23 @@
 """Observers: modules the instrument pass calls after linear and attention nodes.
 
 They see what flows through the graph, accumulate statistics, and return nothing, so the
-graph computes exactly what it computed before.
+graph computes exactly what it computed before. Statistics that need the whole sample (the
+layer's attention, seen only after the q/k/v projections ran) are finished by
+``finish_sample``, which the driver calls after each sample's forward.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from tamp_fx.diversity import diversity_terms, importance
 from tamp_fx.modality import Modality
+from tamp_fx.sparsegpt import HessianAccumulator
+
+#: picks the tokens whose inputs count: (outputs (N, C_out), attention (N,) | None, labels (N,),
+#: diversity) -> indices (K,) or None for every token
+TokenSelector = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, float], "torch.Tensor | None"]
 
 
 class ObserverContext:
@@ -17,30 +27,122 @@ class ObserverContext:
         self.labels: torch.Tensor | None = None  # (N,) int8 modality per token of the current sample
 
 
-class LinearObserver(torch.nn.Module):
-    """Sees (input, output) of one linear; accumulates the per-column sum of squared inputs."""
+class InputStats:
+    """Statistics of a linear's inputs over the chosen tokens of every sample."""
 
-    def __init__(self, context: ObserverContext) -> None:
+    def __init__(self, hessian: bool = False) -> None:
+        self.sum_sq: torch.Tensor | None = None          # (C_in,) float64: sum of x^2
+        self.n_tokens = 0
+        self.hessian_acc = HessianAccumulator() if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])                   # (T, C_in)
+        xf = x.float()
+        sq = (xf * xf).sum(0).double()                   # (C_in,)
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
+        self.n_tokens += x.shape[0]
+        if self.hessian_acc is not None:
+            self.hessian_acc.add(xf)
+
+    def input_norm(self) -> torch.Tensor:
+        """Root mean square of every input column over the tokens seen: (C_in,) float32."""
+        if self.sum_sq is None or self.n_tokens == 0:
+            raise RuntimeError("observer saw no tokens")
+        return (self.sum_sq / self.n_tokens).sqrt().float()
+
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n over the tokens seen, as SparseGPT uses it: (C_in, C_in) float32."""
+        if self.hessian_acc is None:
+            raise RuntimeError("observer collected no Hessian")
+        return self.hessian_acc.hessian
+
+
+class LinearObserver(torch.nn.Module):
+    """Sees (input, output) of one linear.
+
+    - ``stats``: inputs of the tokens ``selector`` picks (all tokens when it is None);
+    - ``diversity``: per-sample diversity terms of the outputs, when ``track_diversity``
+      (with ``all_tokens_one_modality`` every token counts as one modality);
+    - ``tokens_per_modality`` / ``selected_per_modality``: what the selector saw and took.
+    """
+
+    def __init__(self, context: ObserverContext, *, selector: TokenSelector | None = None, hessian: bool = False,
+                 track_diversity: bool = False, all_tokens_one_modality: bool = False) -> None:
         super().__init__()
         self.context = context
-        self.sum_sq: torch.Tensor | None = None        # (C_in,) float64
-        self.n_tokens = 0
-        self.tokens_per_modality = torch.zeros(len(Modality), dtype=torch.long)
+        self.selector = selector
+        self.stats = InputStats(hessian)
+        self.track_diversity = track_diversity
+        self.all_tokens_one_modality = all_tokens_one_modality
+        self.diversity_sums: dict[str, float] = {}
+        self.diversity_counts: dict[str, int] = {}
+        self.importance_sum = 0.0
+        self.diversity_samples = 0
+        self.samples = 0
+        self.tokens_per_modality = torch.zeros(len(Modality), dtype=torch.float64)
+        self.selected_per_modality = torch.zeros(len(Modality), dtype=torch.float64)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _labels(self, n: int) -> torch.Tensor:
+        labels = self.context.labels
+        if labels is None or self.all_tokens_one_modality:
+            return torch.zeros(n, dtype=torch.long)
+        return labels.reshape(-1).long().cpu()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).double()        # (N, C_in)
-        sq = (x2 * x2).sum(0)                           # (C_in,)
-        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
-        self.n_tokens += x2.shape[0]
-        if self.context.labels is not None:
-            self.tokens_per_modality += torch.bincount(self.context.labels.long().flatten(), minlength=len(Modality)).cpu()
+        x = x.detach().reshape(-1, x.shape[-1])              # (N, C_in)
+        z = z.detach().reshape(-1, z.shape[-1])              # (N, C_out)
+        if self.selector is None and not self.track_diversity:
+            self.stats.add(x)
+            self._count(torch.arange(x.shape[0]), self._labels(x.shape[0]))
+            return
+        self._pending = (x, z)                               # finished once the sample's attention is known
 
-    def input_norm(self) -> torch.Tensor:
-        """Root mean square of every input column over all tokens seen: (C_in,) float32."""
-        if self.sum_sq is None:
-            raise RuntimeError("observer saw no tokens")
-        return (self.sum_sq / self.n_tokens).sqrt().float()
+    def _count(self, chosen: torch.Tensor, labels: torch.Tensor) -> None:
+        n_mod = len(Modality)
+        per_sample_total = torch.bincount(labels, minlength=n_mod).double()
+        per_sample_chosen = torch.bincount(labels[chosen], minlength=n_mod).double()
+        present = per_sample_total > 0
+        self.tokens_per_modality += present.double()
+        self.selected_per_modality[present] += (per_sample_chosen[present] / per_sample_total[present])
+        self.samples += 1
+
+    @torch.no_grad()
+    def finish_sample(self, attention: torch.Tensor | None) -> None:
+        if self._pending is None:
+            return
+        x, z = self._pending
+        self._pending = None
+        labels = self._labels(x.shape[0])
+        div = 0.0
+        if self.track_diversity or self.selector is not None:
+            terms = diversity_terms(z, labels)
+            div = importance(terms)
+        if self.track_diversity:
+            for k, v in terms.items():
+                self.diversity_sums[k] = self.diversity_sums.get(k, 0.0) + v
+                self.diversity_counts[k] = self.diversity_counts.get(k, 0) + 1
+            self.importance_sum += div
+            self.diversity_samples += 1
+        chosen = None if self.selector is None else self.selector(z, attention, labels, div)
+        if chosen is None:
+            chosen = torch.arange(x.shape[0])
+        self.stats.add(x[chosen])
+        self._count(chosen, labels)
+
+    # summaries ------------------------------------------------------------------------
+
+    def diversity(self) -> dict[str, float]:
+        return {k: self.diversity_sums[k] / self.diversity_counts[k] for k in sorted(self.diversity_sums)}
+
+    def importance(self) -> float:
+        return self.importance_sum / self.diversity_samples if self.diversity_samples else 0.0
+
+    def selected_fraction(self) -> dict[str, float]:
+        """Mean share of each present modality's tokens that counted, over the samples it was in."""
+        return {Modality(m).name.lower(): float(self.selected_per_modality[m] / self.tokens_per_modality[m])
+                for m in range(len(Modality)) if self.tokens_per_modality[m] > 0}
 
 
 def last_row_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
@@ -63,20 +165,22 @@ def last_row_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
 
 
 class AttentionObserver(torch.nn.Module):
-    """Sees (q, k, mask) of one attention node; keeps the head-averaged last-row attention
-    of every sample and the attention mass each modality received."""
+    """Sees (q, k, mask) of one attention node; keeps the current sample's head-averaged
+    last-row attention and the attention mass each modality received over all samples."""
 
     def __init__(self, context: ObserverContext) -> None:
         super().__init__()
         self.context = context
-        self.last_rows: list[torch.Tensor] = []       # per sample (N,)
+        self.current: torch.Tensor | None = None       # (N,) of the sample being run
+        self.samples = 0
         self.mass_per_modality = torch.zeros(len(Modality), dtype=torch.float64)
 
     @torch.no_grad()
     def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                 scale: float | None = None) -> None:
         row = last_row_attention(q, k, mask, scale)[0].cpu()            # (N,)
-        self.last_rows.append(row)
+        self.current = row
+        self.samples += 1
         if self.context.labels is not None:
             labels = self.context.labels.long().flatten().cpu()
-            self.mass_per_modality += torch.zeros(len(Modality), dtype=torch.float64).index_add_(0, labels, row.double())
+            self.mass_per_modality.index_add_(0, labels, row.double())

@@ -1,0 +1,76 @@
+"""Turn per-group importances into per-group sparsities under one global parameter budget.
+
+The allocator of DESIGN.md §4 (shared by DAS and ECoFLaP): with P_g parameters in group g
+and target s, keep K = floor(sum P_g (1 - s)) parameters in all; each group keeps at least
+ceil(P_g (1 - s_max)); the rest is handed out in proportion to importance, groups that fill
+are capped and drop out, and the total is met exactly.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+
+def allocate(sizes: Mapping[str, int], importance: Mapping[str, float], sparsity: float,
+             max_sparsity: float) -> dict[str, int]:
+    """Parameters to keep per group, summing to ``floor(sum P_g (1 - sparsity))``; the group's
+    sparsity is ``1 - keep_g / P_g``.
+
+    >>> allocate({"a": 100, "b": 100}, {"a": 3.0, "b": 1.0}, 0.5, 0.6)  # 40 + 40 kept at least, 20 split 3:1
+    {'a': 55, 'b': 45}
+    """
+    if not 0.0 <= sparsity <= max_sparsity <= 1.0:
+        raise ValueError(f"need 0 <= sparsity ({sparsity}) <= max_sparsity ({max_sparsity}) <= 1")
+    if any(importance[g] < 0 or not math.isfinite(importance[g]) for g in sizes):
+        raise ValueError("importances must be finite and non-negative")
+    budget = math.floor(sum(sizes.values()) * (1.0 - sparsity) + 1e-9)
+    floor_keep = min_keep(sizes, sparsity, max_sparsity)
+    keep = {g: float(k) for g, k in floor_keep.items()}
+    rest = budget - sum(floor_keep.values())
+    open_groups = {g for g in sizes if keep[g] < sizes[g]}
+    while rest > 1e-9 and open_groups:                       # water-filling with caps
+        total = sum(importance[g] for g in open_groups)
+        share = {g: (importance[g] / total if total > 0 else 1.0 / len(open_groups)) for g in open_groups}
+        full = {g for g in open_groups if keep[g] + rest * share[g] >= sizes[g]}
+        if not full:
+            for g in open_groups:
+                keep[g] += rest * share[g]
+            rest = 0.0
+            break
+        for g in full:
+            rest -= sizes[g] - keep[g]
+            keep[g] = float(sizes[g])
+        open_groups -= full
+    whole = {g: math.floor(keep[g] + 1e-9) for g in sizes}
+    leftover = budget - sum(whole.values())
+    # hand the rounding remainder to the groups with the largest fractional parts (more important first)
+    order = sorted((g for g in sizes if whole[g] < sizes[g]), key=lambda g: (-(keep[g] - whole[g]), -importance[g], g))
+    for g in order[:max(0, leftover)]:
+        whole[g] += 1
+    return whole
+
+
+def min_keep(sizes: Mapping[str, int], sparsity: float, max_sparsity: float) -> dict[str, int]:
+    """The least each group keeps: ceil(P_g (1 - s_max)), or the floor where the ceilings
+    together would exceed the budget (tiny groups with s_max barely above s)."""
+    budget = math.floor(sum(sizes.values()) * (1.0 - sparsity) + 1e-9)
+    ceil = {g: min(p, math.ceil(p * (1.0 - max_sparsity) - 1e-9)) for g, p in sizes.items()}
+    if sum(ceil.values()) <= budget:
+        return ceil
+    return {g: math.floor(p * (1.0 - max_sparsity) + 1e-9) for g, p in sizes.items()}
+
+
+def owl_sparsities(outlier_ratios: Mapping[str, float], sparsity: float, lam: float) -> dict[str, float]:
+    """OWL: map layer outlier ratios D linearly onto [s - lam, s + lam] with mean s; more
+    outliers, less sparsity.
+
+    >>> owl_sparsities({"0": 0.1, "1": 0.3}, 0.5, 0.08)
+    {'0': 0.58, '1': 0.42}
+    """
+    values = list(outlier_ratios.values())
+    lo, hi = min(values), max(values)
+    if hi - lo <= 0:
+        return {k: sparsity for k in outlier_ratios}
+    scaled = {k: (d - lo) / (hi - lo) * 2 * lam for k, d in outlier_ratios.items()}   # in [0, 2 lam]
+    mean = sum(scaled.values()) / len(scaled)
+    return {k: round(1.0 - (v - mean + 1.0 - sparsity), 12) for k, v in scaled.items()}

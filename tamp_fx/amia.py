@@ -1,0 +1,196 @@
+"""Adaptive Multimodal Input Activation (AMIA): which tokens feed a linear's Wanda norm.
+
+Per decoder layer and sample, ``a`` is the last row of the attention probabilities (N,).
+Per linear and sample, in that linear's normalised output space (Z = outputs with rows
+L2-normalised):
+
+* ``D = 1 - Z Z^T``; kNN(i) = the ``k`` nearest other tokens (smallest ``D``, the token
+  itself excluded; among equal distances the lower index wins);
+* ``g_i = a_i + sum_{j in kNN(i)} exp(-knn_temperature * D_ij) a_j``; kernel ``K = exp(-D)``;
+* greedy: take ``i* = argmax g`` over the unselected tokens (the lower index wins a tie), then
+  ``g_j -= exp(-suppress_temperature * D_i*j) * max(g_i*, 0)`` for ``j`` in kNN(i*); stop as
+  soon as ``MMD^2 = mean(K) + mean(K[S, S]) - 2 mean(K[:, S]) < threshold * sqrt(diversity)``
+  (``S`` includes the token just added) or when every token is selected.
+
+The selected tokens' *inputs* give the Wanda norm (:func:`selected_input_sq_sum`).
+
+Cost: one ``O(N^2 C)`` Gram matrix plus a few ``O(N^2)`` passes (kernel, kNN, column sums),
+then each greedy step is ``O(N)``: an argmax over ``g``, at most ``k`` scalar updates of
+``g``, one row of ``K`` added to the running row sums ``K[:, S].sum(1)`` (``K`` is symmetric)
+and ``O(1)`` updates of the float64 sums behind ``mean(K[S, S])`` and ``mean(K[:, S])``.
+The precompute runs on the device of ``outputs`` in float32; the greedy loop runs on the host
+(numpy views of CPU tensors, no per-step device syncs). The scalar weights ``exp(...)`` are
+taken with :func:`math.exp` in float64, so a plain-Python reference fed the same ``D``
+reproduces ``g`` bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_NORM_EPS = 1e-12   # rows of Z with a smaller norm normalise to zero vectors (D = 1 to all)
+
+
+@dataclass(frozen=True)
+class AmiaParams:
+    """Constants of AMIA (defaults from the design doc). The "temperatures" multiply the
+    distance exactly as in the spec: weights are ``exp(-temperature * D)``.
+
+    >>> AmiaParams()
+    AmiaParams(k=3, knn_temperature=1.0, suppress_temperature=0.2, threshold=0.1)
+    >>> AmiaParams(k=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: k must be an int >= 1, got 0
+    """
+    k: int = 3                          # neighbours per token
+    knn_temperature: float = 1.0        # g_i = a_i + sum exp(-knn_temperature * D_ij) a_j
+    suppress_temperature: float = 0.2   # g_j -= exp(-suppress_temperature * D_i*j) max(g_i*, 0)
+    threshold: float = 0.1              # stop when MMD^2 < threshold * sqrt(diversity)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        for name in ("knn_temperature", "suppress_temperature", "threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor, diversity: float) -> float:
+    if outputs.dim() != 2 or outputs.shape[0] == 0:
+        raise ValueError(f"outputs must be 2-D (N, C) with N >= 1, got shape {tuple(outputs.shape)}")
+    if not outputs.is_floating_point():
+        raise ValueError(f"outputs must be floating point, got dtype {outputs.dtype}")
+    if attention.shape != outputs.shape[:1]:
+        raise ValueError(f"attention must have shape ({outputs.shape[0]},), got {tuple(attention.shape)}")
+    if not bool(torch.isfinite(outputs).all()):
+        raise ValueError("outputs must be finite")
+    if not bool((torch.isfinite(attention) & (attention >= 0)).all()):
+        raise ValueError("attention must be finite and non-negative")
+    diversity = float(diversity)
+    if not math.isfinite(diversity) or diversity < 0:
+        raise ValueError(f"diversity must be a finite number >= 0, got {diversity!r}")
+    return diversity
+
+
+def _neighbours(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """kNN indices (N, k) of each row of ``dist`` (N, N) (diagonal already +inf), ordered by
+    (distance, index): ties, including ties for the k-th place, go to the lower index."""
+    vals, nbr = dist.topk(k, dim=1, largest=False)                        # (N, k) ascending
+    kth = vals[:, -1:]                                                     # (N, 1)
+    shared = (dist <= kth).sum(1) > k                                      # (N,) k-th place tied
+    if bool(shared.any()):                                                 # rare: fix those rows
+        rows = shared.nonzero().squeeze(1)                                 # (T,)
+        sub, cut = dist[rows], kth[rows]                                   # (T, N), (T, 1)
+        less, equal = sub < cut, sub == cut                                # (T, N)
+        need = k - less.sum(1, keepdim=True)                               # (T, 1)
+        take = less | (equal & (equal.cumsum(1) <= need))                  # (T, N), k per row
+        nbr[rows] = take.nonzero()[:, 1].view(-1, k)
+    nbr = nbr.sort(1).values                                               # (N, k) by index
+    order = dist.gather(1, nbr).argsort(dim=1, stable=True)               # (N, k) then by D
+    return nbr.gather(1, order)                                            # (N, k)
+
+
+def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: float,
+                  params: AmiaParams = AmiaParams()) -> torch.Tensor:
+    """Indices (int64, on the device of ``outputs``) of the tokens AMIA selects, in the order
+    they were chosen.
+
+    ``outputs`` (N, C): the linear's outputs for one sample (any float dtype; computed in
+    float32). ``attention`` (N,): the last row of the layer's attention probabilities
+    (non-negative). ``diversity`` >= 0 scales the stopping threshold by its square root; at 0
+    the loop runs until rounding makes ``MMD^2`` negative or every token is selected.
+
+    Tokens 0 and 1 are duplicates (``D = 0``) and tie on ``g``: the lower index goes first and
+    suppresses its duplicate to ``g = 0``, so token 3 comes next; ``MMD^2`` after ``[0, 3, 1]``
+    is 0.0711, below ``0.1 * sqrt(1)`` but not below ``0.1 * sqrt(0.25)``.
+
+    >>> z = torch.tensor([[1., 0.], [1., 0.], [0., 1.], [0., -1.]])
+    >>> a = torch.tensor([0.4, 0.1, 0.1, 0.4])
+    >>> select_tokens(z, a, diversity=1.0)
+    tensor([0, 3, 1])
+    >>> select_tokens(z, a, diversity=0.25)
+    tensor([0, 3, 1, 2])
+    """
+    diversity = _check_inputs(outputs, attention, diversity)
+    n, device = outputs.shape[0], outputs.device
+    if n == 1:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    k = min(params.k, n - 1)
+
+    # ---- precompute, float32 on the device of outputs: O(N^2 C) once
+    z = outputs.detach().to(torch.float32)                                 # (N, C)
+    z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(_NORM_EPS)  # (N, C)
+    gram = z @ z.T                                                         # (N, N)
+    dist = torch.rsub(gram, 1.0)                                           # (N, N) D = 1 - G
+    kern = gram.sub_(1.0).exp_()                                           # (N, N) K = exp(-D)
+    dist.diagonal().fill_(math.inf)                                        # kNN excludes self
+    nbr = _neighbours(dist, k)                                             # (N, k)
+    nbr_d = dist.gather(1, nbr)                                            # (N, k)
+    colsum = kern.sum(0, dtype=torch.float64)                              # (N,)
+    kdiag = kern.diagonal()                                                # (N,)
+
+    # ---- host side: one transfer, then Python floats / numpy views
+    kern_np = kern.cpu().numpy()                                           # (N, N) float32
+    nbr_l = nbr.tolist()                                                   # N lists of k ints
+    d_l = nbr_d.double().tolist()                                          # N lists of k floats
+    colsum_l = colsum.tolist()                                             # N floats
+    kdiag_l = kdiag.double().tolist()                                      # N floats
+    a_l = attention.detach().double().cpu().tolist()                       # N floats
+    mean_k = math.fsum(colsum_l) / (n * n)
+
+    # g_i = a_i + sum over kNN(i) in (D, index) order, left to right, float64
+    tk, ts = params.knn_temperature, params.suppress_temperature
+    g = np.array(a_l, dtype=np.float64)                                    # (N,)
+    nbr_np = np.array(nbr_l, dtype=np.int64)                               # (N, k)
+    w = np.array([[math.exp(-tk * d) for d in row] for row in d_l])        # (N, k)
+    a_np = g.copy()                                                        # (N,)
+    for c in range(k):
+        g += w[:, c] * a_np[nbr_np[:, c]]                                  # (N,)
+
+    # ---- greedy: O(N) per step
+    thr = params.threshold * math.sqrt(diversity)
+    rowsum = np.zeros(n, dtype=np.float64)                                 # (N,) K[:, S].sum(1)
+    sum_ss = 0.0                                                           # K[S, S].sum()
+    sum_cs = 0.0                                                           # K[:, S].sum()
+    chosen: list[int] = []
+    for m in range(1, n + 1):
+        i = int(g.argmax())                                                # first max on ties
+        push = max(float(g[i]), 0.0)
+        g[i] = -math.inf                                                   # selected
+        chosen.append(i)
+        if push > 0.0:
+            for j, d in zip(nbr_l[i], d_l[i]):
+                g[j] -= math.exp(-ts * d) * push
+        rowsum += kern_np[i]                                               # column i of K = row i
+        sum_ss += 2.0 * float(rowsum[i]) - kdiag_l[i]
+        sum_cs += colsum_l[i]
+        mmd2 = mean_k + sum_ss / (m * m) - 2.0 * sum_cs / (n * m)
+        if mmd2 < thr:
+            break
+    return torch.tensor(chosen, dtype=torch.int64, device=device)
+
+
+def selected_input_sq_sum(inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Sum over the selected tokens of ``x^2`` per input column, float64 (C_in,), for a Wanda
+    norm accumulated across samples (divide the total by the total count of selected tokens).
+
+    >>> x = torch.tensor([[1., 2.], [3., 4.], [5., 6.]])
+    >>> selected_input_sq_sum(x, torch.tensor([2, 0]))
+    tensor([26., 40.], dtype=torch.float64)
+    """
+    if inputs.dim() != 2:
+        raise ValueError(f"inputs must be 2-D (N, C_in), got shape {tuple(inputs.shape)}")
+    if indices.dim() != 1 or indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"indices must be a 1-D integer tensor, got {indices.dtype} "
+                         f"of shape {tuple(indices.shape)}")
+    n = inputs.shape[0]
+    if indices.numel() and not bool(((indices >= 0) & (indices < n)).all()):
+        raise ValueError(f"indices must be in [0, {n})")
+    x = inputs.detach().index_select(0, indices.to(inputs.device, torch.int64))  # (S, C_in)
+    return x.double().square().sum(0)                                      # (C_in,)

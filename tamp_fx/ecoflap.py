@@ -1,0 +1,58 @@
+"""ECoFLaP's zeroth-order importance of the attention and MLP sub-blocks of every decoder layer.
+
+One random perturbation z per calibration sample over all prunable weights; the two-sided
+difference of the language-model loss, c = (L(theta + eps z) - L(theta - eps z)) / (2 eps),
+is a directional derivative, so c z estimates the gradient without a backward pass. A block's
+importance is the first-order loss change of removing it, |theta_b . g_b|, averaged over
+samples and divided by its parameter count so blocks of different sizes compare per parameter.
+The model is never written: perturbed weights go through ``torch.func.functional_call``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch.func import functional_call
+
+from tamp_fx.modality import Modality, modality_labels
+from tamp_fx.progress import Bars
+
+
+def _lm_labels(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
+    """Next-token targets on text tokens only (modality placeholders and padding ignored)."""
+    ids = sample["input_ids"]
+    labels = ids.clone()
+    labels[modality_labels(ids, token_ids) != int(Modality.TEXT)] = -100
+    if "attention_mask" in sample:
+        labels[sample["attention_mask"] == 0] = -100
+    return labels
+
+
+@torch.no_grad()
+def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], token_ids,
+                                  blocks: Mapping[str, list[str]], *, epsilon: float, seed: int,
+                                  bars: Bars) -> dict[str, float]:
+    """blocks: block name -> full parameter names of its weights. Returns block -> importance."""
+    params = dict(model.named_parameters())
+    names = [n for members in blocks.values() for n in members]
+    block_of = {n: b for b, members in blocks.items() for n in members}
+    totals = {b: 0.0 for b in blocks}
+    generator = torch.Generator().manual_seed(seed)
+    with bars.task("ecoflap: zeroth-order", len(samples)) as advance:
+        for sample in samples:
+            z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype) for n in names}
+            labels = _lm_labels(sample, token_ids)
+            losses = []
+            for sign in (1.0, -1.0):
+                perturbed = {n: params[n] + sign * epsilon * z[n] for n in names}
+                out = functional_call(model, perturbed, args=(), kwargs={**sample, "labels": labels, "use_cache": False})
+                losses.append(float(out.loss))
+            c = (losses[0] - losses[1]) / (2 * epsilon)
+            dots = {b: 0.0 for b in blocks}
+            for n in names:
+                dots[block_of[n]] += float((params[n] * z[n]).sum())
+            for b in blocks:
+                totals[b] += c * dots[b]
+            advance()
+    sizes = {b: sum(params[n].numel() for n in members) for b, members in blocks.items()}
+    return {b: abs(totals[b] / len(samples)) / sizes[b] for b in blocks}

@@ -1,0 +1,49 @@
+"""Token selection: which calibration tokens' inputs set a linear's statistics.
+
+``all`` every token (Wanda, SparseGPT); ``amia`` attention-guided, diversity-stopped
+selection (TAMP §3.2); ``attention`` the tokens whose last-row attention is above its mean;
+``random`` a fixed number of random tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tamp_fx.amia import select_tokens
+from tamp_fx.errors import TampError
+from tamp_fx.observers import TokenSelector
+
+
+def _need_attention(attention: torch.Tensor | None, name: str) -> torch.Tensor:
+    if attention is None:
+        raise TampError(f"token selection {name!r} needs the layer's attention, but the decoder layer has no "
+                        "scaled_dot_product_attention node: load the model with attn_implementation='sdpa'")
+    return attention
+
+
+def _amia(outputs, attention, labels, diversity):
+    return select_tokens(outputs, _need_attention(attention, "amia"), diversity)
+
+
+def _attention(outputs, attention, labels, diversity):
+    a = _need_attention(attention, "attention")                         # (N,)
+    return torch.nonzero(a > a.mean()).flatten()
+
+
+def _random(count: int, seed: int) -> TokenSelector:
+    generator = torch.Generator().manual_seed(seed)
+
+    def select(outputs, attention, labels, diversity):
+        n = outputs.shape[0]
+        return torch.randperm(n, generator=generator)[:count].sort().values
+    return select
+
+
+#: name -> factory(config) -> selector (None: every token)
+TOKEN_SELECTIONS: dict[str, Callable[..., TokenSelector | None]] = {
+    "all": lambda config: None,
+    "amia": lambda config: _amia,
+    "attention": lambda config: _attention,
+    "random": lambda config: _random(config.random_tokens, config.seed),
+}

@@ -1,0 +1,101 @@
+"""DAS: the streaming diversity equals its O(N^2) definition; the allocator meets its budget."""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tamp_fx.allocation import allocate, min_keep, owl_sparsities
+from tamp_fx.diversity import diversity_terms, importance
+from tamp_fx.modality import Modality
+
+
+def quadratic_reference(z: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The definition: mean cosine similarity over pairs, with an explicit N x N matrix."""
+    zn = z.double() / z.double().norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sim = zn @ zn.T                                                      # (N, N)
+    out = {}
+    mods = sorted(set(labels.tolist()))
+    for a in mods:
+        idx = [i for i in range(len(labels)) if labels[i] == a]
+        if len(idx) > 1:
+            pairs = [sim[i, j] for i in idx for j in idx if i != j]
+            out[Modality(a).name.lower()] = 1 - float(sum(pairs) / len(pairs))
+    for x, a in enumerate(mods):
+        for b in mods[x + 1:]:
+            ia = [i for i in range(len(labels)) if labels[i] == a]
+            ib = [i for i in range(len(labels)) if labels[i] == b]
+            key = "-".join(sorted((Modality(a).name.lower(), Modality(b).name.lower())))
+            out[key] = 1 - float(sum(sim[i, j] for i in ia for j in ib) / (len(ia) * len(ib)))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), c=st.integers(1, 12), seed=st.integers(0, 10**6),
+       mods=st.lists(st.sampled_from(list(Modality)), min_size=1, max_size=4, unique=True))
+def test_streaming_diversity_equals_the_quadratic_definition(n, c, seed, mods):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g)
+    labels = torch.tensor([int(mods[i % len(mods)]) for i in torch.randperm(n, generator=g).tolist()])
+    got, want = diversity_terms(z, labels), quadratic_reference(z, labels)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert math.isclose(got[k], want[k], abs_tol=1e-9), k
+
+
+def test_a_single_token_modality_has_no_intra_term_and_absent_modalities_none_at_all():
+    z = torch.randn(5, 3)
+    terms = diversity_terms(z, torch.tensor([0, 0, 0, 0, 1]))
+    assert set(terms) == {"text", "image-text"}
+    assert importance(terms) == (terms["text"] + terms["image-text"]) / 2
+
+
+@st.composite
+def groups(draw):
+    n = draw(st.integers(1, 12))
+    sizes = {f"g{i}": draw(st.sampled_from([64, 128, 192, 4096, draw(st.integers(1, 5000))])) for i in range(n)}
+    imp = {g: draw(st.floats(0, 10, allow_nan=False)) for g in sizes}
+    s = draw(st.floats(0, 0.9))
+    return sizes, imp, s, min(1.0, s + draw(st.sampled_from([0.0, 0.05, 0.1, 0.3])))
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=groups())
+def test_the_allocator_meets_the_budget_exactly_and_honours_its_bounds(case):
+    sizes, imp, s, s_max = case
+    keep = allocate(sizes, imp, s, s_max)
+    assert sum(keep.values()) == math.floor(sum(sizes.values()) * (1 - s) + 1e-9)
+    lower = min_keep(sizes, s, s_max)
+    for g, p in sizes.items():
+        assert lower[g] <= keep[g] <= p
+        assert lower[g] >= math.floor(p * (1 - s_max) + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=groups())
+def test_among_equal_sizes_more_importance_never_means_more_sparsity(case):
+    sizes, imp, s, s_max = case
+    keep = allocate(sizes, imp, s, s_max)
+    for a in sizes:
+        for b in sizes:
+            if sizes[a] == sizes[b] and imp[a] > imp[b]:
+                assert keep[a] >= keep[b]
+
+
+def test_a_hand_computed_allocation():
+    # P = 100 each, s = 0.5 -> K = 150 of 300; s_max = 0.6 -> each keeps >= 40; 30 left split 1:2:3
+    # -> 45, 50, 55
+    assert allocate({"a": 100, "b": 100, "c": 100}, {"a": 1, "b": 2, "c": 3}, 0.5, 0.6) == {"a": 45, "b": 50, "c": 55}
+    # a group that fills is capped and the rest flows to the others: K = 160; s_max = 0.9 -> floors
+    # 10 each, rest 130; c would get 130 * 0.9 = 117 -> 127 > 100: capped at 100 (90 used), the 40
+    # left go to a and b 1:1 -> 30 each
+    got = allocate({"a": 100, "b": 100, "c": 100}, {"a": 0.5, "b": 0.5, "c": 9}, 1 - 160 / 300, 0.9)
+    assert got["c"] == 100 and sum(got.values()) == 160 and got["a"] == got["b"] == 30
+
+
+def test_owl_maps_outlier_ratios_to_a_band_around_the_target():
+    sp = owl_sparsities({"0": 0.01, "1": 0.05, "2": 0.03}, 0.6, 0.08)
+    assert math.isclose(sum(sp.values()) / 3, 0.6)
+    assert math.isclose(sp["1"], 0.52) and math.isclose(sp["0"], 0.68)   # most outliers, least sparsity
