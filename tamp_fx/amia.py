@@ -2,10 +2,10 @@
 
 Per decoder layer and sample, ``a`` is the last row of the attention probabilities (N,).
 Per linear and sample, in that linear's normalised output space (Z = outputs with rows
-L2-normalised):
+L2-normalised, G = Z Z^T):
 
-* ``D = 1 - Z Z^T``; kNN(i) = the ``k`` nearest other tokens (smallest ``D``, the token
-  itself excluded; among equal distances the lower index wins);
+* ``D = 1 - G``; kNN(i) = the ``k`` nearest other tokens (smallest ``D``, the token itself
+  excluded; among equal distances the lower index wins);
 * ``g_i = a_i + sum_{j in kNN(i)} exp(-knn_temperature * D_ij) a_j``; kernel ``K = exp(-D)``;
 * greedy: take ``i* = argmax g`` over the unselected tokens (the lower index wins a tie), then
   ``g_j -= exp(-suppress_temperature * D_i*j) * max(g_i*, 0)`` for ``j`` in kNN(i*); stop as
@@ -14,14 +14,15 @@ L2-normalised):
 
 The selected tokens' *inputs* give the Wanda norm (:func:`selected_input_sq_sum`).
 
-Cost: one ``O(N^2 C)`` Gram matrix plus a few ``O(N^2)`` passes (kernel, kNN, column sums),
+Cost: one ``O(N^2 C)`` Gram matrix plus a few ``O(N^2)`` passes (top-k, kernel, row sums),
 then each greedy step is ``O(N)``: an argmax over ``g``, at most ``k`` scalar updates of
 ``g``, one row of ``K`` added to the running row sums ``K[:, S].sum(1)`` (``K`` is symmetric)
 and ``O(1)`` updates of the float64 sums behind ``mean(K[S, S])`` and ``mean(K[:, S])``.
 The precompute runs on the device of ``outputs`` in float32; the greedy loop runs on the host
-(numpy views of CPU tensors, no per-step device syncs). The scalar weights ``exp(...)`` are
-taken with :func:`math.exp` in float64, so a plain-Python reference fed the same ``D``
-reproduces ``g`` bit for bit.
+(numpy views of CPU tensors, no per-step device syncs). ``D`` is evaluated in float64 from the
+float32 ``G`` only where needed (the kNN weights), and the scalar weights ``exp(...)`` are taken
+with :func:`math.exp`, so a plain-Python reference given the same ``G`` reproduces ``g`` and
+the selection order bit for bit.
 """
 from __future__ import annotations
 
@@ -68,8 +69,6 @@ def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
         raise ValueError(f"outputs must be floating point, got dtype {outputs.dtype}")
     if attention.shape != outputs.shape[:1]:
         raise ValueError(f"attention must have shape ({outputs.shape[0]},), got {tuple(attention.shape)}")
-    if not bool(torch.isfinite(outputs).all()):
-        raise ValueError("outputs must be finite")
     if not bool((torch.isfinite(attention) & (attention >= 0)).all()):
         raise ValueError("attention must be finite and non-negative")
     diversity = float(diversity)
@@ -78,22 +77,23 @@ def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     return diversity
 
 
-def _neighbours(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """kNN indices (N, k) of each row of ``dist`` (N, N) (diagonal already +inf), ordered by
-    (distance, index): ties, including ties for the k-th place, go to the lower index."""
-    vals, nbr = dist.topk(k, dim=1, largest=False)                        # (N, k) ascending
-    kth = vals[:, -1:]                                                     # (N, 1)
-    shared = (dist <= kth).sum(1) > k                                      # (N,) k-th place tied
+def _neighbours(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kNN of each row of the Gram matrix ``sim`` (N, N) (diagonal already -inf; k < N):
+    the k largest G (= smallest D = 1 - G), ordered by (D, index); ties, including ties for
+    the k-th place, go to the lower index. Returns the indices (N, k) and their G (N, k)."""
+    vals, nbr = sim.topk(k + 1, dim=1)                                     # (N, k + 1) descending
+    shared = vals[:, k] == vals[:, k - 1]                                  # (N,) k-th place tied
     if bool(shared.any()):                                                 # rare: fix those rows
         rows = shared.nonzero().squeeze(1)                                 # (T,)
-        sub, cut = dist[rows], kth[rows]                                   # (T, N), (T, 1)
-        less, equal = sub < cut, sub == cut                                # (T, N)
-        need = k - less.sum(1, keepdim=True)                               # (T, 1)
-        take = less | (equal & (equal.cumsum(1) <= need))                  # (T, N), k per row
-        nbr[rows] = take.nonzero()[:, 1].view(-1, k)
-    nbr = nbr.sort(1).values                                               # (N, k) by index
-    order = dist.gather(1, nbr).argsort(dim=1, stable=True)               # (N, k) then by D
-    return nbr.gather(1, order)                                            # (N, k)
+        sub, cut = sim[rows], vals[rows, k - 1:k]                          # (T, N), (T, 1)
+        more, equal = sub > cut, sub == cut                                # (T, N)
+        need = k - more.sum(1, keepdim=True)                               # (T, 1)
+        take = more | (equal & (equal.cumsum(1) <= need))                  # (T, N), k per row
+        nbr[rows, :k] = take.nonzero()[:, 1].view(-1, k)
+    nbr = nbr[:, :k].sort(1).values                                        # (N, k) by index
+    sims = sim.gather(1, nbr)                                              # (N, k)
+    order = sims.argsort(dim=1, descending=True, stable=True)              # (N, k) then by D
+    return nbr.gather(1, order), sims.gather(1, order)
 
 
 def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: float,
@@ -119,45 +119,49 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     """
     diversity = _check_inputs(outputs, attention, diversity)
     n, device = outputs.shape[0], outputs.device
+    z = outputs.detach().to(torch.float32)                                 # (N, C)
+    norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)                # (N, 1)
+    if not bool(torch.isfinite(norm).all()):
+        raise ValueError("outputs must be finite (with row norms that fit in float32)")
     if n == 1:
         return torch.zeros(1, dtype=torch.int64, device=device)
     k = min(params.k, n - 1)
 
-    # ---- precompute, float32 on the device of outputs: O(N^2 C) once
-    z = outputs.detach().to(torch.float32)                                 # (N, C)
-    z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(_NORM_EPS)  # (N, C)
-    gram = z @ z.T                                                         # (N, N)
-    dist = torch.rsub(gram, 1.0)                                           # (N, N) D = 1 - G
-    kern = gram.sub_(1.0).exp_()                                           # (N, N) K = exp(-D)
-    dist.diagonal().fill_(math.inf)                                        # kNN excludes self
-    nbr = _neighbours(dist, k)                                             # (N, k)
-    nbr_d = dist.gather(1, nbr)                                            # (N, k)
-    colsum = kern.sum(0, dtype=torch.float64)                              # (N,)
-    kdiag = kern.diagonal()                                                # (N,)
+    # ---- precompute, float32 on the device of outputs: the Gram matrix, then O(N^2) passes.
+    # kNN on G (largest G = smallest D, without rounding 1 - G in float32); the kernel is kept
+    # as K' = exp(G) = e * K (one in-place pass) and MMD^2, linear in K, is divided by e.
+    z = z / norm.clamp_min(_NORM_EPS)                                      # (N, C) unit rows
+    gram = z @ z.T                                                         # (N, N) G
+    gdiag = gram.diagonal().clone()                                        # (N,)
+    gram.diagonal().fill_(-math.inf)                                       # kNN excludes self
+    nbr, nbr_g = _neighbours(gram, k)                                      # (N, k), (N, k)
+    kern = gram.exp_()                                                     # (N, N) K' = e * K
+    kdiag = gdiag.exp_()                                                   # (N,) K'_ii
+    kern.diagonal().copy_(kdiag)
 
-    # ---- host side: one transfer, then Python floats / numpy views
+    # ---- host side: one transfer, then Python floats and numpy views
     kern_np = kern.cpu().numpy()                                           # (N, N) float32
     nbr_l = nbr.tolist()                                                   # N lists of k ints
-    d_l = nbr_d.double().tolist()                                          # N lists of k floats
-    colsum_l = colsum.tolist()                                             # N floats
-    kdiag_l = kdiag.double().tolist()                                      # N floats
+    d_l = (1.0 - nbr_g.double()).tolist()                                  # N lists of k D_ij
+    colsum_l = kern_np.sum(1, dtype=np.float64).tolist()                   # N floats (K sym.)
+    kdiag_l = kdiag.double().tolist()                                      # N floats, K'_ii
     a_l = attention.detach().double().cpu().tolist()                       # N floats
-    mean_k = math.fsum(colsum_l) / (n * n)
+    mean_k = math.fsum(colsum_l) / (n * n)                                 # mean(K')
 
-    # g_i = a_i + sum over kNN(i) in (D, index) order, left to right, float64
+    # g_i = a_i + sum over kNN(i) in (D, index) order, left to right, in float64
     tk, ts = params.knn_temperature, params.suppress_temperature
-    g = np.array(a_l, dtype=np.float64)                                    # (N,)
-    nbr_np = np.array(nbr_l, dtype=np.int64)                               # (N, k)
-    w = np.array([[math.exp(-tk * d) for d in row] for row in d_l])        # (N, k)
-    a_np = g.copy()                                                        # (N,)
+    a_np = np.array(a_l, dtype=np.float64)                                 # (N,)
+    nbr_np = np.array(nbr_l, dtype=np.int64).reshape(n, k)                 # (N, k)
+    w = np.array([[math.exp(-tk * d) for d in row] for row in d_l]).reshape(n, k)  # (N, k)
+    g = a_np.copy()                                                        # (N,)
     for c in range(k):
         g += w[:, c] * a_np[nbr_np[:, c]]                                  # (N,)
 
     # ---- greedy: O(N) per step
     thr = params.threshold * math.sqrt(diversity)
-    rowsum = np.zeros(n, dtype=np.float64)                                 # (N,) K[:, S].sum(1)
-    sum_ss = 0.0                                                           # K[S, S].sum()
-    sum_cs = 0.0                                                           # K[:, S].sum()
+    rowsum = np.zeros(n, dtype=np.float64)                                 # (N,) K'[:, S].sum(1)
+    sum_ss = 0.0                                                           # K'[S, S].sum()
+    sum_cs = 0.0                                                           # K'[:, S].sum()
     chosen: list[int] = []
     for m in range(1, n + 1):
         i = int(g.argmax())                                                # first max on ties
@@ -167,10 +171,10 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
         if push > 0.0:
             for j, d in zip(nbr_l[i], d_l[i]):
                 g[j] -= math.exp(-ts * d) * push
-        rowsum += kern_np[i]                                               # column i of K = row i
+        rowsum += kern_np[i]                                               # column i = row i
         sum_ss += 2.0 * float(rowsum[i]) - kdiag_l[i]
         sum_cs += colsum_l[i]
-        mmd2 = mean_k + sum_ss / (m * m) - 2.0 * sum_cs / (n * m)
+        mmd2 = (mean_k + sum_ss / (m * m) - 2.0 * sum_cs / (n * m)) / math.e  # K = K' / e
         if mmd2 < thr:
             break
     return torch.tensor(chosen, dtype=torch.int64, device=device)

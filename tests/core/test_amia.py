@@ -2,8 +2,8 @@
 loop (hypothesis), a hand-checked golden, edge cases and the selected-input square sums.
 
 The reference shares one thing with the implementation: the float32 Gram matrix of the
-L2-normalised outputs (``D = 1 - Zn @ Zn.T`` computed with the same torch ops), which is the
-algorithm's numerical input. Everything after that (kNN, g, the greedy loop, MMD^2 recomputed
+L2-normalised outputs (computed with the same torch ops; ``D = 1 - G`` in float64), which is
+the algorithm's numerical input. Everything after that (kNN, g, the greedy loop, MMD^2 recomputed
 from scratch each step) is written out plainly in float64 here, so the index sequences must
 agree exactly; only the stopping step may move, when MMD^2 is within 1e-6 of the threshold
 (the implementation's kernel is float32)."""
@@ -28,10 +28,11 @@ NEAR = 1e-6   # how close to the threshold MMD^2 must be for the stopping step t
 
 
 def distances(outputs: torch.Tensor) -> torch.Tensor:
-    """D = 1 - Zn Zn^T (N, N) in float32, as the implementation computes it, then float64."""
+    """D = 1 - Zn Zn^T (N, N) in float64, from the float32 Gram matrix computed with the same
+    torch ops as the implementation (normalise the rows in float32, then one matmul)."""
     z = outputs.float()
     z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
-    return (1.0 - z @ z.T).double()
+    return 1.0 - (z @ z.T).double()
 
 
 def mmd2(kern: torch.Tensor, chosen: list[int]) -> float:
