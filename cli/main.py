@@ -29,6 +29,11 @@ Score = Enum("Score", {m: m for m in SCORE_NAMES}, type=str)
 Tokens = Enum("Tokens", {m: m for m in TOKEN_NAMES}, type=str)
 
 
+Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
+
+
 def _setup(verbose: bool) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws its own bars
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
@@ -74,9 +79,9 @@ def plan(
     nsamples: Annotated[int, typer.Option(help="Number of calibration samples.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Calibrate MODEL on --calib and save a pruning plan to --out."""
     _setup(verbose)
@@ -102,9 +107,9 @@ def apply(
     model: Annotated[Path, typer.Argument(help="The model the plan was made for.")],
     plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
     out: Annotated[Path, typer.Option(help="Directory to write the pruned model to.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """Apply a plan to MODEL and save a pruned model that loads like the original."""
     _setup(verbose)
@@ -171,7 +176,7 @@ def evaluate(
     seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Perplexity of MODEL on --text (non-overlapping windows of --seqlen tokens)."""
     _setup(False)
@@ -200,7 +205,7 @@ def evaluate(
 def convert(
     model: Annotated[Path, typer.Argument(help="A .gguf file.")],
     out: Annotated[Path, typer.Option(help="Directory to write the Hugging Face model to.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Convert a GGUF model to a Hugging Face directory (de-quantized), which loads faster."""
     _setup(False)
@@ -217,7 +222,7 @@ def convert(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its models and plan.")] = Path("demo-out"),
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Prune SmolLM2-135M with Wanda at 50% and compare perplexity before and after."""
     _setup(False)

@@ -139,18 +139,28 @@ def checkpoint_keys(source: ModelSource) -> dict[str, Path]:
 def checkpoint_names(source: ModelSource, params: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Map in-memory parameter names to the names the checkpoint stores them under.
 
-    Identical names map to themselves; otherwise (checkpoints saved in an older layout) the
-    tensor with the longest common name suffix, the same shape and the same values is taken.
+    Identical names map to themselves. Otherwise (a checkpoint saved in another layout, such
+    as ``language_model.model.layers`` for ``model.language_model.layers``) the first weight
+    is found by content (longest common name suffix, same shape, same values) and the prefix
+    rename it reveals is reused for the rest.
     """
     if source.kind == "gguf":
         return {name: name for name in params}
     keys = checkpoint_keys(source)
+    renames: list[tuple[str, str]] = []       # (in-memory prefix, checkpoint prefix)
     mapping = {}
     for name, tensor in params.items():
         if name in keys:
             mapping[name] = name
             continue
-        mapping[name] = _match_by_suffix(name, tensor, keys)
+        renamed = [ckpt + name[len(mem):] for mem, ckpt in renames if name.startswith(mem)]
+        found = next((k for k in renamed if k in keys), None)
+        if found is None:
+            found = _match_by_suffix(name, tensor, keys)
+            suffix = os.path.commonprefix([name[::-1], found[::-1]])[::-1]
+            suffix = suffix[suffix.find(".") + 1:] if not suffix.startswith(".") else suffix[1:]
+            renames.append((name[: len(name) - len(suffix)], found[: len(found) - len(suffix)]))
+        mapping[name] = found
     return mapping
 
 
