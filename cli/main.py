@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,7 +45,8 @@ def _setup(verbose: bool) -> None:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is plain text: no rich markup ("[...]") and no emoji codes (":M:" in "N:M: ...")
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     raise typer.Exit(1)
 
 
@@ -71,7 +73,14 @@ def plan(
     out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
     method: Annotated[Method, typer.Option(help="Pruning method: a shortcut for allocation + score + tokens "
                                                 "(tamp = das + wanda + amia).")] = Method.wanda,
-    sparsity: Annotated[float, typer.Option(help="Target sparsity of the decoder linears (overall), in [0, 1).")] = 0.5,
+    sparsity: Annotated[Optional[float], typer.Option(
+        help="Target sparsity of the decoder linears (overall), in [0, 1). Default 0.5; with --pattern, "
+             "N/M under uniform allocation and min(0.5, N/M) otherwise.", show_default=False)] = None,
+    pattern: Annotated[Optional[str], typer.Option(
+        help="N:M sparsity such as 2:4: N zeros in every M consecutive input weights of each row. With uniform "
+             "allocation every linear is N:M and the sparsity is N/M, whatever --sparsity says; with any other "
+             "allocation each linear is dense or N:M, the least important made N:M until --sparsity "
+             "(at most N/M) is met overall.")] = None,
     allocation: Annotated[Optional[Allocation], typer.Option(help="Override the method's sparsity allocation.")] = None,
     score: Annotated[Optional[Score], typer.Option(help="Override the method's weight score.")] = None,
     tokens: Annotated[Optional[Tokens], typer.Option(help="Override the method's token selection.")] = None,
@@ -88,7 +97,8 @@ def plan(
 
     def body() -> None:
         import tamp_fx
-        config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed,
+        config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
+                                    seqlen=seqlen, seed=seed,
                                     allocation=allocation.value if allocation else None, score=score.value if score else None,
                                     tokens=tokens.value if tokens else None, max_sparsity_delta=max_sparsity_delta)
         _refuse_existing(out, overwrite)
@@ -96,7 +106,8 @@ def plan(
         result = tamp_fx.plan(model, calib, config, progress=not quiet)
         result.save(out, overwrite=overwrite, protect=(model.resolve(),))
         s = result.summary()
-        console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}): "
+        console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}"
+                      f"{', ' + config.pattern if config.pattern else ''}): "
                       f"planned {s['linears']} linears, {s['sparsity']:.2%} of {s['parameters']:,} parameters "
                       f"pruned, in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
     _guard(body)
@@ -156,7 +167,8 @@ def inspect(plan_dir: Annotated[Path, typer.Argument(help="A directory written b
             acc[0] += n * lp.sparsity
             acc[1] += n
         s = plan_.summary()
-        table = Table(title=f"{plan_.config.method} plan for {plan_.model.get('source')}: "
+        pattern = f" ({plan_.config.pattern})" if plan_.config.pattern else ""
+        table = Table(title=f"{plan_.config.method}{pattern} plan for {plan_.model.get('source')}: "
                             f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
         table.add_column("layer", justify="right")
         for col in _shorten(columns):

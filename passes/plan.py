@@ -1,7 +1,11 @@
 """Plan pass: read the observers, decide a keep-mask (and SparseGPT's new weights) per linear;
-mutate no weight."""
+mutate no weight.
+
+Unstructured by default. With a pattern (N, M) each target must be N/M (the linear is pruned
+N:M) or 0 (it stays dense: its mask keeps everything)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +31,7 @@ class LinearDecision:
     mask: torch.Tensor                       # (C_out, C_in) bool, True = keep
     new_weight: torch.Tensor | None = None   # (C_out, C_in) reconstructed weights (SparseGPT), zero where pruned
     stats: dict[str, Any] = field(default_factory=dict)
+    pattern: str = "unstructured"            # or "N:M", or "dense" (a pattern's target-0 linear)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,16 @@ class PlanPassConfig:
     score: str
     targets: Mapping[str, float]             # weight name -> target sparsity
     observers: Mapping[str, LinearObserver] = field(default_factory=dict)
+    pattern: tuple[int, int] | None = None   # (N, M): targets are N/M (prune N:M) or 0 (leave dense)
+
+
+def _pattern_of(target: float, pattern: tuple[int, int] | None) -> str | None:
+    """How a linear with this target is pruned: "unstructured", "N:M" or "dense"; None if it fits none."""
+    if pattern is None:
+        return "unstructured"
+    if target == 0.0:
+        return "dense"
+    return f"{pattern[0]}:{pattern[1]}" if math.isclose(target, pattern[0] / pattern[1], abs_tol=1e-12) else None
 
 
 def _observed(observer: LinearObserver | None) -> dict[str, Any]:
@@ -62,11 +77,19 @@ def plan(gm: torch.fx.GraphModule, config: PlanPassConfig) -> PassResult:
             raise PassError("plan", node, f"score {score.name!r} needs activations but the linear's observer saw none")
         weight = gm.get_parameter(name)                                   # (C_out, C_in)
         target = config.targets[name]
-        try:
-            mask, new_weight = score.decide(weight, observer.stats if observer else None, target)
-        except ValueError as error:
-            raise PassError("plan", node, str(error)) from error
-        decision = LinearDecision(name, target, achieved_sparsity(mask), score.group, mask, new_weight, _observed(observer))
+        kind = _pattern_of(target, config.pattern)
+        if kind is None:
+            n, m = config.pattern
+            raise PassError("plan", node, f"target sparsity {target} of {name} is neither {n}/{m} ({n}:{m}) nor 0 (dense)")
+        if kind == "dense":
+            mask, new_weight, group = torch.ones(weight.shape, dtype=torch.bool, device=weight.device), None, "matrix"
+        else:
+            group = score.group if kind == "unstructured" else kind
+            try:
+                mask, new_weight = score.decide(weight, observer.stats if observer else None, target, config.pattern)
+            except ValueError as error:
+                raise PassError("plan", node, str(error)) from error
+        decision = LinearDecision(name, target, achieved_sparsity(mask), group, mask, new_weight, _observed(observer), kind)
         node.meta[DECISION_KEY] = decision
         decisions[name] = decision
     return PassResult(gm, modified=False, info={"decisions": decisions})

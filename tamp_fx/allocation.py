@@ -4,11 +4,17 @@ The allocator of DESIGN.md §4 (shared by DAS and ECoFLaP): with P_g parameters 
 and target s, keep K = floor(sum P_g (1 - s)) parameters in all; each group keeps at least
 ceil(P_g (1 - s_max)); the rest is handed out in proportion to importance, groups that fill
 are capped and drop out, and the total is met exactly.
+
+With an N:M pattern a group cannot take any sparsity, only 0 (dense) or r = N/M:
+:func:`choose_nm` picks which groups go N:M.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
 def allocate(sizes: Mapping[str, int], importance: Mapping[str, float], sparsity: float,
@@ -58,6 +64,38 @@ def min_keep(sizes: Mapping[str, int], sparsity: float, max_sparsity: float) -> 
     if sum(ceil.values()) <= budget:
         return ceil
     return {g: math.floor(p * (1.0 - max_sparsity) + 1e-9) for g, p in sizes.items()}
+
+
+def choose_nm(sizes: Mapping[K, int], importance: Mapping[K, float], sparsity: float, ratio: float) -> set[K]:
+    """The groups to make N:M (pattern ratio ``ratio`` = N/M); the others stay dense.
+
+    The goal is ``ratio * sum(P of chosen) ~ sparsity * sum(P)`` pruned parameters. Rule: walk
+    the groups least important first (equal importances in the order of ``sizes``) and take each
+    one while the pruned count stays at or below the goal; at the first group that would
+    overshoot, take it only if it overshoots by less than stopping there undershoots, then stop.
+    So the chosen groups are never more important than a dense one, and the pruned count misses
+    the goal by less than ``ratio * max P_g`` (one group's worth). Needs ``sparsity <= ratio``:
+    beyond it even every group made N:M falls short.
+
+    >>> # goal 0.4 * 300 = 120: b (50), c (100), then a would make 150: 30 over > 20 under, stop
+    >>> sorted(choose_nm({"a": 100, "b": 100, "c": 100}, {"a": 3.0, "b": 1.0, "c": 2.0}, 0.4, 0.5))
+    ['b', 'c']
+    """
+    if not 0.0 < ratio < 1.0 or not 0.0 <= sparsity <= ratio + 1e-12:
+        raise ValueError(f"need 0 <= sparsity ({sparsity}) <= ratio ({ratio}) < 1")
+    if any(not math.isfinite(importance[g]) for g in sizes):
+        raise ValueError("importances must be finite")
+    goal = sparsity * sum(sizes.values())
+    pruned, chosen = 0.0, set()
+    for g in sorted(sizes, key=lambda g: importance[g]):          # stable: ties keep the order of sizes
+        after = pruned + ratio * sizes[g]
+        if after > goal + 1e-9:                                     # the first overshoot ends the walk
+            if after - goal < goal - pruned:
+                chosen.add(g)
+            break
+        pruned = after
+        chosen.add(g)
+    return chosen
 
 
 def owl_sparsities(outlier_ratios: Mapping[str, float], sparsity: float, lam: float) -> dict[str, float]:

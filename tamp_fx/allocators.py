@@ -1,7 +1,10 @@
 """Allocation strategies, registered by name: from dense statistics to a target sparsity per linear.
 
 Each returns, per (layer, weight name), the target sparsity and the statistics behind it
-(recorded in plan.json).
+(recorded in plan.json). With an N:M pattern every strategy ranks the linears by its own
+importance instead (DAS: the linear's; DAS-block and ECoFLaP: its block's; OWL: its layer's
+outlier ratio) and :func:`~tamp_fx.allocation.choose_nm` makes the least important N:M
+(target N/M) and leaves the others dense (target 0).
 """
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tamp_fx.allocation import allocate, owl_sparsities
+from tamp_fx.allocation import allocate, choose_nm, owl_sparsities
 from tamp_fx.config import PlanConfig
 from tamp_fx.driver import LayerProfile
 
@@ -22,8 +25,23 @@ class Allocation:
     stats: dict[Key, dict[str, Any]] = field(default_factory=dict)
 
 
+def _nm(profiles: list[LayerProfile], importance: dict[Key, float], config: PlanConfig) -> Allocation:
+    """N:M (target N/M) for the least important linears, dense (0.0) for the rest, meeting
+    ``config.sparsity`` overall within one linear's worth of parameters."""
+    n, m = config.nm
+    sizes = {(p.index, w): size for p in profiles for w, size in p.sizes.items()}
+    chosen = choose_nm(sizes, importance, config.sparsity, n / m)
+    return Allocation({key: n / m if key in chosen else 0.0 for key in sizes},
+                      {key: {"nm_importance": importance[key]} for key in sizes})
+
+
 def _by_groups(profiles: list[LayerProfile], group_of: Callable[[int, str], str], importance: dict[str, float],
                config: PlanConfig) -> Allocation:
+    if config.nm:
+        result = _nm(profiles, {(p.index, w): importance[group_of(p.index, w)] for p in profiles for w in p.sizes}, config)
+        for (i, w), stats in result.stats.items():
+            stats.update({"group": group_of(i, w), "group_importance": importance[group_of(i, w)]})
+        return result
     sizes: dict[str, int] = {}
     members: dict[str, list[Key]] = {}
     for p in profiles:
@@ -71,6 +89,11 @@ def _das_block(profiles, config, extra):
 
 
 def _owl(profiles, config, extra):
+    if config.nm:                                       # more outliers, more important
+        result = _nm(profiles, {(p.index, w): p.outlier_ratio for p in profiles for w in p.sizes}, config)
+        for stats in result.stats.values():
+            stats["layer_outlier_ratio"] = stats["nm_importance"]
+        return result
     per_layer = owl_sparsities({str(p.index): p.outlier_ratio for p in profiles}, config.sparsity, config.owl_lambda)
     targets = {(p.index, w): per_layer[str(p.index)] for p in profiles for w in p.sizes}
     stats = {(p.index, w): {"layer_outlier_ratio": p.outlier_ratio, "layer_sparsity": per_layer[str(p.index)]}

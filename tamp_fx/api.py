@@ -55,7 +55,7 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         extra = allocation.stats.get((result.index, w), {}) if allocation else {}
         linears[ckpt] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
                                    d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
-                                                         "feeds_attention": info.feeds_attention})
+                                                         "feeds_attention": info.feeds_attention}, d.pattern)
         masks[ckpt] = d.mask
         if d.new_weight is not None:
             weights[ckpt] = d.new_weight
@@ -85,7 +85,7 @@ def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: B
         profiles = profile_layers(layout, acts, config, bars, exporter)
         acts.hidden = start
     else:
-        profiles = layer_structure(layout, acts, exporter)
+        profiles = layer_structure(layout, acts, config, exporter)
     extra = {}
     if needs_zeroth_order:
         blocks: dict[str, list[str]] = {}

@@ -30,9 +30,10 @@ class LinearPlan:
     shape: tuple[int, int]
     target_sparsity: float
     sparsity: float
-    group: str                    # comparison group of the mask ("matrix", "row")
+    group: str                    # comparison group of the mask ("matrix", "row", "block128", or "N:M")
     block: str                    # "attention" or "mlp"
     stats: dict[str, Any] = field(default_factory=dict)
+    pattern: str = "unstructured"  # "N:M" (N zeros in every M input columns of a row), or "dense" (left whole)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LinearPlan:

@@ -5,10 +5,15 @@ A method is (allocation, score, tokens); the names users type are shortcuts for 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from tamp_fx.errors import TampError
+
+log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("uniform", "das", "das-block", "das-alltoken", "owl", "ecoflap")
 SCORE_NAMES = ("magnitude", "wanda", "sparsegpt")
@@ -40,16 +45,26 @@ class PlanConfig:
     Parts left as None come from the ``method`` shortcut; giving a part that differs from the
     shortcut makes the method ``"custom"``.
 
+    ``pattern`` ("N:M", e.g. "2:4") asks for N:M sparsity: N zeros in every M consecutive input
+    columns of each row. With ``allocation="uniform"`` every linear is N:M and ``sparsity`` is
+    N/M whatever was passed (a different value is replaced, with a warning). With any other
+    allocation each linear is either dense or N:M, the least important made N:M until
+    ``sparsity`` is met overall, so ``sparsity`` may not exceed N/M. Left as None, ``sparsity``
+    is 0.5, or with a pattern min(0.5, N/M) (N/M under uniform allocation).
+
     >>> PlanConfig(method="tamp").allocation, PlanConfig(method="tamp").tokens
     ('das', 'amia')
     >>> PlanConfig(method="wanda", allocation="owl").method
     'owl'
     >>> PlanConfig.from_dict(PlanConfig(sparsity=0.3).to_dict()) == PlanConfig(sparsity=0.3)
     True
+    >>> PlanConfig(method="wanda", pattern="1:4").sparsity, PlanConfig(method="das", pattern="2:4", sparsity=0.4).nm
+    (0.25, (2, 4))
     """
 
     method: str = "wanda"
-    sparsity: float = 0.5
+    sparsity: float | None = None        # None: 0.5, or what the pattern allows (see above)
+    pattern: str | None = None           # "N:M" sparsity, e.g. "2:4"; None: unstructured
     allocation: str | None = None
     score: str | None = None
     tokens: str | None = None
@@ -77,8 +92,9 @@ class PlanConfig:
         object.__setattr__(self, "score", parts[1])
         object.__setattr__(self, "tokens", parts[2])
         object.__setattr__(self, "method", method_name(*parts))
-        if not 0.0 <= self.sparsity < 1.0:
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise TampError(f"sparsity {self.sparsity} is outside [0, 1): pass a fraction such as 0.5")
+        self._resolve_pattern()
         if not 0.0 <= self.max_sparsity_delta <= 1.0:
             raise TampError(f"max_sparsity_delta {self.max_sparsity_delta} is outside [0, 1]")
         if self.nsamples < 1:
@@ -89,6 +105,38 @@ class PlanConfig:
             raise TampError(f"random_tokens must be at least 1, got {self.random_tokens}")
         if self.owl_m <= 0 or self.owl_lambda < 0 or self.ecoflap_epsilon <= 0:
             raise TampError("owl_m and ecoflap_epsilon must be positive and owl_lambda non-negative")
+
+    def _resolve_pattern(self) -> None:
+        """Validate and normalise ``pattern``; settle ``sparsity`` (its default, and N/M under uniform)."""
+        if self.pattern is None:
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", 0.5)
+            return
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.pattern))
+        if match is None:
+            raise TampError(f"pattern {self.pattern!r} is not N:M: pass two integers such as 2:4")
+        n, m = int(match[1]), int(match[2])
+        if not 0 < n < m:
+            raise TampError(f"pattern {self.pattern!r} needs 0 < N < M: pass one such as 2:4 or 4:8")
+        object.__setattr__(self, "pattern", f"{n}:{m}")
+        ratio = n / m
+        if self.sparsity is None:
+            object.__setattr__(self, "sparsity", ratio if self.allocation == "uniform" else min(0.5, ratio))
+        elif self.allocation == "uniform" and not math.isclose(self.sparsity, ratio, abs_tol=1e-12):
+            log.warning("pattern %s with uniform allocation prunes %s of every linear: sparsity %s is ignored",
+                        self.pattern, ratio, self.sparsity)
+            object.__setattr__(self, "sparsity", ratio)
+        elif self.sparsity > ratio + 1e-12:
+            raise TampError(f"sparsity {self.sparsity} is out of reach of pattern {self.pattern}: with {self.allocation} "
+                            f"allocation each linear is dense or {self.pattern}, so at most {ratio:g} overall")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``pattern`` as (N, M), or None when unstructured."""
+        if self.pattern is None:
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
 
     @property
     def max_sparsity(self) -> float:

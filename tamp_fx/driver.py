@@ -75,6 +75,18 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
             advance()
 
 
+def _check_pattern(gm: torch.nn.Module, linears: Mapping[str, LinearInfo], config: PlanConfig, prefix: str) -> None:
+    """An N:M pattern needs every linear's input width to be a multiple of M: say which is not."""
+    if config.nm is None:
+        return
+    m = config.nm[1]
+    for w in linears:
+        c_in = gm.get_parameter(w).shape[1]
+        if c_in % m:
+            raise TampError(f"pattern {config.pattern} needs input widths that are multiples of {m}, "
+                            f"but {prefix}.{w} has {c_in} input columns")
+
+
 def _attention_stats(observed: Mapping[str, Any], n_samples: int) -> dict[str, Any]:
     attention = observed["attention"]
     if not attention or not attention[0].samples:
@@ -95,6 +107,7 @@ def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig,
         for i, layer in enumerate(layout.layers):
             gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
             linears = analyse_linears(gm)
+            _check_pattern(gm, linears, config, layout.layer_prefix(i))
             context = ObserverContext()
             observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
             _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layout.layers))
@@ -114,12 +127,13 @@ def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig,
     return profiles
 
 
-def layer_structure(layout: DecoderLayout, acts: Activations, exporter: LayerExporter) -> list[LayerProfile]:
+def layer_structure(layout: DecoderLayout, acts: Activations, config: PlanConfig, exporter: LayerExporter) -> list[LayerProfile]:
     """What the graphs say about every layer's linears, without running any sample."""
     profiles = []
     for i, layer in enumerate(layout.layers):
         gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
         linears = analyse_linears(gm)
+        _check_pattern(gm, linears, config, layout.layer_prefix(i))
         profiles.append(LayerProfile(i, linears, {w: gm.get_parameter(w).numel() for w in linears}))
     return profiles
 
@@ -138,11 +152,12 @@ def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, t
             start = time.perf_counter()
             gm = exporter(layout.layers[i], (acts.hidden[0],), acts.layer_kwargs[0][i])
             linears = analyse_linears(gm)
+            _check_pattern(gm, linears, config, layout.layer_prefix(i))
             context = ObserverContext()
             observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
             if score.needs_activations:
                 _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
-            decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"])).info["decisions"]
+            decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"], config.nm)).info["decisions"]
             rewrite(gm)
             if score.needs_activations and i + 1 < n_layers:
                 _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
