@@ -42,6 +42,7 @@ def _setup(verbose: bool) -> None:
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # it warns about CUDA-only extensions on import
 
 
 def _fail(message: str) -> None:
@@ -68,7 +69,7 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 
 @app.command()
 def plan(
-    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory, .gguf file, or .pt2 exported program.")],
     calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations.")],
     out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
     method: Annotated[Method, typer.Option(help="Pruning method: a shortcut for allocation + score + tokens "
@@ -113,11 +114,22 @@ def plan(
     _guard(body)
 
 
+from tamp_fx.quantize import QUANTIZERS  # noqa: E402 - torchao itself is imported only when used
+
+Quantize = Enum("Quantize", {q: q for q in QUANTIZERS}, type=str)
+
+
 @app.command()
 def apply(
-    model: Annotated[Path, typer.Argument(help="The model the plan was made for.")],
+    model: Annotated[Path, typer.Argument(help="The model the plan was made for: Hugging Face directory, .gguf or .pt2.")],
     plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
-    out: Annotated[Path, typer.Option(help="Directory to write the pruned model to.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the pruned model to (a .pt2 file for a .pt2 model).")],
+    quantize: Annotated[Optional[Quantize], typer.Option(
+        help="Also quantize with torchao (pip install --no-deps torchao==0.18.0). int8-weight: the pruned decoder "
+             "linears of a Hugging Face / GGUF model, int8 weight-only, loadable with from_pretrained. pt2e-x86: a "
+             ".pt2 program, PT2E static int8 (X86InductorQuantizer) calibrated on --calib.")] = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        help="Calibration inputs (.safetensors) for --quantize pt2e-x86 of a .pt2 program.")] = None,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -130,8 +142,10 @@ def apply(
         _refuse_existing(out, overwrite)
         plan_ = tamp_fx.Plan.load(plan_dir)
         start = time.perf_counter()
-        tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet)
-        console.print(f"applied {len(plan_.linears)} masks in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
+        scheme = quantize.value if quantize else None
+        tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib)
+        console.print(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''} "
+                      f"in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
     _guard(body)
 
 

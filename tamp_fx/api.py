@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ from tamp_fx.masks import apply_mask
 from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_keys, checkpoint_names, fingerprint,
                               load_model, load_processor, resolve_source)
 from tamp_fx.progress import Bars
+from tamp_fx.exported import apply_program, load_program, plan_program, program_weights
+from tamp_fx.quantize import QUANTIZERS, _require_torchao
+from tamp_fx.quantized_hf import save_int8_weight
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     Nothing is written: save the result with ``Plan.save``.
     """
     source = resolve_source(model)
+    if source.kind == "pt2":
+        return plan_program(source, calib, config, progress=progress)
     net = load_model(source)
     processor = load_processor(source, net.config)
     layout = decoder_layout(net)
@@ -111,12 +117,27 @@ def _check_plan_matches(plan_: Plan, tensors: dict[str, torch.Tensor], source: M
 
 
 def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overwrite: bool = False,
-          progress: bool = False) -> Path:
+          progress: bool = False, quantize: str | None = None, calib: str | Path | None = None) -> Path:
     """Write ``model`` with the plan's masks applied to ``out``: a directory that loads with
-    ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical."""
+    ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical.
+
+    ``quantize="int8-weight"`` also quantizes the pruned linears with torchao int8 weight-only
+    (:mod:`tamp_fx.quantized_hf`; ``from_pretrained`` loads the result through transformers'
+    TorchAoConfig integration). An exported program (``.pt2``) is written to the ``.pt2`` file
+    ``out`` (:func:`tamp_fx.exported.apply_program`), with ``quantize="pt2e-x86"`` quantized
+    on the calibration inputs ``calib``.
+    """
     source = resolve_source(model)
     plan_ = plan_ if isinstance(plan_, Plan) else Plan.load(plan_)
     protect = (source.path,)
+    if quantize is not None and quantize not in QUANTIZERS:
+        raise TampError(f"unknown quantization scheme {quantize!r}; valid schemes are {', '.join(QUANTIZERS)}")
+    if source.kind == "pt2":
+        ep = load_program(source.path)
+        _check_plan_matches(plan_, program_weights(ep, plan_.linears), source)
+        return apply_program(ep, plan_, Path(out), overwrite=overwrite, protect=protect, quantize=quantize, calib=calib)
+    if quantize is not None:
+        return _apply_quantized(source, plan_, Path(out), overwrite, progress, quantize)
     if source.kind == "gguf":
         return _apply_gguf(source, plan_, Path(out), overwrite, protect)
     keys = checkpoint_keys(source)
@@ -139,6 +160,20 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
                 save_file(out_tensors, tmp / shard.name, metadata=metadata)
                 advance()
     return Path(out)
+
+
+def _apply_quantized(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, progress: bool, quantize: str) -> Path:
+    """Apply the plan to a staging directory beside ``out``, then quantize it into ``out``."""
+    if quantize != "int8-weight":
+        raise TampError(f"--quantize {quantize} quantizes an exported program (.pt2): for a Hugging Face or GGUF "
+                        "model use --quantize int8-weight")
+    _require_torchao()
+    masks = {lp.module_name: plan_.masks[name] for name, lp in plan_.linears.items()}
+    with atomic_directory(out, overwrite=overwrite, protect=(source.path,)) as tmp, \
+            tempfile.TemporaryDirectory(prefix=f".{out.name}.pruned-", dir=tmp.parent) as staging:
+        pruned = apply(source.path, plan_, Path(staging) / "model", progress=progress)
+        save_int8_weight(pruned, tmp, masks)
+    return out
 
 
 def _pruned(plan_: Plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -171,7 +206,7 @@ def convert(model: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     faster and keeps later plans and checks tensor-exact."""
     source = resolve_source(model)
     if source.kind != "gguf":
-        raise TampError(f"{source.path} is already a Hugging Face directory: convert takes a .gguf file")
+        raise TampError(f"{source.path} is not a .gguf file: convert turns GGUF models into Hugging Face directories")
     net = load_model(source)
     return _save_hf(net, load_processor(source, net.config), Path(out), overwrite, (source.path,))
 

@@ -24,15 +24,19 @@ from tamp_fx.errors import TampError
 
 log = logging.getLogger(__name__)
 
-_HINT = "pass a Hugging Face model directory (config.json + *.safetensors) or a .gguf file"
+_HINT = "pass a Hugging Face model directory (config.json + *.safetensors), a .gguf file or a .pt2 exported program"
+#: Pickle files: unpickling runs whatever code the file names, so tamp-fx never loads them.
+_PICKLE_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"})
+_PICKLE_HINT = ("tamp-fx does not load pickles, which can run code: save the model as safetensors "
+                "(save_pretrained) or export it with torch.export.save to a .pt2 file")
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: a Hugging Face directory or a GGUF file."""
+    """Where a model comes from: a Hugging Face directory, a GGUF file or an exported program."""
 
     path: Path
-    kind: str                        # "hf" or "gguf"
+    kind: str                        # "hf", "gguf" or "pt2" (torch.export.save)
 
     @property
     def directory(self) -> Path:
@@ -43,13 +47,17 @@ def resolve_source(path: str | os.PathLike) -> ModelSource:
     p = Path(path).expanduser()
     if not p.exists():
         raise TampError(f"model {p} does not exist: {_HINT}")
-    if p.is_file() and p.suffix == ".gguf":
-        return ModelSource(p.resolve(), "gguf")
+    if p.is_file() and p.suffix in (".gguf", ".pt2"):
+        return ModelSource(p.resolve(), p.suffix[1:])
+    if p.is_file() and p.suffix in _PICKLE_SUFFIXES:
+        raise TampError(f"model {p} is a {p.suffix} pickle: {_PICKLE_HINT}")
     if p.is_file():
         raise TampError(f"model {p} is a {p.suffix or 'plain'} file: {_HINT}")
     if not (p / "config.json").is_file():
         raise TampError(f"model directory {p} has no config.json: {_HINT}")
     if not _weight_files(p):
+        if any(f.suffix in _PICKLE_SUFFIXES for f in p.iterdir()):
+            raise TampError(f"model directory {p} has only pickled weights (no *.safetensors): {_PICKLE_HINT}")
         raise TampError(f"model directory {p} has no *.safetensors weights: {_HINT}")
     return ModelSource(p.resolve(), "hf")
 
@@ -61,6 +69,9 @@ def _weight_files(directory: Path) -> list[Path]:
 def load_config(source: ModelSource):
     """The model's transformers config; an unsupported ``model_type`` is refused before
     transformers sees it, with the list of supported ones."""
+    if source.kind == "pt2":
+        raise TampError(f"{source.path} is an exported program (.pt2): only `plan` and `apply` take one; "
+                        "this command needs a Hugging Face directory or a .gguf file")
     try:
         if source.kind == "gguf":
             config = transformers.AutoConfig.from_pretrained(source.directory, gguf_file=source.path.name)
@@ -85,7 +96,9 @@ def _model_class(config):
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load the model in eval mode with sdpa attention. A GGUF file is de-quantized and rebuilt
-    from its config without ``quantization_config`` so that it can be saved like any model."""
+    from its config without ``quantization_config`` so that it can be saved like any model.
+    Only safetensors or GGUF weights are read, and no code from the model directory runs
+    (``trust_remote_code`` stays off: supported families are transformers' own classes)."""
     config = load_config(source)
     cls = _model_class(config)
     try:
@@ -100,7 +113,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch
             model.load_state_dict(quantized.state_dict())
             del quantized
         else:
-            model = cls.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa")
+            # use_safetensors: never fall back to pickled *.bin weights; trust_remote_code is never passed
+            model = cls.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
     except TampError:
         raise
     except Exception as error:  # noqa: BLE001 - corrupt files surface from deep inside transformers
@@ -219,3 +233,26 @@ def atomic_directory(out: Path, *, overwrite: bool, protect: tuple[Path, ...] = 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+@contextlib.contextmanager
+def atomic_file(out: Path, *, overwrite: bool, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Like :func:`atomic_directory` for one file: yield a temporary path beside ``out`` (same
+    suffix) that replaces ``out`` only if the block finishes."""
+    out = Path(out).expanduser().absolute()
+    if any(out.resolve() == Path(p).resolve() for p in protect):
+        raise TampError(f"output {out} would overwrite the input: choose another --out")
+    if out.exists() and not overwrite:
+        raise TampError(f"output {out} already exists: choose another --out or pass --overwrite")
+    if out.is_dir():
+        raise TampError(f"output {out} is a directory: pass a file name such as pruned{out.suffix or '.pt2'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
