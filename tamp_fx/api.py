@@ -47,10 +47,11 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     with Bars(progress) as bars:
         with bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance)
-        allocation = _allocate(net, layout, acts, samples, token_ids, config, bars)
+        exporter = LayerExporter()
+        allocation = _allocate(net, layout, acts, samples, token_ids, config, bars, exporter)
         targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
                    else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
-        results = prune_layers(layout, acts, config, targets, bars, LayerExporter())
+        results = prune_layers(layout, acts, config, targets, bars, exporter)
     params = dict(net.named_parameters())
     full = {f"{layout.layer_prefix(r.index)}.{w}": (r, w) for r in results for w in r.decisions}
     names = checkpoint_names(source, {n: params[n] for n in full})
@@ -80,12 +81,12 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     return Plan(config, model_info, linears, layers, masks, weights)
 
 
-def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: Bars) -> Allocation | None:
+def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: Bars,
+              exporter: LayerExporter) -> Allocation | None:
     """Run what the allocation needs over the dense model and return its targets (None: uniform)."""
     needs_profile, needs_zeroth_order, strategy = ALLOCATORS[config.allocation]
     if config.allocation == "uniform":
         return None
-    exporter = LayerExporter()
     start = list(acts.hidden)
     if needs_profile:
         profiles = profile_layers(layout, acts, config, bars, exporter)

@@ -2,7 +2,8 @@
 
 With Z's rows normalised and S_a the sum of the n_a rows of modality a:
 intra similarity (S_a.S_a - n_a) / (n_a (n_a - 1)) (mean cosine over ordered pairs of distinct
-tokens), inter similarity S_a.S_b / (n_a n_b); diversity = 1 - similarity. Exact, O(N C).
+tokens), inter similarity S_a.S_b / (n_a n_b); diversity = 1 - similarity. Exact up to float32
+rounding of the normalised rows (sums are float64), O(N C).
 """
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ def diversity_terms(outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     >>> diversity_terms(z, torch.tensor([0, 0, 1]))
     {'text': 0.0, 'image-text': 1.0}
     """
-    z = outputs.reshape(-1, outputs.shape[-1]).double()                   # (N, C)
-    z = z / z.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    z = outputs.reshape(-1, outputs.shape[-1]).float()                    # (N, C)
+    z = z / z.norm(dim=1, keepdim=True).clamp_min(_EPS)                  # unit rows, float32
     labels = labels.reshape(-1).long()
     present = [int(m) for m in torch.unique(labels)]
-    sums = {m: z[labels == m].sum(0) for m in present}                    # each (C,)
+    sums = {m: z[labels == m].sum(0, dtype=torch.float64) for m in present}  # each (C,), float64
     counts = {m: int((labels == m).sum()) for m in present}
     names = {m: Modality(m).name.lower() for m in present}
     terms: dict[str, float] = {}

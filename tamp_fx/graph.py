@@ -163,6 +163,7 @@ class LayerExporter:
 
     def __init__(self) -> None:
         self._templates: dict[tuple, tuple[torch.fx.GraphModule, torch.nn.Module]] = {}
+        self._verified: set[tuple[int, tuple]] = set()   # (id(layer), structure) already checked
         self.exports = 0
 
     def __call__(self, layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
@@ -170,13 +171,17 @@ class LayerExporter:
         if key in self._templates:
             template, template_layer = self._templates[key]
             gm = _rebind(template, template_layer, layer)
+            if (id(layer), key) in self._verified:
+                return gm
             with torch.no_grad():
                 if _same_outputs(gm(*args, **kwargs), layer(*args, **kwargs)):
+                    self._verified.add((id(layer), key))
                     return gm
             log.debug("reused graph of %s differs from the eager layer: exporting afresh", type(layer).__name__)
         gm = export_layer(layer, args, kwargs)
         self.exports += 1
         self._templates[key] = (_rebind(gm, layer, layer), layer)
+        self._verified.add((id(layer), key))
         return gm
 
 
