@@ -23,11 +23,13 @@ out_console = Console()
 
 
 from tamp_fx.config import ALLOCATIONS, METHODS, SCORE_NAMES, TOKEN_NAMES  # noqa: E402
+from tamp_fx.quantize import QUANTIZERS  # noqa: E402 - torchao itself is imported only when used
 
 Method = Enum("Method", {m: m for m in METHODS}, type=str)
 Allocation = Enum("Allocation", {m: m for m in ALLOCATIONS}, type=str)
 Score = Enum("Score", {m: m for m in SCORE_NAMES}, type=str)
 Tokens = Enum("Tokens", {m: m for m in TOKEN_NAMES}, type=str)
+Quantize = Enum("Quantize", {q: q for q in QUANTIZERS}, type=str)
 
 
 Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
@@ -112,11 +114,6 @@ def plan(
                       f"planned {s['linears']} linears, {s['sparsity']:.2%} of {s['parameters']:,} parameters "
                       f"pruned, in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
     _guard(body)
-
-
-from tamp_fx.quantize import QUANTIZERS  # noqa: E402 - torchao itself is imported only when used
-
-Quantize = Enum("Quantize", {q: q for q in QUANTIZERS}, type=str)
 
 
 @app.command()

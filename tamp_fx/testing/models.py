@@ -25,3 +25,15 @@ def random_activations(model: torch.nn.Module, seq_lens: list[int], seed: int = 
     samples = [{"input_ids": torch.randint(0, vocab, (1, n), generator=g),
                 "attention_mask": torch.ones(1, n, dtype=torch.long)} for n in seq_lens]
     return capture_layer_inputs(model, decoder_layout(model), samples, {})
+
+
+def checkpoint_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` shards in ``directory``, by name."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -8,22 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 from tamp_fx.cli.main import app
+from tamp_fx.testing.models import checkpoint_tensors
 from tamp_fx.processors import load_processor
 from tamp_fx.testing.tiny import FAMILIES
 
 runner = CliRunner()
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -48,7 +40,7 @@ def test_wanda_plan_and_apply_prune_every_decoder_linear_by_exactly_half_per_row
     assert _digest(model) == before, "the input model directory was modified"
 
     plan = json.loads((plan_dir / "plan.json").read_text())
-    original, pruned = _tensors(model), _tensors(out)
+    original, pruned = checkpoint_tensors(model), checkpoint_tensors(out)
     assert original.keys() == pruned.keys()
     n_layers = plan["model"]["num_layers"]
     assert len(plan["linears"]) == 7 * n_layers

@@ -6,23 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 import tamp_fx
 from tamp_fx.cli.main import app
+from tamp_fx.testing.models import checkpoint_tensors
 from tamp_fx.config import ALLOCATIONS, SCORE_NAMES
 from tamp_fx.testing.tiny import FAMILIES
 
 runner = CliRunner()
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def plan_and_apply(model: Path, tmp_path: Path, *extra: str) -> tuple[dict, dict, dict, str]:
@@ -33,7 +25,7 @@ def plan_and_apply(model: Path, tmp_path: Path, *extra: str) -> tuple[dict, dict
     r = runner.invoke(app, ["apply", str(model), str(tmp_path / "p"), "--out", str(tmp_path / "m"), "--quiet"])
     assert r.exit_code == 0, r.output
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
-    return plan, _tensors(model), _tensors(tmp_path / "m"), planned.output
+    return plan, checkpoint_tensors(model), checkpoint_tensors(tmp_path / "m"), planned.output
 
 
 def assert_n_of_m(w: torch.Tensor, n: int, m: int, name: str) -> None:

@@ -152,3 +152,4 @@ def test_layers_of_one_structure_are_traced_once_and_bound_to_their_own_weights(
             with torch.no_grad():
                 assert torch.equal(gm(acts.hidden[j], **acts.layer_kwargs[j][i]), fresh(acts.hidden[j], **acts.layer_kwargs[j][i]))
     assert exporter.exports == 1
+
