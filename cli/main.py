@@ -45,6 +45,7 @@ def _setup(verbose: bool) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("torchao").setLevel(logging.ERROR)  # it warns about CUDA-only extensions on import
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # and torch about its enums
 
 
 def _fail(message: str) -> None:
@@ -219,7 +220,7 @@ def evaluate(
             out_console.print_json(json.dumps({"model": str(model), "text": str(text), "perplexity": result.perplexity,
                                                "windows": result.windows, "seqlen": result.seqlen, "seconds": round(seconds, 2)}))
         else:
-            out_console.print(f"perplexity {result.perplexity:.3f} on {text} ({result.windows} windows of "
+            out_console.print(f"perplexity {result.perplexity:.3f} on {text} ({result.windows} window{'s' if result.windows != 1 else ''} of "
                               f"{result.seqlen} tokens, {seconds:.1f} s)", highlight=False)
     _guard(body)
 
