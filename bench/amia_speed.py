@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import time
 
 import torch
+from timing import median_seconds
 
 from tamp_fx.amia import AmiaParams, select_tokens
 
@@ -29,17 +29,6 @@ def make_case(n: int, c: int, rank: int, seed: int) -> tuple[torch.Tensor, torch
     outputs = low / math.sqrt(rank) + 0.5 * torch.randn(n, c, generator=gen)       # (N, C)
     attention = torch.softmax(2.0 * torch.randn(n, generator=gen), 0)               # (N,)
     return outputs, attention
-
-
-def median_seconds(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def naive_select(outputs: torch.Tensor, attention: torch.Tensor, diversity: float,
