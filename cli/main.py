@@ -1,11 +1,13 @@
 """The tamp-fx command line: argument parsing, progress and printing over the Python API."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -54,11 +56,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _guard(fn):
-    """Run a command body, turning TampError into a one-line message and exit status 1."""
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a TampError in a command into a one-line message and exit status 1."""
     from tamp_fx.errors import TampError
     try:
-        return fn()
+        yield
     except TampError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -99,7 +102,7 @@ def plan(
     """Calibrate MODEL on --calib and save a pruning plan to --out."""
     _setup(verbose)
 
-    def body() -> None:
+    with _user_errors():
         import tamp_fx
         config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed,
@@ -114,7 +117,6 @@ def plan(
                       f"{', ' + config.pattern if config.pattern else ''}): "
                       f"planned {s['linears']} linears, {s['sparsity']:.2%} of {s['parameters']:,} parameters "
                       f"pruned, in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
-    _guard(body)
 
 
 @app.command()
@@ -135,7 +137,7 @@ def apply(
     """Apply a plan to MODEL and save a pruned model that loads like the original."""
     _setup(verbose)
 
-    def body() -> None:
+    with _user_errors():
         import tamp_fx
         _refuse_existing(out, overwrite)
         plan_ = tamp_fx.Plan.load(plan_dir)
@@ -144,7 +146,6 @@ def apply(
         tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib)
         console.print(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''} "
                       f"in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
-    _guard(body)
 
 
 def _shorten(names: list[str]) -> list[str]:
@@ -162,7 +163,7 @@ def inspect(plan_dir: Annotated[Path, typer.Argument(help="A directory written b
     """Show a plan: per-layer sparsity of every linear."""
     _setup(False)
 
-    def body() -> None:
+    with _user_errors():
         import tamp_fx
         plan_ = tamp_fx.Plan.load(plan_dir)
         rows: dict[int, dict[str, float]] = {}
@@ -190,7 +191,6 @@ def inspect(plan_dir: Annotated[Path, typer.Argument(help="A directory written b
             table.add_row(str(layer), *(f"{rows[layer][c]:.1%}" if c in rows[layer] else "-" for c in columns),
                           f"{sizes[layer][0] / sizes[layer][1]:.1%}")
         out_console.print(table)
-    _guard(body)
 
 
 @app.command(name="eval")
@@ -205,7 +205,7 @@ def evaluate(
     """Perplexity of MODEL on --text (non-overlapping windows of --seqlen tokens)."""
     _setup(False)
 
-    def body() -> None:
+    with _user_errors():
         from tamp_fx.evaluate import perplexity
         from tamp_fx.model_io import load_model, load_processor, resolve_source
         from tamp_fx.progress import Bars
@@ -222,7 +222,6 @@ def evaluate(
         else:
             out_console.print(f"perplexity {result.perplexity:.3f} on {text} ({result.windows} window{'s' if result.windows != 1 else ''} of "
                               f"{result.seqlen} tokens, {seconds:.1f} s)", highlight=False)
-    _guard(body)
 
 
 @app.command()
@@ -234,13 +233,12 @@ def convert(
     """Convert a GGUF model to a Hugging Face directory (de-quantized), which loads faster."""
     _setup(False)
 
-    def body() -> None:
+    with _user_errors():
         import tamp_fx
         _refuse_existing(out, overwrite)
         start = time.perf_counter()
         tamp_fx.convert(model, out, overwrite=overwrite)
         console.print(f"converted {model.name} in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
-    _guard(body)
 
 
 @app.command()
@@ -251,7 +249,7 @@ def demo(
     """Prune SmolLM2-135M with Wanda at 50% and compare perplexity before and after."""
     _setup(False)
 
-    def body() -> None:
+    with _user_errors():
         from tamp_fx.demo import EVAL_TEXT, run_demo
         r = run_demo(workdir, progress=not quiet)
         table = Table(title=f"SmolLM2-135M-Instruct, {r.config.method} at {r.config.sparsity:.0%} "
@@ -264,7 +262,6 @@ def demo(
         out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
                           + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
         out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan`)", highlight=False)
-    _guard(body)
 
 
 def main() -> None:

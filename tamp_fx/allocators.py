@@ -58,17 +58,17 @@ def _by_groups(profiles: list[LayerProfile], group_of: Callable[[int, str], str]
     return Allocation(targets, stats)
 
 
-def _uniform(profiles, config, extra):
-    return Allocation({(p.index, w): config.sparsity for p in profiles for w in p.sizes})
-
-
-def _das(profiles, config, extra):
-    importance = {f"{p.index}:{w}": p.importance[w] for p in profiles for w in p.sizes}
-    result = _by_groups(profiles, lambda i, w: f"{i}:{w}", importance, config)
+def _with_diversity(result: Allocation, profiles: list[LayerProfile]) -> Allocation:
+    """Record each linear's own importance and diversity terms beside its allocation."""
     for p in profiles:
         for w in p.sizes:
             result.stats[(p.index, w)].update({"importance": p.importance[w], "diversity": p.diversity[w]})
     return result
+
+
+def _das(profiles, config, extra):
+    importance = {f"{p.index}:{w}": p.importance[w] for p in profiles for w in p.sizes}
+    return _with_diversity(_by_groups(profiles, lambda i, w: f"{i}:{w}", importance, config), profiles)
 
 
 def _block_importance(profiles: list[LayerProfile]) -> dict[str, float]:
@@ -81,11 +81,8 @@ def _block_importance(profiles: list[LayerProfile]) -> dict[str, float]:
 
 def _das_block(profiles, config, extra):
     blocks = {(p.index, w): f"{p.index}:{p.linears[w].block}" for p in profiles for w in p.sizes}
-    result = _by_groups(profiles, lambda i, w: blocks[(i, w)], _block_importance(profiles), config)
-    for p in profiles:
-        for w in p.sizes:
-            result.stats[(p.index, w)].update({"importance": p.importance[w], "diversity": p.diversity[w]})
-    return result
+    return _with_diversity(_by_groups(profiles, lambda i, w: blocks[(i, w)], _block_importance(profiles), config),
+                           profiles)
 
 
 def _owl(profiles, config, extra):
@@ -106,9 +103,10 @@ def _ecoflap(profiles, config, extra):
     return _by_groups(profiles, lambda i, w: f"{i}:{profiles[i].linears[w].block}", importance, config)
 
 
-#: name -> (needs a dense profile, needs ECoFLaP's zeroth-order pass, strategy)
-ALLOCATORS: dict[str, tuple[bool, bool, Callable[[list[LayerProfile], PlanConfig, dict], Allocation]]] = {
-    "uniform": (False, False, _uniform),
+#: name -> (needs a dense profile, needs ECoFLaP's zeroth-order pass, strategy); uniform needs
+#: nothing: every linear gets the config's sparsity
+ALLOCATORS: dict[str, tuple[bool, bool, Callable[[list[LayerProfile], PlanConfig, dict], Allocation] | None]] = {
+    "uniform": (False, False, None),
     "das": (True, False, _das),
     "das-alltoken": (True, False, _das),
     "das-block": (True, False, _das_block),

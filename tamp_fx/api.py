@@ -85,10 +85,10 @@ def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: B
               exporter: LayerExporter) -> Allocation | None:
     """Run what the allocation needs over the dense model and return its targets (None: uniform)."""
     needs_profile, needs_zeroth_order, strategy = ALLOCATORS[config.allocation]
-    if config.allocation == "uniform":
+    if strategy is None:
         return None
-    start = list(acts.hidden)
     if needs_profile:
+        start = list(acts.hidden)                     # the prune phase starts again from layer 0's inputs
         profiles = profile_layers(layout, acts, config, bars, exporter)
         acts.hidden = start
     else:

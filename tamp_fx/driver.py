@@ -87,7 +87,7 @@ def _check_pattern(gm: torch.nn.Module, linears: Mapping[str, LinearInfo], confi
                             f"but {prefix}.{w} has {c_in} input columns")
 
 
-def _attention_stats(observed: Mapping[str, Any], n_samples: int) -> dict[str, Any]:
+def _attention_stats(observed: Mapping[str, Any]) -> dict[str, Any]:
     attention = observed["attention"]
     if not attention or not attention[0].samples:
         return {}
@@ -161,7 +161,7 @@ def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, t
             rewrite(gm)
             if score.needs_activations and i + 1 < n_layers:
                 _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
-            stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed, len(acts))}
+            stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed)}
             results.append(LayerResult(i, decisions, linears, stats))
             del gm
             advance_layer()
