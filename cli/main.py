@@ -26,12 +26,14 @@ out_console = Console()
 
 from tamp_fx.config import ALLOCATIONS, METHODS, SCORE_NAMES, TOKEN_NAMES  # noqa: E402
 from tamp_fx.quantize import QUANTIZERS  # noqa: E402 - torchao itself is imported only when used
+from tamp_fx.semi_structured import FORMATS  # noqa: E402
 
 Method = Enum("Method", {m: m for m in METHODS}, type=str)
 Allocation = Enum("Allocation", {m: m for m in ALLOCATIONS}, type=str)
 Score = Enum("Score", {m: m for m in SCORE_NAMES}, type=str)
 Tokens = Enum("Tokens", {m: m for m in TOKEN_NAMES}, type=str)
 Quantize = Enum("Quantize", {q: q for q in QUANTIZERS}, type=str)
+Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 
 
 Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
@@ -130,6 +132,10 @@ def apply(
              ".pt2 program, PT2E static int8 (X86InductorQuantizer) calibrated on --calib.")] = None,
     calib: Annotated[Optional[Path], typer.Option(
         help="Calibration inputs (.safetensors) for --quantize pt2e-x86 of a .pt2 program.")] = None,
+    format: Annotated[Format, typer.Option(
+        help="dense: as the input. semi-structured: a 2:4 plan (--pattern 2:4) written in bfloat16 with its 2:4 "
+             "linears listed in semi_structured.json; tamp_fx.semi_structured.load runs them with the 2:4 sparse "
+             "kernels of a CUDA GPU (sm80+), from_pretrained loads it dense.")] = Format.dense,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -139,13 +145,21 @@ def apply(
 
     with _user_errors():
         import tamp_fx
+        from tamp_fx.semi_structured import cuda_problem
         _refuse_existing(out, overwrite)
         plan_ = tamp_fx.Plan.load(plan_dir)
         start = time.perf_counter()
         scheme = quantize.value if quantize else None
-        tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib)
-        console.print(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''} "
+        tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib,
+                      format=format.value)
+        semi = format.value == "semi-structured"
+        console.print(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''}"
+                      f"{', 2:4 semi-structured (bfloat16),' if semi else ''} "
                       f"in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
+        if semi and cuda_problem():
+            console.print(f"note: {out} is written, but its 2:4 kernels run only on a CUDA GPU (sm80+) via "
+                          f"tamp_fx.semi_structured.load ({cuda_problem()}); from_pretrained loads it dense",
+                          highlight=False, soft_wrap=True)
 
 
 def _shorten(names: list[str]) -> list[str]:

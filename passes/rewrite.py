@@ -8,11 +8,17 @@ import torch.fx
 
 from tamp_fx.passes.base import DECISION_KEY, OBSERVER_PREFIX, PassError, PassResult
 from tamp_fx.masks import apply_mask
+from tamp_fx.semi_structured import require_cuda, to_semi_structured
 
 
 @dataclass(frozen=True)
 class RewriteConfig:
     remove_observers: bool = True
+    #: Make each masked weight a CUDA 2:4 ``SparseSemiStructuredTensor`` (float16 / bfloat16: the
+    #: weight's own dtype, else bfloat16), so the graph runs the sparse kernels. Move the graph to
+    #: CUDA in float16 / bfloat16 before the pass, and feed it inputs of that dtype. Needs a GPU of
+    #: compute capability 8.0+. Decisions of pattern "dense" keep their dense weight.
+    semi_structured: bool = False
 
 
 def _replace_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor) -> None:
@@ -24,6 +30,8 @@ def _replace_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor)
 
 
 def rewrite(gm: torch.fx.GraphModule, config: RewriteConfig = RewriteConfig()) -> PassResult:
+    if config.semi_structured:
+        require_cuda()                   # one line, before any weight is touched
     modified = False
     for node in list(gm.graph.nodes):
         decision = node.meta.get(DECISION_KEY)
@@ -33,7 +41,13 @@ def rewrite(gm: torch.fx.GraphModule, config: RewriteConfig = RewriteConfig()) -
                 raise PassError("rewrite", node, f"mask shape {tuple(decision.mask.shape)} does not match weight {tuple(weight.shape)}")
             mask = decision.mask.to(weight.device)
             value = weight.detach() if decision.new_weight is None else decision.new_weight.to(weight.device, weight.dtype)
-            _replace_parameter(gm, decision.weight, apply_mask(value, mask))
+            value = apply_mask(value, mask)
+            if config.semi_structured and decision.pattern != "dense":     # a linear left dense stays dense
+                try:
+                    value = to_semi_structured(value)
+                except ValueError as error:
+                    raise PassError("rewrite", node, f"{decision.weight} cannot be semi-structured: {error}") from error
+            _replace_parameter(gm, decision.weight, value)
             modified = True
         if config.remove_observers and node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
             gm.graph.erase_node(node)

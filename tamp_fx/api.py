@@ -1,9 +1,11 @@
 """The public verbs: ``plan`` (calibrate and decide) and ``apply`` (write a pruned model)."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from tamp_fx.config import PlanConfig
 from tamp_fx.allocators import ALLOCATORS, Allocation
 from tamp_fx.driver import layer_structure, profile_layers, prune_layers
 from tamp_fx.ecoflap import zeroth_order_block_importance
+from tamp_fx import semi_structured
 from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
@@ -118,7 +121,8 @@ def _check_plan_matches(plan_: Plan, tensors: dict[str, torch.Tensor], source: M
 
 
 def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overwrite: bool = False,
-          progress: bool = False, quantize: str | None = None, calib: str | Path | None = None) -> Path:
+          progress: bool = False, quantize: str | None = None, calib: str | Path | None = None,
+          format: str = "dense") -> Path:
     """Write ``model`` with the plan's masks applied to ``out``: a directory that loads with
     ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical.
 
@@ -127,20 +131,31 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
     TorchAoConfig integration). An exported program (``.pt2``) is written to the ``.pt2`` file
     ``out`` (:func:`tamp_fx.exported.apply_program`), with ``quantize="pt2e-x86"`` quantized
     on the calibration inputs ``calib``.
+
+    ``format="semi-structured"`` needs a 2:4 plan: the checkpoint is written in bfloat16 with the
+    plan's 2:4 linears listed in ``semi_structured.json``; ``from_pretrained`` loads it dense, and
+    :func:`tamp_fx.semi_structured.load` on a CUDA GPU (sm80+) with 2:4 sparse weights. Writing it
+    needs no GPU.
     """
     source = resolve_source(model)
     plan_ = plan_ if isinstance(plan_, Plan) else Plan.load(plan_)
     protect = (source.path,)
     if quantize is not None and quantize not in QUANTIZERS:
         raise TampError(f"unknown quantization scheme {quantize!r}; valid schemes are {', '.join(QUANTIZERS)}")
+    if format not in semi_structured.FORMATS:
+        raise TampError(f"unknown format {format!r}; valid formats are {', '.join(semi_structured.FORMATS)}")
+    finish = None
+    if format == "semi-structured":
+        finish = _semi_structured_finish(source, plan_, quantize)
     if source.kind == "pt2":
         ep = load_program(source.path)
         _check_plan_matches(plan_, program_weights(ep, plan_.linears), source)
         return apply_program(ep, plan_, Path(out), overwrite=overwrite, protect=protect, quantize=quantize, calib=calib)
     if quantize is not None:
         return _apply_quantized(source, plan_, Path(out), overwrite, progress, quantize)
+    dtype = torch.bfloat16 if finish else None
     if source.kind == "gguf":
-        return _apply_gguf(source, plan_, Path(out), overwrite, protect)
+        return _apply_gguf(source, plan_, Path(out), overwrite, protect, dtype, finish)
     keys = checkpoint_keys(source)
     tensors = {}
     for name in plan_.linears:
@@ -151,16 +166,68 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
     shards = sorted(set(keys.values()))
     with atomic_directory(Path(out), overwrite=overwrite, protect=protect) as tmp, Bars(progress) as bars:
         for item in source.path.iterdir():
-            if item.suffix != ".safetensors":
+            if item.suffix != ".safetensors" and item.name != semi_structured.MANIFEST:
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         with bars.task("write shards", len(shards)) as advance:
             for shard in shards:
                 with safe_open(shard, "pt") as f:
                     metadata = f.metadata()
-                    out_tensors = {k: _pruned(plan_, k, f.get_tensor(k)) for k in f.keys()}
+                    out_tensors = {k: _cast(_pruned(plan_, k, f.get_tensor(k)), dtype) for k in f.keys()}
                 save_file(out_tensors, tmp / shard.name, metadata=metadata)
                 advance()
+        if finish:
+            finish(tmp)
     return Path(out)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors in ``dtype`` (None: unchanged); integer and bool tensors stay as they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _semi_structured_finish(source: ModelSource, plan_: Plan, quantize: str | None) -> Callable[[Path], None]:
+    """Refuse what ``format="semi-structured"`` cannot write (in one line, before anything is
+    written); otherwise the step that completes the output directory: config dtype bfloat16 and
+    the manifest of 2:4 linears."""
+    if quantize is not None:
+        raise TampError(f"--format semi-structured and --quantize {quantize} cannot be combined (2:4 weights here are "
+                        "bfloat16): choose one")
+    if source.kind == "pt2":
+        raise TampError(f"--format semi-structured does not take an exported program (.pt2) yet: apply the plan to "
+                        f"{source.path.name} with --format dense, or to the Hugging Face model it came from")
+    modules = []
+    for name, lp in plan_.linears.items():
+        if lp.pattern == "dense":                     # a pattern plan's linear left whole stays dense
+            continue
+        if not semi_structured.is_2_4(plan_.masks[name]):
+            raise TampError(f"--format semi-structured needs a 2:4 plan, but {name} is {lp.pattern} "
+                            f"({lp.sparsity:.1%} sparse): plan with `--pattern 2:4`")
+        try:
+            semi_structured.check_shape(lp.shape, torch.bfloat16)
+        except ValueError as error:
+            raise TampError(f"{name} cannot use the 2:4 kernels ({error}): use --format dense") from error
+        modules.append(lp.module_name.removesuffix(".weight"))
+    if not modules:
+        raise TampError("--format semi-structured needs a 2:4 plan, but this plan prunes no linear: "
+                        "plan with `--pattern 2:4`")
+
+    def finish(directory: Path) -> None:
+        _set_config_dtype(directory / "config.json", "bfloat16")
+        semi_structured.write_manifest(directory, modules, torch.bfloat16)
+    return finish
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    """Set ``dtype`` (``torch_dtype`` before transformers 5) in a config.json and its sub-configs."""
+    def update(node: dict) -> None:
+        node["dtype"] = dtype
+        node.pop("torch_dtype", None)
+        for value in node.values():
+            if isinstance(value, dict) and ("dtype" in value or "torch_dtype" in value):
+                update(value)
+    config = json.loads(path.read_text())
+    update(config)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _apply_quantized(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, progress: bool, quantize: str) -> Path:
@@ -185,20 +252,26 @@ def _pruned(plan_: Plan, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return apply_mask(value, plan_.masks[name])
 
 
-def _apply_gguf(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...]) -> Path:
+def _apply_gguf(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
+                dtype: torch.dtype | None = None, finish: Callable[[Path], None] | None = None) -> Path:
     net = load_model(source)
     state = net.state_dict()
     _check_plan_matches(plan_, {n: state[n] for n in plan_.linears if n in state}, source)
     with torch.no_grad():
         for name in plan_.masks:
             net.get_parameter(name).copy_(_pruned(plan_, name, state[name]))
-    return _save_hf(net, load_processor(source, net.config), out, overwrite, protect)
+    if dtype is not None:
+        net.to(dtype)
+    return _save_hf(net, load_processor(source, net.config), out, overwrite, protect, finish)
 
 
-def _save_hf(net: torch.nn.Module, processor, out: Path, overwrite: bool, protect: tuple[Path, ...]) -> Path:
+def _save_hf(net: torch.nn.Module, processor, out: Path, overwrite: bool, protect: tuple[Path, ...],
+             finish: Callable[[Path], None] | None = None) -> Path:
     with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp:
         net.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        if finish:
+            finish(tmp)
     return out
 
 
