@@ -42,7 +42,7 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens
 
 
 def _setup(verbose: bool) -> None:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws its own bars
+    os.environ.setdefault("TQDM_DISABLE", "1")  # for tqdm bars of libraries imported later
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     import transformers
@@ -210,32 +210,54 @@ def inspect(plan_dir: Annotated[Path, typer.Argument(help="A directory written b
 @app.command(name="eval")
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
-    text: Annotated[Path, typer.Option(help="Plain text file for perplexity.")],
-    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    text: Annotated[Optional[Path], typer.Option(help="Plain text file for perplexity.")] = None,
+    vqa: Annotated[Optional[bool], typer.Option("--vqa/--no-vqa", help="VQA on the fixture's held-out split "
+                                                "(default: when the model takes images).")] = None,
+    vqa_samples: Annotated[int, typer.Option(help="Held-out questions (the six tasks in equal numbers).")] = 600,
+    seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Perplexity of MODEL on --text (non-overlapping windows of --seqlen tokens)."""
+    """VQA accuracy of MODEL (per task and overall) and its perplexity on --text."""
     _setup(False)
 
     with _user_errors():
-        from tamp_fx.evaluate import perplexity
-        from tamp_fx.model_io import load_model, load_processor, resolve_source
+        from tamp_fx.evaluate import evaluate as run_eval
         from tamp_fx.progress import Bars
-        source = resolve_source(model)
-        net = load_model(source)
-        tokenizer = load_processor(source, net.config)
-        start = time.perf_counter()
-        with Bars(not quiet and not as_json) as bars, bars.task("perplexity windows", max_windows) as advance:
-            result = perplexity(net, tokenizer, text, seqlen=seqlen, max_windows=max_windows, advance=advance)
-        seconds = time.perf_counter() - start
+        if vqa_samples < 1:
+            _fail(f"--vqa-samples must be at least 1, got {vqa_samples}")
+        with Bars(not quiet and not as_json) as bars:
+            result = run_eval(model, text=text, vqa=vqa, vqa_samples=vqa_samples, seqlen=seqlen,
+                              max_windows=max_windows, bars=bars)
+        report = _evaluation_json(model, text, result)
         if as_json:
-            out_console.print_json(json.dumps({"model": str(model), "text": str(text), "perplexity": result.perplexity,
-                                               "windows": result.windows, "seqlen": result.seqlen, "seconds": round(seconds, 2)}))
-        else:
-            out_console.print(f"perplexity {result.perplexity:.3f} on {text} ({result.windows} window{'s' if result.windows != 1 else ''} of "
-                              f"{result.seqlen} tokens, {seconds:.1f} s)", highlight=False)
+            out_console.print_json(json.dumps(report))
+            return
+        table = Table(title=f"{model}")
+        for col in ("metric", "value", "measured on"):
+            table.add_column(col, justify="left" if col != "value" else "right")
+        if result.vqa is not None:
+            for task, acc in result.vqa.per_task.items():
+                table.add_row(f"VQA {task}", f"{acc:.1%}", f"{result.vqa.samples // len(result.vqa.per_task)} held-out questions")
+            table.add_row("VQA overall", f"{result.vqa.accuracy:.1%}", f"{result.vqa.samples} held-out questions (seed 1)")
+        if result.perplexity is not None:
+            p = result.perplexity
+            table.add_row("perplexity", f"{p.perplexity:.3f}",
+                          f"{text}: {p.windows} window{'s' if p.windows != 1 else ''} of {p.seqlen} tokens")
+        out_console.print(table)
+        out_console.print("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()), highlight=False)
+
+
+def _evaluation_json(model: Path, text: Optional[Path], result) -> dict:
+    report: dict = {"model": str(model), "seconds": {k: round(v, 2) for k, v in result.seconds.items()}}
+    if result.vqa is not None:
+        report["vqa"] = {"accuracy": result.vqa.accuracy, "per_task": result.vqa.per_task,
+                         "samples": result.vqa.samples}
+    if result.perplexity is not None:
+        p = result.perplexity
+        report.update(text=str(text), perplexity=p.perplexity, windows=p.windows, seqlen=p.seqlen)
+    return report
 
 
 @app.command()
@@ -256,26 +278,74 @@ def convert(
 
 
 @app.command()
+def fixture(
+    out: Annotated[Path, typer.Option(help="Directory to write the fixture model (a transformers directory) to.")],
+    calib_out: Annotated[Optional[Path], typer.Option(help="Also write calibration conversations (calib.jsonl + "
+                                                      "images/) from the training distribution here.")] = None,
+    conversations: Annotated[int, typer.Option(help="How many conversations --calib-out gets.")] = 128,
+    overwrite: Overwrite = False,
+) -> None:
+    """Assemble the multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA."""
+    _setup(False)
+
+    with _user_errors():
+        from tamp_fx.fixture.data import write_conversations
+        from tamp_fx.fixture.model import build_fixture
+        _refuse_existing(out, overwrite)
+        if calib_out is not None:
+            _refuse_existing(calib_out, overwrite)
+            if conversations < 1:
+                _fail(f"--conversations must be at least 1, got {conversations}")
+        start = time.perf_counter()
+        build_fixture(out, overwrite=overwrite)
+        console.print(f"fixture written to {out} in {time.perf_counter() - start:.1f} s", highlight=False)
+        if calib_out is not None:
+            path = write_conversations(calib_out, conversations, overwrite=overwrite)
+            console.print(f"{conversations} calibration conversations written to {path}", highlight=False)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its models and plan.")] = Path("demo-out"),
     quiet: Quiet = False,
 ) -> None:
-    """Prune SmolLM2-135M with Wanda at 50% and compare perplexity before and after."""
+    """Prune the multimodal fixture with TAMP at 50%; compare VQA and perplexity before and after."""
     _setup(False)
 
     with _user_errors():
         from tamp_fx.demo import EVAL_TEXT, run_demo
         r = run_demo(workdir, progress=not quiet)
-        table = Table(title=f"SmolLM2-135M-Instruct, {r.config.method} at {r.config.sparsity:.0%} "
-                            f"({r.config.nsamples} calibration windows of {r.config.seqlen} tokens)")
-        for col in ("model", "decoder sparsity", f"perplexity ({r.dense.windows} x {r.dense.seqlen} tokens)"):
+        c, d, p = r.config, r.dense, r.pruned
+        table = Table(title=f"fixture (SmolLM2-135M-Instruct + trained SigLIP tower), {c.method} at {c.sparsity:.0%}, "
+                            f"calibrated on {c.nsamples} conversations")
+        for col in ("metric", "dense", "pruned"):
             table.add_column(col, justify="right")
-        table.add_row("dense", "0.00%", f"{r.dense.perplexity:.2f}")
-        table.add_row("pruned", f"{r.sparsity:.2%}", f"{r.pruned.perplexity:.2f}")
+        table.add_row("decoder sparsity", "0.00%", f"{r.sparsity:.2%}")
+        for task in d.vqa.per_task:
+            table.add_row(f"VQA {task}", f"{d.vqa.per_task[task]:.1%}", f"{p.vqa.per_task[task]:.1%}")
+        table.add_row(f"VQA overall ({d.vqa.samples} questions)", f"{d.vqa.accuracy:.1%}", f"{p.vqa.accuracy:.1%}")
+        table.add_row(f"perplexity ({d.perplexity.windows} x {d.perplexity.seqlen} tokens)",
+                      f"{d.perplexity.perplexity:.2f}", f"{p.perplexity.perplexity:.2f}")
         out_console.print(table)
+        e = r.example
+        out_console.print(_half_blocks(e.sample.image))
+        out_console.print(f"{e.image} asks: {e.sample.question}  expected: {e.sample.answer}  "
+                          f"dense: {e.dense.strip()!r}  pruned: {e.pruned.strip()!r}", highlight=False)
         out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
                           + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
         out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan`)", highlight=False)
+
+
+def _half_blocks(image, step: int = 2):
+    """An RGB image (H, W, 3) as terminal text: one '▀' per two pixel rows, every ``step``-th pixel."""
+    from rich.text import Text
+    small = image[::step, ::step]
+    text = Text()
+    for top, bottom in zip(small[0::2], small[1::2]):
+        for (r1, g1, b1), (r2, g2, b2) in zip(top, bottom):
+            text.append("\u2580", style=f"rgb({r1},{g1},{b1}) on rgb({r2},{g2},{b2})")
+        text.append("\n")
+    return text
 
 
 def main() -> None:

