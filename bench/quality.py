@@ -6,8 +6,9 @@ accuracy on the held-out split and perplexity on the second half of WikiText-2 v
 Relative performance as in the TAMP paper: pruned / dense for VQA accuracy, dense / pruned
 for perplexity, and Rel. = their mean. Each command's wall time is measured around the
 subprocess (model loading included). Results go to ``WORKDIR/results.jsonl`` as they come,
-so an interrupted run resumes where it stopped; the tables and the plot are written to
-``--docs`` (quality.md, quality.csv, quality.png, quality.json).
+so an interrupted run resumes where it stopped (in a fresh clone, from the rows committed in
+``docs/quality.json``); the tables and the plot are written to ``--docs`` (quality.md,
+quality.csv, quality.png, quality.json).
 
     python bench/quality.py --data ../shared/data/wikitext2-valid.txt --workdir bench-out/quality
 """
@@ -89,8 +90,9 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
             if match:
                 lines.append(f"| {m} | {s:.0%} | " + " | ".join(f"{match[0][f'vqa_{t}']:.1%}" for t in TASKS) + " |")
     lines += ["", "## How this was measured", "", f"Machine: {meta['machine']}. Total wall time {meta['total_seconds'] / 60:.0f} min.",
-              "", "```", meta["command"], "```", "",
-              "Every command the script ran, with its wall time, is in `quality.json`."]
+              "", "The benchmark runs (resumable: each skips what `results.jsonl` already has):", "",
+              "```", *meta["invocations"], "```", "",
+              "Every `tamp-fx` command they ran, with its wall time, is in `quality.json`. " + meta["note"]]
     (docs / "quality.md").write_text("\n".join(lines) + "\n")
     (docs / "quality.json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
     try:
@@ -126,10 +128,16 @@ def main() -> None:
     parser.add_argument("--vqa-samples", type=int, default=600)
     parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows (default: all of them)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs from results.jsonl")
+    parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     args = parser.parse_args()
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
     results = w / "results.jsonl"
+    committed = args.docs / "quality.json"
+    if not results.exists() and committed.exists():  # a fresh clone resumes from the committed rows
+        results.write_text("".join(json.dumps(r) + "\n" for r in json.loads(committed.read_text())["rows"]))
+        (w / "commands.json").write_text(json.dumps(json.loads(committed.read_text())["commands"], indent=1))
+        (w / "invocations.txt").write_text("\n".join(json.loads(committed.read_text())["invocations"]) + "\n")
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     log_file = w / "commands.json"
     log: list[dict] = json.loads(log_file.read_text()) if log_file.exists() else []
@@ -141,7 +149,10 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         log_file.write_text(json.dumps(log, indent=1))
 
+    invocations = w / "invocations.txt"
     if not args.report_only:
+        with invocations.open("a") as f:
+            f.write("python " + shlex.join(sys.argv) + "\n")
         _, evaluation = split_halves(args.data, w)
         fixture, calib = w / "fixture", w / "calib"
         if not (fixture / "config.json").is_file():
@@ -172,7 +183,8 @@ def main() -> None:
                        "plan_seconds": plan_seconds, **evaluate(out)}
                 shutil.rmtree(out)
                 record(row)
-    meta = {"command": "python " + shlex.join(sys.argv), "machine": _machine(), "vqa_samples": args.vqa_samples,
+    meta = {"invocations": invocations.read_text().splitlines() if invocations.exists() else [],
+            "note": args.note, "machine": _machine(), "vqa_samples": args.vqa_samples,
             "conversations": args.conversations, "total_seconds": time.perf_counter() - begin, "commands": log}
     write_outputs(rows, args.docs, meta)
     print(f"wrote {args.docs}/quality.md, quality.csv, quality.json and quality.png")
