@@ -156,9 +156,10 @@ def apply(
         console.print(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''}"
                       f"{', 2:4 semi-structured (bfloat16),' if semi else ''} "
                       f"in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
-        if semi and cuda_problem():
+        problem = cuda_problem() if semi else None
+        if problem:
             console.print(f"note: {out} is written, but its 2:4 kernels run only on a CUDA GPU (sm80+) via "
-                          f"tamp_fx.semi_structured.load ({cuda_problem()}); from_pretrained loads it dense",
+                          f"tamp_fx.semi_structured.load ({problem}); from_pretrained loads it dense",
                           highlight=False, soft_wrap=True)
 
 
