@@ -14,7 +14,8 @@ L2-normalised, G = Z Z^T):
 
 The selected tokens' *inputs* give the Wanda norm (:func:`selected_input_sq_sum`).
 
-Cost: one ``O(N^2 C)`` Gram matrix plus a few ``O(N^2)`` passes (top-k, kernel, row sums),
+Cost: one ``O(N^2 C)`` Gram matrix (:func:`unit_gram`, exactly symmetric, 3/4 of a full
+product) plus a few ``O(N^2)`` passes (top-k, kernel, row sums),
 then each greedy step is ``O(N)``: an argmax over ``g``, at most ``k`` scalar updates of
 ``g``, one row of ``K`` added to the running row sums ``K[:, S].sum(1)`` (``K`` is symmetric)
 and ``O(1)`` updates of the float64 sums behind ``mean(K[S, S])`` and ``mean(K[:, S])``.
@@ -77,6 +78,25 @@ def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     return diversity
 
 
+def unit_gram(z: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix ``z z^T`` (N, N) of the rows of ``z`` (N, C), exactly symmetric: the
+    upper block row and the lower-right block are multiplied, the lower-left block is the
+    transpose of the upper-right, so it costs 3/4 of ``z @ z.T``.
+
+    >>> z = torch.tensor([[1., 0.], [0.6, 0.8], [0., 1.]])
+    >>> unit_gram(z)
+    tensor([[1.0000, 0.6000, 0.0000],
+            [0.6000, 1.0000, 0.8000],
+            [0.0000, 0.8000, 1.0000]])
+    """
+    n, h = z.shape[0], (z.shape[0] + 1) // 2
+    gram = z.new_empty(n, n)                                               # (N, N)
+    gram[:h] = z[:h] @ z.T                                                 # (h, N)
+    gram[h:, h:] = z[h:] @ z[h:].T                                         # (N - h, N - h)
+    gram[h:, :h] = gram[:h, h:].T                                          # (N - h, h) mirror
+    return gram
+
+
 def _neighbours(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN of each row of the Gram matrix ``sim`` (N, N) (diagonal already -inf; k < N):
     the k largest G (= smallest D = 1 - G), ordered by (D, index); ties, including ties for
@@ -131,28 +151,29 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     # kNN on G (largest G = smallest D, without rounding 1 - G in float32); the kernel is kept
     # as K' = exp(G) = e * K (one in-place pass) and MMD^2, linear in K, is divided by e.
     z = z / norm.clamp_min(_NORM_EPS)                                      # (N, C) unit rows
-    gram = z @ z.T                                                         # (N, N) G
+    gram = unit_gram(z)                                                    # (N, N) G
     gdiag = gram.diagonal().clone()                                        # (N,)
     gram.diagonal().fill_(-math.inf)                                       # kNN excludes self
     nbr, nbr_g = _neighbours(gram, k)                                      # (N, k), (N, k)
     kern = gram.exp_()                                                     # (N, N) K' = e * K
     kdiag = gdiag.exp_()                                                   # (N,) K'_ii
     kern.diagonal().copy_(kdiag)
+    colsum = kern.sum(1, dtype=torch.float64)                              # (N,) K' row = column sums
 
-    # ---- host side: one transfer, then Python floats and numpy views
+    # ---- host side: one transfer each, then numpy arrays and Python floats
     kern_np = kern.cpu().numpy()                                           # (N, N) float32
-    nbr_l = nbr.tolist()                                                   # N lists of k ints
-    d_l = (1.0 - nbr_g.double()).tolist()                                  # N lists of k D_ij
-    colsum_l = kern_np.sum(1, dtype=np.float64).tolist()                   # N floats (K sym.)
-    kdiag_l = kdiag.double().tolist()                                      # N floats, K'_ii
-    a_l = attention.detach().double().cpu().tolist()                       # N floats
-    mean_k = math.fsum(colsum_l) / (n * n)                                 # mean(K')
+    nbr_np = nbr.cpu().numpy()                                             # (N, k) int64
+    d_np = 1.0 - nbr_g.double().cpu().numpy()                              # (N, k) D_ij, float64
+    colsum_np = colsum.cpu().numpy()                                       # (N,) float64
+    kdiag_np = kdiag.double().cpu().numpy()                                # (N,) K'_ii
+    a_np = attention.detach().double().cpu().numpy()                       # (N,)
+    mean_k = math.fsum(colsum_np.tolist()) / (n * n)                       # mean(K')
 
-    # g_i = a_i + sum over kNN(i) in (D, index) order, left to right, in float64
+    # g_i = a_i + sum over kNN(i) in (D, index) order, left to right, in float64; the weights
+    # with math.exp (not numpy's exp, which may differ in the last bit) on (-t) * D as Python does
     tk, ts = params.knn_temperature, params.suppress_temperature
-    a_np = np.array(a_l, dtype=np.float64)                                 # (N,)
-    nbr_np = np.array(nbr_l, dtype=np.int64).reshape(n, k)                 # (N, k)
-    w = np.array([[math.exp(-tk * d) for d in row] for row in d_l]).reshape(n, k)  # (N, k)
+    w = np.fromiter(map(math.exp, ((-tk) * d_np).ravel().tolist()), dtype=np.float64,
+                    count=n * k).reshape(n, k)                             # (N, k)
     g = a_np.copy()                                                        # (N,)
     for c in range(k):
         g += w[:, c] * a_np[nbr_np[:, c]]                                  # (N,)
@@ -169,11 +190,11 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
         g[i] = -math.inf                                                   # selected
         chosen.append(i)
         if push > 0.0:
-            for j, d in zip(nbr_l[i], d_l[i]):
+            for j, d in zip(nbr_np[i].tolist(), d_np[i].tolist()):
                 g[j] -= math.exp(-ts * d) * push
         rowsum += kern_np[i]                                               # column i = row i
-        sum_ss += 2.0 * float(rowsum[i]) - kdiag_l[i]
-        sum_cs += colsum_l[i]
+        sum_ss += 2.0 * float(rowsum[i]) - float(kdiag_np[i])
+        sum_cs += float(colsum_np[i])
         mmd2 = (mean_k + sum_ss / (m * m) - 2.0 * sum_cs / (n * m)) / math.e  # K = K' / e
         if mmd2 < thr:
             break

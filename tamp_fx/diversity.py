@@ -26,20 +26,28 @@ def diversity_terms(outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     """
     z = outputs.reshape(-1, outputs.shape[-1]).float()                    # (N, C)
     z = z / z.norm(dim=1, keepdim=True).clamp_min(_EPS)                  # unit rows, float32
-    labels = labels.reshape(-1).long()
-    present = [int(m) for m in torch.unique(labels)]
-    sums = {m: z[labels == m].sum(0, dtype=torch.float64) for m in present}  # each (C,), float64
-    counts = {m: int((labels == m).sum()) for m in present}
-    names = {m: Modality(m).name.lower() for m in present}
+    labels = labels.reshape(-1).long().to(z.device)                      # (N,)
+    counts = torch.bincount(labels, minlength=len(Modality)).tolist()    # tokens per modality
+    present = [m for m, n in enumerate(counts) if n]
+    if len(present) == 1:                                                # one modality: no gather
+        sums = z.sum(0, dtype=torch.float64)[None]                       # (1, C) float64
+    else:
+        rows = torch.tensor(present, device=z.device)                    # (P,)
+        slot = torch.zeros(len(Modality), dtype=torch.long, device=z.device)
+        slot[rows] = torch.arange(len(present), device=z.device)
+        sums = z.new_zeros(len(present), z.shape[1], dtype=torch.float64)  # (P, C) float64
+        sums.index_add_(0, slot[labels], z.double())
+    dots = (sums @ sums.T).tolist()                                      # (P, P) S_a . S_b
+    names = [Modality(m).name.lower() for m in present]
     terms: dict[str, float] = {}
-    for m in present:
+    for a, m in enumerate(present):
         n = counts[m]
         if n > 1:
-            terms[names[m]] = 1.0 - float((sums[m] @ sums[m] - n) / (n * (n - 1)))
-    for i, a in enumerate(present):
-        for b in present[i + 1:]:
+            terms[names[a]] = 1.0 - (dots[a][a] - n) / (n * (n - 1))
+    for a in range(len(present)):
+        for b in range(a + 1, len(present)):
             key = "-".join(sorted((names[a], names[b])))
-            terms[key] = 1.0 - float(sums[a] @ sums[b] / (counts[a] * counts[b]))
+            terms[key] = 1.0 - dots[a][b] / (counts[present[a]] * counts[present[b]])
     return terms
 
 

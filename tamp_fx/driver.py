@@ -101,7 +101,8 @@ def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig,
     ``acts.hidden`` ends at the last layer's input; callers keep a copy of the start."""
     diversity = config.allocation.startswith("das")
     observer_factory = functools.partial(LinearObserver, track_diversity=diversity,
-                                         all_tokens_one_modality=config.allocation == "das-alltoken")
+                                         all_tokens_one_modality=config.allocation == "das-alltoken",
+                                         collect_inputs=not diversity)  # OWL reads input norms, DAS only diversities
     profiles = []
     with bars.task("profile layers (dense)", len(layout.layers)) as advance_layer:
         for i, layer in enumerate(layout.layers):

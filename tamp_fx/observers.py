@@ -64,13 +64,20 @@ class LinearObserver(torch.nn.Module):
     - ``diversity``: per-sample diversity terms of the outputs, when ``track_diversity``
       (with ``all_tokens_one_modality`` every token counts as one modality);
     - ``tokens_per_modality`` / ``selected_per_modality``: what the selector saw and took.
+
+    With ``collect_inputs=False`` (a profile that needs diversities only) ``stats`` and the
+    token counts stay empty.
     """
 
     def __init__(self, context: ObserverContext, *, selector: TokenSelector | None = None, hessian: bool = False,
-                 track_diversity: bool = False, all_tokens_one_modality: bool = False) -> None:
+                 track_diversity: bool = False, all_tokens_one_modality: bool = False,
+                 collect_inputs: bool = True) -> None:
         super().__init__()
+        if not collect_inputs and (selector is not None or hessian or not track_diversity):
+            raise ValueError("collect_inputs=False is for diversity-only observers (no selector, no Hessian)")
         self.context = context
         self.selector = selector
+        self.collect_inputs = collect_inputs
         self.stats = InputStats(hessian)
         self.track_diversity = track_diversity
         self.all_tokens_one_modality = all_tokens_one_modality
@@ -125,6 +132,8 @@ class LinearObserver(torch.nn.Module):
                 self.diversity_counts[k] = self.diversity_counts.get(k, 0) + 1
             self.importance_sum += div
             self.diversity_samples += 1
+        if not self.collect_inputs:
+            return
         chosen = None if self.selector is None else self.selector(z, attention, labels, div)
         if chosen is None:
             chosen = torch.arange(x.shape[0])

@@ -28,11 +28,11 @@ NEAR = 1e-6   # how close to the threshold MMD^2 must be for the stopping step t
 
 
 def distances(outputs: torch.Tensor) -> torch.Tensor:
-    """D = 1 - Zn Zn^T (N, N) in float64, from the float32 Gram matrix computed with the same
-    torch ops as the implementation (normalise the rows in float32, then one matmul)."""
+    """D = 1 - Zn Zn^T (N, N) in float64, from the float32 Gram matrix computed as the
+    implementation computes it (normalise the rows in float32, then ``amia.unit_gram``)."""
     z = outputs.float()
     z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
-    return 1.0 - (z @ z.T).double()
+    return 1.0 - amia.unit_gram(z).double()
 
 
 def mmd2(kern: torch.Tensor, chosen: list[int]) -> float:
