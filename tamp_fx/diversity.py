@@ -3,7 +3,8 @@
 With Z's rows normalised and S_a the sum of the n_a rows of modality a:
 intra similarity (S_a.S_a - n_a) / (n_a (n_a - 1)) (mean cosine over ordered pairs of distinct
 tokens), inter similarity S_a.S_b / (n_a n_b); diversity = 1 - similarity. Exact up to float32
-rounding of the normalised rows (sums are float64), O(N C).
+rounding: rows are normalised and summed in float32 (torch's cascaded sums, relative error
+about 1e-7 at N = 512), dot products are float64. O(N C).
 """
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ def diversity_terms(outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     counts = torch.bincount(labels, minlength=len(Modality)).tolist()    # tokens per modality
     present = [m for m, n in enumerate(counts) if n]
     if len(present) == 1:                                                # one modality: no gather
-        sums = z.sum(0, dtype=torch.float64)[None]                       # (1, C) float64
+        sums = z.sum(0)[None]                                            # (1, C)
     else:
         rows = torch.tensor(present, device=z.device)                    # (P,)
         slot = torch.zeros(len(Modality), dtype=torch.long, device=z.device)
         slot[rows] = torch.arange(len(present), device=z.device)
-        sums = z.new_zeros(len(present), z.shape[1], dtype=torch.float64)  # (P, C) float64
-        sums.index_add_(0, slot[labels], z.double())
-    dots = (sums @ sums.T).tolist()                                      # (P, P) S_a . S_b
+        sums = z.new_zeros(len(present), z.shape[1]).index_add_(0, slot[labels], z)  # (P, C)
+    sums = sums.double()                                                 # (P, C)
+    dots = (sums @ sums.T).tolist()                                      # (P, P) S_a . S_b, float64
     names = [Modality(m).name.lower() for m in present]
     terms: dict[str, float] = {}
     for a, m in enumerate(present):

@@ -45,6 +45,25 @@ def test_streaming_diversity_equals_the_quadratic_definition(n, c, seed, mods):
         assert math.isclose(got[k], want[k], abs_tol=1e-6), k
 
 
+def test_float32_sums_stay_exact_to_1e6_at_thousands_of_tokens():
+    # rows are normalised and summed in float32: at N = 3000 the terms still match the float64
+    # O(N^2) definition (block means of the cosine matrix) to 1e-6
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(3000, 96, generator=g) + 2.0 * torch.randn(1, 96, generator=g)  # similar rows
+    labels = (torch.rand(3000, generator=g) < 0.3).long()                        # text / image
+    zn = z.double() / z.double().norm(dim=1, keepdim=True)
+    sim = zn @ zn.T                                                               # (N, N) float64
+    t, i = labels == 0, labels == 1
+    nt, ni = int(t.sum()), int(i.sum())
+    want = {"text": 1 - float((sim[t][:, t].sum() - nt) / (nt * (nt - 1))),
+            "image": 1 - float((sim[i][:, i].sum() - ni) / (ni * (ni - 1))),
+            "image-text": 1 - float(sim[t][:, i].mean())}
+    got = diversity_terms(z, labels)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert math.isclose(got[k], want[k], abs_tol=1e-6), (k, got[k], want[k])
+
+
 def test_a_single_token_modality_has_no_intra_term_and_absent_modalities_none_at_all():
     z = torch.randn(5, 3)
     terms = diversity_terms(z, torch.tensor([0, 0, 0, 0, 1]))
