@@ -41,7 +41,7 @@ def test_streaming_diversity_equals_the_quadratic_definition(n, c, seed, mods):
     labels = torch.tensor([int(mods[i % len(mods)]) for i in torch.randperm(n, generator=g).tolist()])
     got, want = diversity_terms(z, labels), quadratic_reference(z, labels)
     assert got.keys() == want.keys()
-    for k in want:  # rows are normalised in float32 (sums in float64): agree to float32 rounding
+    for k in want:  # rows are normalised and summed in float32: agree to float32 rounding
         assert math.isclose(got[k], want[k], abs_tol=1e-6), k
 
 
