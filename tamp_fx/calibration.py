@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from tamp_fx.errors import TampError
+from tamp_fx.processors import takes_images
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int) 
         audio_paths = _paths(record, ("audio", "audios"), path.parent, index, path)
         kwargs: dict[str, Any] = {}
         if images:
-            if not hasattr(processor, "image_processor"):
+            if not takes_images(processor):
                 raise TampError(f"calibration sample {index} of {path} has images but the model takes no images")
             kwargs["images"] = images
         if audio_paths:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tamp_fx.errors import TampError
+from tamp_fx.processors import takes_images
 
 if TYPE_CHECKING:
     from tamp_fx.vqa import VqaResult
@@ -52,21 +54,15 @@ def perplexity(model: torch.nn.Module, tokenizer, text_file: str | Path, *, seql
 
 @dataclass(frozen=True)
 class Evaluation:
-    vqa: "VqaResult | None"
+    vqa: VqaResult | None
     perplexity: Perplexity | None
     seconds: dict[str, float]
-
-
-def takes_images(processor) -> bool:
-    return hasattr(processor, "image_processor")
 
 
 def evaluate(model: str | Path, *, text: str | Path | None = None, vqa: bool | None = None, vqa_samples: int = 600,
              seqlen: int = 512, max_windows: int | None = None, bars=None) -> Evaluation:
     """VQA accuracy on the fixture's held-out split (``vqa``: None = when the model takes images)
     and perplexity on ``text`` (when given). ``bars`` is a :class:`tamp_fx.progress.Bars`."""
-    import time
-
     from tamp_fx.model_io import load_model, load_processor, resolve_source
     from tamp_fx.progress import Bars
     from tamp_fx.vqa import vqa_accuracy

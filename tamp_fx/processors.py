@@ -12,6 +12,11 @@ import json
 from pathlib import Path
 
 
+def takes_images(processor) -> bool:
+    """Whether ``processor`` (a tokenizer or a multimodal processor) accepts images."""
+    return hasattr(processor, "image_processor")
+
+
 @functools.cache
 def _videoless(processor_cls: type) -> type:
     """``processor_cls`` accepting ``video_processor=None``.

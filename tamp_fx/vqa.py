@@ -12,6 +12,7 @@ import torch
 
 from tamp_fx.errors import TampError
 from tamp_fx.fixture import scenes
+from tamp_fx.processors import takes_images
 
 HELD_OUT_SEED = 1
 
@@ -38,7 +39,7 @@ def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, a
     """The model's greedy answer to each sample's question about its image."""
     from PIL import Image
 
-    if not hasattr(processor, "image_processor"):
+    if not takes_images(processor):
         raise TampError("this model takes no images, so it cannot answer the VQA split: pass --no-vqa")
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"                 # generation continues every row from its end
