@@ -102,8 +102,8 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
         raise TampError(f"calibration file {path} holds no conversations: expected a list of "
                         '{"image": ..., "conversations": [{"from": "human", "value": ...}, ...]}')
     for i, record in enumerate(records):
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            raise TampError(f"calibration sample {i} of {path} has no \"conversations\" list")
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or not record["conversations"]:
+            raise TampError(f"calibration sample {i} of {path} has no \"conversations\" list of turns")
         for turn in record["conversations"]:
             if not isinstance(turn, dict) or not isinstance(turn.get("value", turn.get("content", "")), str):
                 raise TampError(f"calibration sample {i} of {path}: each turn of \"conversations\" must be an object "
@@ -217,10 +217,9 @@ def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int) 
                 raise TampError(f"calibration sample {index} of {path} has audio but the model takes no audio")
             kwargs["audio"] = [_load_audio(p, extractor.sampling_rate) for p in audio_paths]
             kwargs["sampling_rate"] = extractor.sampling_rate
-        text = _prompt(processor, _messages(record))
         call = processor if kwargs else _tokenizer(processor)
         try:
-            inputs = call(text=[text], return_tensors="pt", **kwargs)
+            inputs = call(text=[_prompt(processor, _messages(record))], return_tensors="pt", **kwargs)
         except Exception as error:  # noqa: BLE001
             raise TampError(f"the processor rejected calibration sample {index} of {path}: {first_line(error)}") from error
         samples.append(dict(inputs))
