@@ -20,7 +20,7 @@ class Interrupt:                                  # Ctrl-C the moment {target} s
     def find_spec(self, name, path=None, target=None):
         if name == {target!r}:
             sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), {signal})
         return None
 from tamp_fx.cli import main
 sys.meta_path.insert(0, Interrupt())
@@ -34,7 +34,7 @@ module, name = {target!r}.rsplit(".", 1)         # Ctrl-C the moment {target} is
 module = importlib.import_module(module)
 original = getattr(module, name)
 def interrupted(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), {signal})
     return original(*args, **kwargs)
 setattr(module, name, interrupted)
 from tamp_fx.cli import main
@@ -47,19 +47,21 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
-def _interrupted_cleanly(process: subprocess.Popen, before: dict[str, str], *roots: Path) -> None:
+def _interrupted_cleanly(process: subprocess.Popen, before: dict[str, str], *roots: Path,
+                         signum: int = signal.SIGINT) -> None:
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signum, stderr
     assert stderr.strip() == "error: interrupted: nothing was written", stderr
     assert stdout == ""
     assert snapshot(*roots) == before, "something was written"
 
 
-def _run(script: str, target: str, args: list[str], *roots: Path) -> None:
+def _run(script: str, target: str, args: list[str], *roots: Path, signum: int = signal.SIGINT) -> None:
     before = snapshot(*roots)
-    process = subprocess.Popen([sys.executable, "-c", script.format(target=target, args=[str(a) for a in args])],
-                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _interrupted_cleanly(process, before, *roots)
+    code = script.format(target=target, args=[str(a) for a in args], signal=int(signum))
+    process = subprocess.Popen([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    _interrupted_cleanly(process, before, *roots, signum=signum)
 
 
 def _commands(tmp_path: Path, llama: Path, plan: Path) -> dict[str, list]:
@@ -82,6 +84,11 @@ def test_every_command_while_importing(target, tmp_path, llama, saved_plan):
 @pytest.mark.parametrize("target", ["tamp_fx.api.load_model", "tamp_fx.api.prune_layers", "tamp_fx.artifact.save_file"])
 def test_plan_at_every_stage(target, tmp_path, llama, saved_plan):
     _run(_INTERRUPT_AT_CALL, target, _commands(tmp_path, llama, saved_plan)["plan"], tmp_path, llama)
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, llama, saved_plan):
+    _run(_INTERRUPT_AT_IMPORT, "torch", _commands(tmp_path, llama, saved_plan)["plan"], tmp_path, llama,
+         signum=signal.SIGTERM)
 
 
 def test_apply_while_writing_shards(tmp_path, llama, saved_plan):
