@@ -60,13 +60,16 @@ def _fail(message: str, code: int = 1) -> None:
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn a TampError in a command into a one-line message and exit status 1 (Ctrl-C reaches
+    """Turn a TampError (or an OSError) in a command into a one-line message and exit status 1 (Ctrl-C reaches
     :func:`tamp_fx.cli.main` as ``Interrupted``; a KeyboardInterrupt here is the API's own)."""
-    from tamp_fx.errors import TampError
+    from tamp_fx.errors import TampError, first_line
     try:
         yield
     except TampError as error:
         _fail(str(error))
+    except OSError as error:        # the file system said no (permissions, a full disk) somewhere tamp-fx did not expect
+        _fail(f"{error.filename or 'a file'}: {error.strerror or first_line(error)}: check the path, its permissions "
+              "and the free space")
     except KeyboardInterrupt:
         _fail("interrupted: nothing was written", 130)
 
