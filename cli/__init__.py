@@ -1,1 +1,30 @@
-"""The tamp-fx command line."""
+"""The tamp-fx command line. :func:`main` is the console entry point; it lives here, not in
+``main.py``, so that Ctrl-C is taken over before anything heavy (typer, torch, transformers)
+is imported: however early it comes, the user sees one line and exit status 130."""
+import signal
+import sys
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM. Not a KeyboardInterrupt, which typer turns into a silent exit: this
+    one unwinds through every ``finally`` (temporary outputs are removed) up to :func:`main`."""
+
+
+def _interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)    # a second Ctrl-C must not cut the clean-up short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        from tamp_fx.cli.main import app
+        app(prog_name="tamp-fx")
+    except Interrupted as stop:
+        model_io = sys.modules.get("tamp_fx.model_io")
+        written = [str(p) for p in getattr(model_io, "WRITTEN", []) if p.exists()]
+        sys.stderr.write(f"error: interrupted: {', '.join(written) + ' was' if written else 'nothing was'} written\n")
+        return 128 + stop.args[0]
+    return 0

@@ -58,27 +58,33 @@ def _setup(verbose: bool) -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # and torch about its enums
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 1) -> None:
     # the message is plain text: no rich markup ("[...]") and no emoji codes (":M:" in "N:M: ...")
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn a TampError in a command into a one-line message and exit status 1."""
-    from tamp_fx.errors import TampError
+    """Turn a TampError (or an OSError) in a command into a one-line message and exit status 1 (Ctrl-C reaches
+    :func:`tamp_fx.cli.main` as ``Interrupted``; a KeyboardInterrupt here is the API's own)."""
+    from tamp_fx.errors import TampError, first_line
     try:
         yield
     except TampError as error:
         _fail(str(error))
+    except OSError as error:        # the file system said no (permissions, a full disk) somewhere tamp-fx did not expect
+        _fail(f"{error.filename or 'a file'}: {error.strerror or first_line(error)}: check the path, its permissions "
+              "and the free space")
     except KeyboardInterrupt:
-        _fail("interrupted: nothing was written")
+        _fail("interrupted: nothing was written", 130)
 
 
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        _fail(f"output {out} already exists: choose another --out or pass --overwrite")
+def _check_output(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), file: bool = False) -> None:
+    """Refuse an --out that clashes with an input, exists without --overwrite or cannot be
+    written, before any work (:func:`tamp_fx.model_io.check_output`)."""
+    from tamp_fx.model_io import check_output
+    check_output(out, overwrite=overwrite, protect=protect, file=file)
 
 
 @app.command()
@@ -123,17 +129,19 @@ def plan(
 
     with _user_errors():
         import tamp_fx
+        from tamp_fx.api import plan_inputs
         config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed,
                                     allocation=allocation.value if allocation else None, score=score.value if score else None,
                                     tokens=tokens.value if tokens else None, max_sparsity_delta=max_sparsity_delta)
-        _refuse_existing(out, overwrite)
+        protect = plan_inputs(model, calib)
+        _check_output(out, overwrite, protect)
         start = time.perf_counter()
         whole_only = model.suffix == ".gguf" or config.allocation == "ecoflap"
         result = tamp_fx.plan(model, calib, config, progress=not quiet, device=device, dtype=dtype,
                               offload_activations=offload_activations,
                               layer_by_layer=None if layer_by_layer and whole_only else layer_by_layer)
-        result.save(out, overwrite=overwrite, protect=(model.resolve(),))
+        result.save(out, overwrite=overwrite, protect=protect)
         s = result.summary()
         console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}"
                       f"{', ' + config.pattern if config.pattern else ''}): "
@@ -165,9 +173,10 @@ def apply(
 
     with _user_errors():
         import tamp_fx
+        from tamp_fx.api import apply_inputs
         from tamp_fx.semi_structured import cuda_problem
-        _refuse_existing(out, overwrite)
         plan_ = tamp_fx.Plan.load(plan_dir)
+        _check_output(out, overwrite, apply_inputs(model, plan_, calib), file=model.suffix == ".pt2")
         start = time.perf_counter()
         scheme = quantize.value if quantize else None
         tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib,
@@ -294,7 +303,8 @@ def convert(
 
     with _user_errors():
         import tamp_fx
-        _refuse_existing(out, overwrite)
+        from tamp_fx.model_io import resolve_source
+        _check_output(out, overwrite, (resolve_source(model).path,))
         start = time.perf_counter()
         tamp_fx.convert(model, out, overwrite=overwrite)
         console.print(f"converted {model.name} in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
@@ -313,10 +323,10 @@ def fixture(
 
     with _user_errors():
         from tamp_fx.fixture.data import write_conversations
-        from tamp_fx.fixture.model import build_fixture
-        _refuse_existing(out, overwrite)
+        from tamp_fx.fixture.model import WEIGHTS, build_fixture
+        _check_output(out, overwrite, (WEIGHTS, *([calib_out] if calib_out else [])))
         if calib_out is not None:
-            _refuse_existing(calib_out, overwrite)
+            _check_output(calib_out, overwrite, (WEIGHTS, out))
             if conversations < 1:
                 _fail(f"--conversations must be at least 1, got {conversations}")
         start = time.perf_counter()
@@ -371,8 +381,9 @@ def _half_blocks(image, step: int = 2):
     return text
 
 
-def main() -> None:
-    app(prog_name="tamp-fx")
+def main() -> int:
+    from tamp_fx.cli import main as entry       # the console entry point, which takes over Ctrl-C first
+    return entry()
 
 
 if __name__ == "__main__":

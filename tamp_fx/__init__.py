@@ -3,11 +3,22 @@
 >>> import tamp_fx
 >>> tamp_fx.PlanConfig(method="wanda", sparsity=0.5).method
 'wanda'
+
+The names below are imported on first use, so that ``tamp_fx.cli`` can take over Ctrl-C
+before torch is imported.
 """
-from tamp_fx.api import apply, convert, plan
-from tamp_fx.artifact import LinearPlan, Plan
-from tamp_fx.config import PlanConfig
-from tamp_fx.errors import TampError
+import importlib
+
+_EXPORTS = {"plan": "tamp_fx.api", "apply": "tamp_fx.api", "convert": "tamp_fx.api", "Plan": "tamp_fx.artifact",
+            "LinearPlan": "tamp_fx.artifact", "PlanConfig": "tamp_fx.config", "TampError": "tamp_fx.errors"}
 
 __version__ = "0.1.0"
 __all__ = ["plan", "apply", "convert", "Plan", "LinearPlan", "PlanConfig", "TampError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tamp_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

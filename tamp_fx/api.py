@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from tamp_fx.adapters import decoder_layout, modality_token_ids
 from tamp_fx.artifact import LinearPlan, Plan
-from tamp_fx.calibration import load_calibration
+from tamp_fx.calibration import calibration_inputs, load_calibration
 from tamp_fx.capture import capture_layer_inputs
 from tamp_fx.config import PlanConfig
 from tamp_fx.allocators import ALLOCATORS, Allocation
@@ -25,9 +25,9 @@ from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
 from tamp_fx.layers import CheckpointLayers, DecoderLayers, ResidentLayers
-from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_dtype, checkpoint_index, checkpoint_keys,
-                              fingerprint, fingerprint_of, load_model, load_processor, materialise, meta_model, release,
-                              resolve_source)
+from tamp_fx.model_io import (ModelSource, atomic_directory, check_output, checkpoint_dtype, checkpoint_index,
+                              checkpoint_keys, fingerprint, fingerprint_of, load_model, load_processor, materialise,
+                              meta_model, release, resolve_source, temp_prefix)
 from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.progress import Bars
 from tamp_fx.exported import apply_program, load_program, plan_program, program_weights
@@ -135,6 +135,19 @@ def _layer_names(net: torch.nn.Module, layout) -> list[str]:
     return [n for n, _ in net.named_parameters() if n.startswith(layout.prefix + ".")]
 
 
+def plan_inputs(model: str | Path, calib: str | Path) -> tuple[Path, ...]:
+    """What ``plan(model, calib)`` reads and a plan's ``--out`` must never replace: the model,
+    the calibration file and the media files it names (checked on the way, in one line)."""
+    return (resolve_source(model).path, *calibration_inputs(calib))
+
+
+def apply_inputs(model: str | Path, plan_: Plan | str | Path, calib: str | Path | None = None) -> tuple[Path, ...]:
+    """What ``apply(model, plan_, ...)`` reads and its ``out`` must never replace: the model,
+    the plan's directory and the calibration inputs of ``--quantize pt2e-x86``."""
+    plan_dir = plan_.path if isinstance(plan_, Plan) else plan_
+    return tuple(Path(p) for p in (resolve_source(model).path, plan_dir, calib) if p is not None)
+
+
 def _allocate(net, layers: DecoderLayers, acts, samples, token_ids, config: PlanConfig, bars: Bars,
               exporter: LayerExporter) -> Allocation | None:
     """Run what the allocation needs over the dense model and return its targets (None: uniform)."""
@@ -190,7 +203,8 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
     """
     source = resolve_source(model)
     plan_ = plan_ if isinstance(plan_, Plan) else Plan.load(plan_)
-    protect = (source.path,)
+    protect = apply_inputs(model, plan_, calib)
+    check_output(out, overwrite=overwrite, protect=protect, file=source.kind == "pt2")
     if quantize is not None and quantize not in QUANTIZERS:
         raise TampError(f"unknown quantization scheme {quantize!r}; valid schemes are {', '.join(QUANTIZERS)}")
     if format not in semi_structured.FORMATS:
@@ -203,7 +217,7 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
         _check_plan_matches(plan_, program_weights(ep, plan_.linears), source)
         return apply_program(ep, plan_, Path(out), overwrite=overwrite, protect=protect, quantize=quantize, calib=calib)
     if quantize is not None:
-        return _apply_quantized(source, plan_, Path(out), overwrite, progress, quantize)
+        return _apply_quantized(source, plan_, Path(out), overwrite, protect, progress, quantize)
     dtype = torch.bfloat16 if finish else None
     if source.kind == "gguf":
         return _apply_gguf(source, plan_, Path(out), overwrite, protect, dtype, finish)
@@ -281,15 +295,16 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _apply_quantized(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, progress: bool, quantize: str) -> Path:
+def _apply_quantized(source: ModelSource, plan_: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
+                     progress: bool, quantize: str) -> Path:
     """Apply the plan to a staging directory beside ``out``, then quantize it into ``out``."""
     if quantize != "int8-weight":
         raise TampError(f"--quantize {quantize} quantizes an exported program (.pt2): for a Hugging Face or GGUF "
                         "model use --quantize int8-weight")
     _require_torchao()
     masks = {lp.module_name: plan_.masks[name] for name, lp in plan_.linears.items()}
-    with atomic_directory(out, overwrite=overwrite, protect=(source.path,)) as tmp, \
-            tempfile.TemporaryDirectory(prefix=f".{out.name}.pruned-", dir=tmp.parent) as staging:
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, \
+            tempfile.TemporaryDirectory(prefix=temp_prefix(out) + "pruned-", dir=tmp.parent) as staging:
         pruned = apply(source.path, plan_, Path(staging) / "model", progress=progress)
         save_int8_weight(pruned, tmp, masks)
     return out
@@ -332,6 +347,7 @@ def convert(model: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     source = resolve_source(model)
     if source.kind != "gguf":
         raise TampError(f"{source.path} is not a .gguf file: convert turns GGUF models into Hugging Face directories")
+    check_output(out, overwrite=overwrite, protect=(source.path,))
     net = load_model(source)
     return _save_hf(net, load_processor(source, net.config), Path(out), overwrite, (source.path,))
 

@@ -9,20 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tamp_fx.cli.main import app
+from tamp_fx.testing.cli import fails_cleanly
 
 runner = CliRunner()
-
-
-def fails_cleanly(args, expected: str, *must_not_exist: Path) -> None:
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert expected in result.output, result.output
-    assert "Traceback" not in result.output
-    for path in must_not_exist:
-        assert not path.exists(), f"{path} was written"
-        assert not list(path.parent.glob(f".{path.name}.tmp-*")), "a temporary directory was left behind"
 
 
 @pytest.fixture

@@ -1,0 +1,127 @@
+"""--out is checked before any work (an existing path, a file where a directory is needed, a
+directory that cannot be written), replaced cleanly with --overwrite, and what runs killed
+with SIGKILL leave beside it is removed by the next run on it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tamp_fx.api
+from tamp_fx.testing.cli import fails_cleanly, invoke
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading the model is the first piece of work: a refusal must come before it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the output was checked")
+    monkeypatch.setattr(tamp_fx.api, "load_model", refuse)
+
+
+def _plan(llama, out, *extra):
+    return ["plan", llama, "--calib", llama / "calib.jsonl", "--out", out, "-q", *extra]
+
+
+def test_an_existing_out_is_refused_without_overwrite(tmp_path, llama, no_work):
+    (tmp_path / "p").write_text("keep me")
+    fails_cleanly(_plan(llama, tmp_path / "p"), "already exists", unchanged=[tmp_path, llama])
+
+
+def test_out_under_a_file_is_refused(tmp_path, llama, no_work):
+    (tmp_path / "f").write_text("a file")
+    fails_cleanly(_plan(llama, tmp_path / "f" / "p"), "is a file", unchanged=[tmp_path, llama])
+    fails_cleanly(_plan(llama, tmp_path / "f" / "a" / "b"), "is a file", unchanged=[tmp_path, llama])
+
+
+def test_a_directory_for_a_pt2_file_is_refused(tmp_path, saved_plan):
+    model = tmp_path / "m.pt2"
+    model.write_bytes(b"refused before it is read")
+    (tmp_path / "out.pt2").mkdir()
+    fails_cleanly(["apply", model, saved_plan, "--out", tmp_path / "out.pt2", "--overwrite", "-q"], "is a directory",
+                  unchanged=[tmp_path])
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    try:
+        return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """A directory with the immutable attribute (chattr +i stops root too); skipped where it cannot be set."""
+    directory = tmp_path / "frozen"
+    directory.mkdir()
+    (directory / "old").mkdir()
+    if not _chattr("+i", directory):
+        pytest.skip("chattr +i is not available here")
+    yield directory
+    _chattr("-i", directory)
+
+
+def test_an_immutable_parent_is_refused_before_any_work(immutable, llama, no_work):
+    fails_cleanly(_plan(llama, immutable / "p"), "not writable", unchanged=[immutable, llama])
+    fails_cleanly(_plan(llama, immutable / "new" / "p"), "not writable", unchanged=[immutable, llama])
+
+
+def test_an_immutable_out_is_refused_before_any_work(immutable, llama, no_work):
+    fails_cleanly(_plan(llama, immutable, "--overwrite"), "immutable", unchanged=[immutable, llama])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permission bits do not stop root")
+def test_a_read_only_parent_is_refused_before_any_work(tmp_path, llama, no_work):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        fails_cleanly(_plan(llama, tmp_path / "ro" / "p"), "not writable", unchanged=[tmp_path, llama])
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+
+
+def test_overwrite_replaces_a_file_and_leaves_nothing_beside_it(tmp_path, llama):
+    (tmp_path / "p").write_text("an old file")
+    result = invoke(_plan(llama, tmp_path / "p", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "p" / "plan.json").is_file()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p"]
+
+
+def test_overwrite_replaces_a_directory_and_leaves_nothing_beside_it(tmp_path, llama):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "stale").write_text("from before")
+    result = invoke(_plan(llama, tmp_path / "p", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == ["masks.safetensors", "plan.json"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p"]
+
+
+_KILLED_WHILE_WRITING = """
+import os, signal, sys
+from pathlib import Path
+from tamp_fx.model_io import atomic_directory
+with atomic_directory(Path(sys.argv[1]), overwrite=False) as tmp:
+    (tmp / "half-written").write_text("...")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next_run_and_only_those(tmp_path, llama):
+    out = tmp_path / "p"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(out)])
+    assert killed.returncode == -9
+    left = list(tmp_path.glob(".p.tmp-*"))
+    assert len(left) == 1 and (left[0] / "half-written").is_file()
+    alive = tmp_path / f".p.tmp-{os.getpid()}-still-running"      # a live process's: never touched
+    alive.mkdir()
+    other = tmp_path / ".q.tmp-1-another-output"                   # another output's: never touched
+    other.mkdir()
+    result = invoke(_plan(llama, out))
+    assert result.exit_code == 0, result.output
+    said = "".join(result.output.split())                         # rich wraps long lines
+    assert "leftbyaninterruptedrun" in said and left[0].name in said
+    assert sorted(x.name for x in tmp_path.iterdir()) == sorted([".q.tmp-1-another-output", alive.name, "p"])
