@@ -81,7 +81,7 @@ def test_every_command_while_importing(target, tmp_path, llama, saved_plan):
         _run(_INTERRUPT_AT_IMPORT, target, args, tmp_path, llama, saved_plan)
 
 
-@pytest.mark.parametrize("target", ["tamp_fx.api.load_model", "tamp_fx.api.prune_layers", "tamp_fx.artifact.save_file"])
+@pytest.mark.parametrize("target", ["tamp_fx.api.meta_model", "tamp_fx.api.prune_layers", "tamp_fx.artifact.save_file"])
 def test_plan_at_every_stage(target, tmp_path, llama, saved_plan):
     _run(_INTERRUPT_AT_CALL, target, _commands(tmp_path, llama, saved_plan)["plan"], tmp_path, llama)
 
