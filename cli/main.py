@@ -278,20 +278,30 @@ def convert(
         console.print(f"converted {model.name} in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
 
 
+#: fixture kind -> (module with build_fixture, module with write_conversations)
+FIXTURES = {"llava": ("tamp_fx.fixture.model", "tamp_fx.fixture.data"),
+            "next": ("tamp_fx.fixture2.model", "tamp_fx.fixture2.data")}
+FixtureKind = Enum("FixtureKind", {k: k for k in FIXTURES}, type=str)
+
+
 @app.command()
 def fixture(
     out: Annotated[Path, typer.Option(help="Directory to write the fixture model (a transformers directory) to.")],
     calib_out: Annotated[Optional[Path], typer.Option(help="Also write calibration conversations (calib.jsonl + "
                                                       "images/) from the training distribution here.")] = None,
     conversations: Annotated[int, typer.Option(help="How many conversations --calib-out gets.")] = 128,
+    kind: Annotated[FixtureKind, typer.Option(help="llava: fixture 1 (LLaVA, 16 image tokens, question-answer "
+                                              "calibration); next: fixture 2 (LLaVA-NeXT, anyres, 88 image tokens, "
+                                              "ShareGPT4V-style calibration).")] = FixtureKind.llava,
     overwrite: Overwrite = False,
 ) -> None:
-    """Assemble the multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA."""
+    """Assemble a multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA."""
     _setup(False)
 
     with _user_errors():
-        from tamp_fx.fixture.data import write_conversations
-        from tamp_fx.fixture.model import build_fixture
+        import importlib
+        build_fixture = importlib.import_module(FIXTURES[kind.value][0]).build_fixture
+        write_conversations = importlib.import_module(FIXTURES[kind.value][1]).write_conversations
         _refuse_existing(out, overwrite)
         if calib_out is not None:
             _refuse_existing(calib_out, overwrite)

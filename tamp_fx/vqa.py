@@ -35,7 +35,8 @@ def _prompt(processor, question: str) -> str:
 
 
 @torch.no_grad()
-def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, advance=None) -> list[str]:
+def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, advance=None,
+           max_new_tokens: int = 4) -> list[str]:
     """The model's greedy answer to each sample's question about its image."""
     from PIL import Image
 
@@ -48,19 +49,21 @@ def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, a
         part = samples[i:i + batch]
         inputs = processor(text=[_prompt(processor, s.question) for s in part],
                            images=[Image.fromarray(s.image) for s in part], return_tensors="pt", padding=True)
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         if advance is not None:
             advance(len(part))
     return answers
 
 
-def vqa_accuracy(model, processor, n: int = 600, *, advance=None) -> VqaResult:
-    samples = held_out(n)
-    answers = answer(model, processor, samples, advance=advance)
+def vqa_accuracy(model, processor, n: int = 600, *, advance=None, samples=None, max_new_tokens: int = 4) -> VqaResult:
+    """Accuracy on ``samples`` (anything with ``image``, ``question``, ``answer`` and ``task``,
+    e.g. fixture 2's held-out split), by default the first ``n`` of fixture 1's held-out split."""
+    samples = held_out(n) if samples is None else samples
+    answers = answer(model, processor, samples, advance=advance, max_new_tokens=max_new_tokens)
     hits = [scenes.normalise(a) == scenes.normalise(s.answer) for a, s in zip(answers, samples)]
     per_task = {}
-    for task in scenes.TASKS:
+    for task in dict.fromkeys(s.task for s in samples):
         mine = [h for h, s in zip(hits, samples) if s.task == task]
         if mine:
             per_task[task] = sum(mine) / len(mine)

@@ -47,6 +47,14 @@ def make_processor(tokenizer):
                               image_token=IMAGE_TOKEN, num_additional_image_tokens=0)
 
 
+def processor():
+    """Fixture 2's processor from SmolLM2's tokenizer alone (no language-model weights loaded)."""
+    from tamp_fx.demo import smollm2_gguf
+    from tamp_fx.model_io import load_processor, resolve_source
+
+    return make_processor(fixture1.tokenizer_with_image_token(load_processor(resolve_source(smollm2_gguf()))))
+
+
 def assemble(lm, tokenizer):
     """An untrained LLaVA-NeXT around ``lm`` (its weights copied in unchanged) and its processor."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration

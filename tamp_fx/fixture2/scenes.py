@@ -3,7 +3,7 @@
 Every sample is a 128x128 RGB image and one question whose answer is one word (no spaces).
 A scene is a 4x4 grid of 32-px cells holding one to eight coloured shapes, small or large,
 no two alike in both colour and shape, and, in half the scenes (every "text" scene), a short
-string of two to four characters written across two neighbouring cells of one row (one
+string of two to four characters written in one or two neighbouring cells of one row (one
 character per 16-px slot, a 5x7 font at scale 2: 10x14 px). The anyres processor sees the
 image as a 64x64 base view (a cell is 16 px there, a small shape a few pixels, a character
 unreadable) and four 64x64 tiles (a cell is 32 px, as in fixture 1); the text never crosses a
@@ -71,13 +71,14 @@ class Obj:
 class Text:
     string: str
     row: int        # cell row 0..3
-    col: int        # first of the two cells: column 0 or 2 (so it stays in one tile)
+    col: int        # column 0 or 2: the text lies in this cell and the next (so it stays in one tile)
     line: int       # which half of the cell row (0 upper, 1 lower): the 16-px slot row
     start: int      # first 16-px slot of the four across the two cells
 
     @property
-    def cells(self) -> tuple[int, int]:
-        return self.row * GRID + self.col, self.row * GRID + self.col + 1
+    def cells(self) -> tuple[int, ...]:
+        """The one or two cells the characters are in (a cell holds two slots)."""
+        return tuple(sorted({self.row * GRID + scol // 2 for _, scol, _ in self.slots()}))
 
     def slots(self) -> list[tuple[int, int, str]]:
         """(slot row, slot column, character) in the image's 8x8 grid of 16-px slots."""
@@ -166,7 +167,7 @@ def _cell(rng, objects, text):
     if kind == "object":
         cell = objects[int(rng.integers(len(objects)))].cell
     elif kind == "text":
-        cell = text.cells[int(rng.integers(2))]
+        cell = text.cells[int(rng.integers(len(text.cells)))]
     else:
         cell = empty[int(rng.integers(len(empty)))]
     return f"What is in row {cell // GRID + 1}, column {cell % GRID + 1}?", by_cell.get(cell, "nothing")
@@ -207,12 +208,33 @@ _QUESTIONS = {"colour": _colour, "cell": _cell, "count": _count, "quadrant": _qu
 assert tuple(_QUESTIONS) == TASKS
 
 
+def ask(rng: np.random.Generator, task: str, objects, text: Text | None) -> tuple[str, str] | None:
+    """(question, answer) of ``task`` about a scene, or None if the scene cannot pose it."""
+    return _QUESTIONS[task](rng, list(objects), text)
+
+
+def conversation(rng: np.random.Generator, turns: int, text_share: float = 0.5) -> list[Sample]:
+    """Up to ``turns`` questions of different tasks about one scene (the same image), the
+    tasks in random order; a scene that cannot pose a task skips it. ``text_share`` of the
+    scenes show text."""
+    objects, text = _scene(rng, with_text=rng.random() < text_share)
+    image = _draw(rng, objects, text)
+    out = []
+    for task in rng.permutation(TASKS):
+        if len(out) == turns:
+            break
+        qa = ask(rng, str(task), objects, text)
+        if qa is not None:
+            out.append(Sample(image, qa[0], qa[1], str(task), tuple(objects), text))
+    return out
+
+
 def sample(rng: np.random.Generator, task: str | None = None) -> Sample:
     """One sample; ``task`` None draws it uniformly from :data:`TASKS`."""
     task = task or TASKS[int(rng.integers(len(TASKS)))]
     while True:
         objects, text = _scene(rng, with_text=task == "text" or rng.random() < 0.5)
-        qa = _QUESTIONS[task](rng, objects, text)
+        qa = ask(rng, task, objects, text)
         if qa is not None:
             break
     return Sample(_draw(rng, objects, text), qa[0], qa[1], task, tuple(objects), text)

@@ -18,7 +18,9 @@ The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its train
   over the describing words by cosine. No language-model pass, so steps are cheap;
 * stage "answer": end to end through the frozen SmolLM2 (bfloat16 autocast), training the
   projector, the newline vector, the tower's last layer and the rank-8 LoRA on the answer
-  tokens only.
+  tokens only. Each item is a conversation of ``--turns`` questions (different tasks) about
+  one image, so the 88 image tokens are paid once for several answers; its first turn is the
+  evaluation's single-question prompt.
 
 Data: step ``t`` of stage ``k`` draws its batch from ``numpy.random.default_rng([100, k, t])``,
 so a resumed run sees exactly the samples an uninterrupted one would, and skips every sample
@@ -74,8 +76,24 @@ def batch_samples(stage: int, step: int, n: int, held: set) -> list[scenes.Sampl
     return out
 
 
+def batch_conversations(stage: int, step: int, n: int, turns: int, held: set) -> list[list[scenes.Sample]]:
+    """``n`` conversations of up to ``turns`` questions about one image each, seeded by
+    ``stage`` and ``step``, without a held-out question. One image serves several answers,
+    so its 88 tokens are paid once; the first turn is exactly the evaluation's prompt. Three
+    scenes in four show text (reading strings is the hardest task)."""
+    rng = np.random.default_rng([TRAIN_SEED, stage, step])
+    out = []
+    while len(out) < n:
+        turns_left = [s for s in scenes.conversation(rng, turns, text_share=0.75) if scenes.key(s) not in held]
+        if turns_left:
+            out.append(turns_left)
+    return out
+
+
 class Batcher(train1.Batcher):
-    """Fixture 1's batcher with fixture 2's 88 image tokens and the anyres pixel inputs."""
+    """Fixture 1's batcher with fixture 2's 88 image tokens and the anyres pixel inputs; an
+    item is a sample or a conversation (a list of samples about one image), whose answers
+    all count."""
 
     image_tokens = fixture2.IMAGE_TOKENS
 
@@ -83,8 +101,20 @@ class Batcher(train1.Batcher):
         super().__init__(processor)
         self.images = processor.image_processor
 
-    def pixel_inputs(self, samples) -> dict[str, torch.Tensor]:
-        out = self.images([Image.fromarray(s.image) for s in samples], return_tensors="pt")
+    def row(self, item) -> tuple[list[int], list[int]]:
+        first, *more = item if isinstance(item, list) else [item]
+        ids, positions = super().row(first)
+        for s in more:   # the chat template's next turns: "\n<|im_start|>user\n..." after "<|im_end|>"
+            head = self.tok(f"\n<|im_start|>user\n{s.question}<|im_end|>\n<|im_start|>assistant\n",
+                            add_special_tokens=False)["input_ids"]
+            answer = self.tok(s.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            positions += range(len(ids) + len(head), len(ids) + len(head) + len(answer))
+            ids = ids + head + answer
+        return ids, positions
+
+    def pixel_inputs(self, items) -> dict[str, torch.Tensor]:
+        images = [Image.fromarray((item[0] if isinstance(item, list) else item).image) for item in items]
+        out = self.images(images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}  # (B, 5, 3, 64, 64), (B, 2)
 
 
@@ -229,7 +259,8 @@ class Run:
                                note="stopped by --max-minutes before the schedule ended; --resume continues")
                     return "budget"
                 self.step += 1
-                samples = batch_samples(self.stage, self.step, batch, self.held)
+                samples = (batch_samples(self.stage, self.step, batch, self.held) if name == "align" else
+                           batch_conversations(self.stage, self.step, batch, a.turns, self.held))
                 t = time.perf_counter()
                 running.append((self._align_step if name == "align" else self._answer_step)(samples))
                 if self.step == 1 or self.step % a.log_every == 0:
@@ -256,15 +287,16 @@ def parse(argv=None) -> argparse.Namespace:
                         help="start from these trained parts (fixture 1's); 'none' starts from scratch")
     parser.add_argument("--align-steps", type=int, default=600)
     parser.add_argument("--align-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=12, help="images per step of stage answer")
+    parser.add_argument("--turns", type=int, default=4, help="questions per image in stage answer")
     parser.add_argument("--max-minutes", type=float, default=90.0)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--val-samples", type=int, default=240)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     args = parser.parse_args(argv)
-    for name in ("align_steps", "steps", "batch", "align_batch", "eval_every", "val_samples", "log_every",
+    for name in ("align_steps", "steps", "batch", "turns", "align_batch", "eval_every", "val_samples", "log_every",
                  "checkpoint_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -291,7 +323,7 @@ def main(argv=None) -> None:
             if str(args.init) != "none":
                 run.init_from(args.init)
             write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
-                  steps=args.steps, batch=args.batch, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
+                  steps=args.steps, batch=args.batch, turns=args.turns, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
                   image_tokens=fixture2.IMAGE_TOKENS)
         outcome = run.run()
         if outcome == "done":
