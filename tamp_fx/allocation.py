@@ -80,7 +80,8 @@ def allocate_size_normalised(sizes: Mapping[str, int], importance: Mapping[str, 
     meets the budget; without clipping ``c = (1 - s) / mean importance`` (the mean weighted by
     parameters), so a group of average importance keeps exactly ``1 - s``. Where the groups with
     positive importance cannot absorb the budget (all at P_g), the rest goes to the others in
-    proportion to their sizes. The integer rounding is the reference's.
+    proportion to their sizes (an importance below 1e-200 of the largest counts as zero). The
+    integer rounding is the reference's.
 
     >>> allocate_size_normalised({"a": 100, "b": 300}, {"a": 1.0, "b": 1.0}, 0.5, 0.6)  # equal shares
     {'a': 50, 'b': 150}
@@ -90,7 +91,9 @@ def allocate_size_normalised(sizes: Mapping[str, int], importance: Mapping[str, 
     _check(sizes, importance, sparsity, max_sparsity)
     budget = math.floor(sum(sizes.values()) * (1.0 - sparsity) + 1e-9)
     lower = min_keep(sizes, sparsity, max_sparsity)
-    keep = _fill(sizes, lower, {g: sizes[g] * importance[g] for g in sizes}, budget)
+    top = max((importance[g] for g in sizes), default=0.0)
+    relative = {g: importance[g] / top if top > 0 else 0.0 for g in sizes}        # in [0, 1]: no overflow below
+    keep = _fill(sizes, lower, {g: sizes[g] * relative[g] if relative[g] > 1e-200 else 0.0 for g in sizes}, budget)
     if sum(keep.values()) < budget - 1e-6:                  # important groups are full: size-weighted rest
         keep = _fill(sizes, keep, {g: float(sizes[g]) if keep[g] < sizes[g] else 0.0 for g in sizes}, budget)
     return _round(sizes, keep, importance, budget)
