@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import _machine, run  # noqa: E402
+from quality import Results, pyplot, run  # noqa: E402
 from smollm2_perplexity import split_halves  # noqa: E402
 
 #: name -> the `tamp-fx plan` options that select it; the last three go beyond the paper
@@ -84,13 +84,17 @@ def _hits(row: dict) -> dict[str, np.ndarray]:
 def rel_with_interval(row: dict, dense: dict, rng: np.random.Generator) -> tuple[float, float, float]:
     """Rel. = mean over tasks of pruned / dense accuracy, and its paired 95% bootstrap interval."""
     ours, base = _hits(row), _hits(dense)
-    point = float(np.mean([ours[t].mean() / base[t].mean() for t in base]))
+    point = float(np.mean([ours[t].mean() / base[t].mean() if base[t].any() else np.nan for t in base]))
     draws = np.zeros(BOOTSTRAP)
-    for t in base:
-        idx = rng.integers(len(base[t]), size=(BOOTSTRAP, len(base[t])))     # (B, n_t) resampled questions
-        draws += ours[t][idx].mean(1) / np.maximum(base[t][idx].mean(1), 1e-9)
+    with np.errstate(divide="ignore", invalid="ignore"):   # a task the dense model never gets right: undefined
+        for t in base:
+            idx = rng.integers(len(base[t]), size=(BOOTSTRAP, len(base[t])))     # (B, n_t) resampled questions
+            dense_acc = base[t][idx].mean(1)
+            draws += np.where(dense_acc > 0, ours[t][idx].mean(1) / dense_acc, np.nan)
     draws /= len(base)
-    lo, hi = np.percentile(draws, [2.5, 97.5])
+    if np.isnan(draws).mean() > 0.025:
+        return point, float("nan"), float("nan")
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
     return point, float(lo), float(hi)
 
 
@@ -175,12 +179,8 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
 
 
 def _plot(pruned: list[dict], methods: list[str], sparsities: list[float], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plot]'): no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
     for k, m in enumerate(methods):
@@ -231,28 +231,11 @@ def main() -> None:
         return
 
     w = args.workdir
-    w.mkdir(parents=True, exist_ok=True)
-    results, log_file, invocations = w / "results.jsonl", w / "commands.json", w / "invocations.txt"
-    committed = args.docs / "quality-v2.json"
-    if not results.exists() and committed.exists():  # a fresh clone resumes from the committed rows
-        saved = json.loads(committed.read_text())
-        results.write_text("".join(json.dumps(r) + "\n" for r in saved["rows"]))
-        log_file.write_text(json.dumps(saved["commands"], indent=1))
-        invocations.write_text("\n".join(saved["invocations"]) + "\n")
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    log: list[dict] = json.loads(log_file.read_text()) if log_file.exists() else []
-    begin = time.perf_counter() - sum(e["seconds"] for e in log)
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log_file.write_text(json.dumps(log, indent=1))
-
+    state = Results(w, args.docs / "quality-v2.json")
+    rows, log, record = state.rows, state.log, state.record
     if not args.report_only:
         from tamp_fx.fixture2.data import write_descriptions
-        with invocations.open("a") as f:
-            f.write("python " + shlex.join(sys.argv) + "\n")
+        state.invoked()
         _, wiki = split_halves(args.data, w)
         descriptions = w / "descriptions.txt"
         if not descriptions.exists():
@@ -294,9 +277,7 @@ def main() -> None:
                            "plan_seconds": plan_seconds, **evaluate(out)}
                     shutil.rmtree(out)
                     record(row)
-    meta = {"invocations": invocations.read_text().splitlines() if invocations.exists() else [],
-            "note": args.note, "machine": _machine(), "vqa_samples": args.vqa_samples,
-            "conversations": args.conversations, "total_seconds": time.perf_counter() - begin, "commands": log}
+    meta = state.meta() | {"note": args.note, "vqa_samples": args.vqa_samples, "conversations": args.conversations}
     write_outputs(rows, args.docs, meta)
     print(f"wrote {args.docs}/quality-v2.md, .csv, .json and .png")
 

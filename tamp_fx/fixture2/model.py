@@ -66,13 +66,7 @@ def assemble(lm, tokenizer):
         image_seq_length=IMAGE_TOKENS, projector_hidden_act="gelu", vision_feature_select_strategy="full",
         vision_feature_layer=-1, tie_word_embeddings=lm.config.tie_word_embeddings,
     )
-    config._attn_implementation = "sdpa"
-    model = LlavaNextForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
-    model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), make_processor(tokenizer)
+    return fixture1.with_language_model(LlavaNextForConditionalGeneration, config, lm, tokenizer), make_processor(tokenizer)
 
 
 def load_trained(model, path: Path = WEIGHTS) -> None:

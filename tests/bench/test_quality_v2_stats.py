@@ -15,8 +15,8 @@ def _row(**hits):
 
 
 def test_rel_is_the_mean_over_tasks_of_pruned_over_dense_accuracy():
-    dense = _row(a="1111", b="1100")
-    pruned = _row(a="1100", b="1000")
+    dense = _row(a="1111" * 10, b="1100" * 10)
+    pruned = _row(a="1100" * 10, b="1000" * 10)
     rel, lo, hi = quality_v2.rel_with_interval(pruned, dense, np.random.default_rng(0))
     assert rel == (0.5 / 1.0 + 0.25 / 0.5) / 2
     assert lo <= rel <= hi
@@ -39,3 +39,8 @@ def test_the_interval_narrows_with_more_questions():
         _, lo, hi = quality_v2.rel_with_interval(pruned, dense, rng)
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2
+
+
+def test_a_task_the_dense_model_never_answers_leaves_rel_undefined():
+    rel, lo, hi = quality_v2.rel_with_interval(_row(a="1010", b="11"), _row(a="1111", b="00"), np.random.default_rng(3))
+    assert np.isnan(rel) and np.isnan(lo) and np.isnan(hi)
