@@ -152,7 +152,8 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
              f"{dense['ppl_desc']:.2f} on held-out scene descriptions, {dense['ppl_wiki']:.2f} on WikiText-2 "
              "(second half of validation).", "",
              "## Rel. (mean over tasks of pruned / dense VQA accuracy, 95% paired bootstrap interval; "
-             "at 60% the mean over calibration seeds and their range)", "", *header]
+             "at 60% the mean over calibration seeds and their range; the plot `quality-v2.png` draws the same "
+             "as error bars)", "", *header]
     lines += [f"| {m} | " + " | ".join(rel_cell(m, s) for s in sparsities) + " |" for m in methods]
     for title, key, fmt in (("VQA accuracy (overall)", "vqa", "{:.1%}"),
                             ("Perplexity, held-out descriptions", "ppl_desc", "{:.2f}"),
@@ -167,7 +168,8 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
         for t, h in _hits(r).items():
             lo, hi = task_interval(h, rng)
             cells.append(f"{h.mean():.1%} [{lo:.0%}, {hi:.0%}]")
-        lines.append(f"| {r['method']} | {r['target']:.0%} | {r.get('seed', '-')} | " + " | ".join(cells) + " |")
+        seed = "-" if r.get("seed") is None else r["seed"]
+        lines.append(f"| {r['method']} | {r['target']:.0%} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "## How this was measured", "",
               f"Machine: {meta['machine']}. Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
               "The benchmark runs (resumable: each skips what `results.jsonl` already has):", "",
