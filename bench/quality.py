@@ -95,12 +95,8 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
               "Every `tamp-fx` command they ran, with its wall time, is in `quality.json`. " + meta["note"]]
     (docs / "quality.md").write_text("\n".join(lines) + "\n")
     (docs / "quality.json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plot]'): no plot written")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for m in methods:
@@ -117,6 +113,51 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     fig.savefig(docs / "quality.png")
 
 
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (saying so) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'): no plot written")
+        return None
+    return plt
+
+
+class Results:
+    """A benchmark's state in its workdir: rows (``results.jsonl``), the commands run with their
+    wall times (``commands.json``) and the invocations (``invocations.txt``). A fresh clone
+    resumes from the rows, commands and invocations of the committed report ``committed``."""
+
+    def __init__(self, workdir: Path, committed: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.results, self.log_file, self.invocations = (workdir / "results.jsonl", workdir / "commands.json",
+                                                         workdir / "invocations.txt")
+        if not self.results.exists() and committed.exists():
+            saved = json.loads(committed.read_text())
+            self.results.write_text("".join(json.dumps(r) + "\n" for r in saved["rows"]))
+            self.log_file.write_text(json.dumps(saved["commands"], indent=1))
+            self.invocations.write_text("\n".join(saved["invocations"]) + "\n")
+        self.rows = [json.loads(line) for line in self.results.read_text().splitlines()] if self.results.exists() else []
+        self.log: list[dict] = json.loads(self.log_file.read_text()) if self.log_file.exists() else []
+        self.begin = time.perf_counter() - sum(e["seconds"] for e in self.log)
+
+    def invoked(self) -> None:
+        with self.invocations.open("a") as f:
+            f.write("python " + shlex.join(sys.argv) + "\n")
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        with self.results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.log_file.write_text(json.dumps(self.log, indent=1))
+
+    def meta(self) -> dict:
+        return {"invocations": self.invocations.read_text().splitlines() if self.invocations.exists() else [],
+                "total_seconds": time.perf_counter() - self.begin, "commands": self.log, "machine": _machine()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/wikitext2-valid.txt"))
@@ -131,28 +172,10 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     args = parser.parse_args()
     w = args.workdir
-    w.mkdir(parents=True, exist_ok=True)
-    results = w / "results.jsonl"
-    committed = args.docs / "quality.json"
-    if not results.exists() and committed.exists():  # a fresh clone resumes from the committed rows
-        results.write_text("".join(json.dumps(r) + "\n" for r in json.loads(committed.read_text())["rows"]))
-        (w / "commands.json").write_text(json.dumps(json.loads(committed.read_text())["commands"], indent=1))
-        (w / "invocations.txt").write_text("\n".join(json.loads(committed.read_text())["invocations"]) + "\n")
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    log_file = w / "commands.json"
-    log: list[dict] = json.loads(log_file.read_text()) if log_file.exists() else []
-    begin = time.perf_counter() - sum(e["seconds"] for e in log)
-
-    def record(row: dict) -> None:
-        rows.append(row)
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log_file.write_text(json.dumps(log, indent=1))
-
-    invocations = w / "invocations.txt"
+    state = Results(w, args.docs / "quality.json")
+    rows, log, record = state.rows, state.log, state.record
     if not args.report_only:
-        with invocations.open("a") as f:
-            f.write("python " + shlex.join(sys.argv) + "\n")
+        state.invoked()
         _, evaluation = split_halves(args.data, w)
         fixture, calib = w / "fixture", w / "calib"
         if not (fixture / "config.json").is_file():
@@ -183,9 +206,7 @@ def main() -> None:
                        "plan_seconds": plan_seconds, **evaluate(out)}
                 shutil.rmtree(out)
                 record(row)
-    meta = {"invocations": invocations.read_text().splitlines() if invocations.exists() else [],
-            "note": args.note, "machine": _machine(), "vqa_samples": args.vqa_samples,
-            "conversations": args.conversations, "total_seconds": time.perf_counter() - begin, "commands": log}
+    meta = state.meta() | {"note": args.note, "vqa_samples": args.vqa_samples, "conversations": args.conversations}
     write_outputs(rows, args.docs, meta)
     print(f"wrote {args.docs}/quality.md, quality.csv, quality.json and quality.png")
 

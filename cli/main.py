@@ -34,6 +34,7 @@ Score = Enum("Score", {m: m for m in SCORE_NAMES}, type=str)
 Tokens = Enum("Tokens", {m: m for m in TOKEN_NAMES}, type=str)
 Quantize = Enum("Quantize", {q: q for q in QUANTIZERS}, type=str)
 Format = Enum("Format", {f: f for f in FORMATS}, type=str)
+VqaSplit = Enum("VqaSplit", {k: k for k in ("llava", "next")}, type=str)  # the keys of tamp_fx.vqa.SPLITS
 
 
 Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
@@ -244,6 +245,8 @@ def evaluate(
     vqa: Annotated[Optional[bool], typer.Option("--vqa/--no-vqa", help="VQA on the fixture's held-out split "
                                                 "(default: when the model takes images).")] = None,
     vqa_samples: Annotated[int, typer.Option(help="Held-out questions (the six tasks in equal numbers).")] = 600,
+    vqa_split: Annotated[VqaSplit, typer.Option(help="Whose held-out split: llava (fixture 1, 600 questions) or "
+                                                "next (fixture 2, 1,200 questions).")] = "llava",
     seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
@@ -261,7 +264,8 @@ def evaluate(
             _fail(f"--vqa-samples must be at least 1, got {vqa_samples}")
         with Bars(not quiet and not as_json) as bars:
             result = run_eval(model, text=text, vqa=vqa, vqa_samples=vqa_samples, seqlen=seqlen,
-                              max_windows=max_windows, bars=bars, device=device, dtype=dtype)
+                              max_windows=max_windows, bars=bars, device=device, dtype=dtype,
+                              vqa_split=VqaSplit(vqa_split).value)
         report = _evaluation_json(model, text, result)
         if as_json:
             out_console.print_json(json.dumps(report))
@@ -272,7 +276,8 @@ def evaluate(
         if result.vqa is not None:
             for task, acc in result.vqa.per_task.items():
                 table.add_row(f"VQA {task}", f"{acc:.1%}", f"{result.vqa.samples // len(result.vqa.per_task)} held-out questions")
-            table.add_row("VQA overall", f"{result.vqa.accuracy:.1%}", f"{result.vqa.samples} held-out questions (seed 1)")
+            table.add_row("VQA overall", f"{result.vqa.accuracy:.1%}",
+                          f"{result.vqa.samples} held-out questions ({VqaSplit(vqa_split).value} split)")
         if result.perplexity is not None:
             p = result.perplexity
             table.add_row("perplexity", f"{p.perplexity:.3f}",
@@ -310,20 +315,31 @@ def convert(
         console.print(f"converted {model.name} in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
 
 
+#: fixture kind -> (module with build_fixture, module with write_conversations)
+FIXTURES = {"llava": ("tamp_fx.fixture.model", "tamp_fx.fixture.data"),
+            "next": ("tamp_fx.fixture2.model", "tamp_fx.fixture2.data")}
+FixtureKind = Enum("FixtureKind", {k: k for k in FIXTURES}, type=str)
+
+
 @app.command()
 def fixture(
     out: Annotated[Path, typer.Option(help="Directory to write the fixture model (a transformers directory) to.")],
     calib_out: Annotated[Optional[Path], typer.Option(help="Also write calibration conversations (calib.jsonl + "
                                                       "images/) from the training distribution here.")] = None,
     conversations: Annotated[int, typer.Option(help="How many conversations --calib-out gets.")] = 128,
+    kind: Annotated[FixtureKind, typer.Option(help="llava: fixture 1 (LLaVA, 16 image tokens, question-answer "
+                                              "calibration); next: fixture 2 (LLaVA-NeXT, anyres, 88 image tokens, "
+                                              "ShareGPT4V-style calibration).")] = FixtureKind.llava,
     overwrite: Overwrite = False,
 ) -> None:
-    """Assemble the multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA."""
+    """Assemble a multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA."""
     _setup(False)
 
     with _user_errors():
-        from tamp_fx.fixture.data import write_conversations
-        from tamp_fx.fixture.model import WEIGHTS, build_fixture
+        import importlib
+        fixture_model = importlib.import_module(FIXTURES[kind.value][0])
+        build_fixture, WEIGHTS = fixture_model.build_fixture, fixture_model.WEIGHTS
+        write_conversations = importlib.import_module(FIXTURES[kind.value][1]).write_conversations
         _check_output(out, overwrite, (WEIGHTS, *([calib_out] if calib_out else [])))
         if calib_out is not None:
             _check_output(calib_out, overwrite, (WEIGHTS, out))

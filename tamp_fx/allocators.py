@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tamp_fx.allocation import allocate, choose_nm, owl_sparsities
+from tamp_fx.allocation import allocate, allocate_size_normalised, choose_nm, owl_sparsities
 from tamp_fx.config import PlanConfig
 from tamp_fx.driver import LayerProfile
 
@@ -36,7 +36,7 @@ def _nm(profiles: list[LayerProfile], importance: dict[Key, float], config: Plan
 
 
 def _by_groups(profiles: list[LayerProfile], group_of: Callable[[int, str], str], importance: dict[str, float],
-               config: PlanConfig) -> Allocation:
+               config: PlanConfig, allocator: Callable[..., dict[str, int]] = allocate) -> Allocation:
     if config.nm:
         result = _nm(profiles, {(p.index, w): importance[group_of(p.index, w)] for p in profiles for w in p.sizes}, config)
         for (i, w), stats in result.stats.items():
@@ -49,7 +49,7 @@ def _by_groups(profiles: list[LayerProfile], group_of: Callable[[int, str], str]
             g = group_of(p.index, w)
             sizes[g] = sizes.get(g, 0) + size
             members.setdefault(g, []).append((p.index, w))
-    keep = allocate(sizes, importance, config.sparsity, config.max_sparsity)
+    keep = allocator(sizes, importance, config.sparsity, config.max_sparsity)
     targets, stats = {}, {}
     for g, keys in members.items():
         for key in keys:
@@ -66,9 +66,14 @@ def _with_diversity(result: Allocation, profiles: list[LayerProfile]) -> Allocat
     return result
 
 
-def _das(profiles, config, extra):
+def _das(profiles, config, extra, allocator=allocate):
     importance = {f"{p.index}:{w}": p.importance[w] for p in profiles for w in p.sizes}
-    return _with_diversity(_by_groups(profiles, lambda i, w: f"{i}:{w}", importance, config), profiles)
+    return _with_diversity(_by_groups(profiles, lambda i, w: f"{i}:{w}", importance, config, allocator), profiles)
+
+
+def _das_size(profiles, config, extra):
+    """DAS importances, keep fractions in proportion to them (:func:`allocate_size_normalised`)."""
+    return _das(profiles, config, extra, allocate_size_normalised)
 
 
 def _block_importance(profiles: list[LayerProfile]) -> dict[str, float]:
@@ -110,6 +115,7 @@ ALLOCATORS: dict[str, tuple[bool, bool, Callable[[list[LayerProfile], PlanConfig
     "das": (True, False, _das),
     "das-alltoken": (True, False, _das),
     "das-block": (True, False, _das_block),
+    "das-size": (True, False, _das_size),
     "owl": (True, False, _owl),
     "ecoflap": (False, True, _ecoflap),
 }

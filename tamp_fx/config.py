@@ -15,7 +15,7 @@ from tamp_fx.errors import TampError
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "das", "das-block", "das-alltoken", "owl", "ecoflap")
+ALLOCATIONS = ("uniform", "das", "das-block", "das-alltoken", "das-size", "owl", "ecoflap")
 SCORE_NAMES = ("magnitude", "wanda", "sparsegpt")
 TOKEN_NAMES = ("all", "amia", "attention", "random")
 
@@ -29,6 +29,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "das": ("das", "wanda", "all"),
     "amia": ("uniform", "wanda", "amia"),
     "tamp": ("das", "wanda", "amia"),
+    "tamp-sparsegpt": ("das", "sparsegpt", "amia"),   # beyond the paper: AMIA tokens for SparseGPT's Hessian
 }
 CUSTOM = "custom"
 

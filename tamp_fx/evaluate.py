@@ -61,10 +61,11 @@ class Evaluation:
 
 def evaluate(model: str | Path, *, text: str | Path | None = None, vqa: bool | None = None, vqa_samples: int = 600,
              seqlen: int = 512, max_windows: int | None = None, bars=None, device: str | torch.device | None = None,
-             dtype: str | None = None) -> Evaluation:
-    """VQA accuracy on the fixture's held-out split (``vqa``: None = when the model takes images)
-    and perplexity on ``text`` (when given). ``bars`` is a :class:`tamp_fx.progress.Bars`.
-    ``device`` and ``dtype`` as for :func:`tamp_fx.plan` (:mod:`tamp_fx.placement`)."""
+             dtype: str | None = None, vqa_split: str = "llava") -> Evaluation:
+    """VQA accuracy on a fixture's held-out split (``vqa``: None = when the model takes images;
+    ``vqa_split``: a name in :data:`tamp_fx.vqa.SPLITS`) and perplexity on ``text`` (when
+    given). ``bars`` is a :class:`tamp_fx.progress.Bars`. ``device`` and ``dtype`` as for
+    :func:`tamp_fx.plan` (:mod:`tamp_fx.placement`)."""
     from tamp_fx.model_io import load_model, load_processor, resolve_source, stored_dtype
     from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
     from tamp_fx.progress import Bars
@@ -87,7 +88,7 @@ def evaluate(model: str | Path, *, text: str | Path | None = None, vqa: bool | N
     if vqa:
         start = time.perf_counter()
         with bars.task("VQA questions", vqa_samples) as advance:
-            vqa_result = vqa_accuracy(net, processor, vqa_samples, advance=advance)
+            vqa_result = vqa_accuracy(net, processor, vqa_samples, split=vqa_split, advance=advance)
         seconds["vqa"] = time.perf_counter() - start
     if text is not None:
         start = time.perf_counter()

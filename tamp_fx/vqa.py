@@ -1,8 +1,10 @@
-"""VQA accuracy on the fixture's held-out split: exact match on the normalised short answer.
+"""VQA accuracy on a fixture's held-out split: exact match on the normalised short answer.
 
-The held-out split is :func:`tamp_fx.fixture.scenes.split` with seed 1 (training draws from
-seed 0, validation during training from seed 2), the six tasks in equal numbers. Answers are
-generated greedily (at most 4 new tokens) through the model's own processor and chat template.
+Fixture 1's held-out split ("llava") is :func:`tamp_fx.fixture.scenes.split` with seed 1
+(training draws from seed 0, validation during training from seed 2); fixture 2's ("next") is
+:func:`tamp_fx.fixture2.scenes.held_out` (seed 101); both have the six tasks in equal numbers.
+Answers are generated greedily (at most 4 new tokens, 8 for fixture 2's strings) through the
+model's own processor and chat template.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def _prompt(processor, question: str) -> str:
 
 
 @torch.no_grad()
-def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, advance=None) -> list[str]:
+def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, advance=None,
+           max_new_tokens: int = 4) -> list[str]:
     """The model's greedy answer to each sample's question about its image."""
     from PIL import Image
 
@@ -49,19 +52,31 @@ def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, a
         inputs = processor(text=[_prompt(processor, s.question) for s in part],
                            images=[Image.fromarray(s.image) for s in part], return_tensors="pt", padding=True)
         inputs = inputs.to(model.device, dtype=model.dtype)    # floating inputs (pixels) in the model's dtype
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         if advance is not None:
             advance(len(part))
     return answers
 
 
-def vqa_accuracy(model, processor, n: int = 600, *, advance=None) -> VqaResult:
-    samples = held_out(n)
-    answers = answer(model, processor, samples, advance=advance)
+def _held_out_next(n: int) -> list:
+    from tamp_fx.fixture2 import scenes as scenes2
+    return scenes2.split(scenes2.HELD_OUT_SEED, n, balanced=True)
+
+
+#: split name -> (the first n held-out questions, the most new tokens an answer needs):
+#: "llava" is fixture 1's (seed 1, 600 questions), "next" fixture 2's (seed 101, 1,200)
+SPLITS = {"llava": (held_out, 4), "next": (_held_out_next, 8)}
+
+
+def vqa_accuracy(model, processor, n: int = 600, *, split: str = "llava", advance=None) -> VqaResult:
+    """Accuracy on the first ``n`` questions of the held-out ``split`` (:data:`SPLITS`)."""
+    questions, max_new_tokens = SPLITS[split]
+    samples = questions(n)
+    answers = answer(model, processor, samples, advance=advance, max_new_tokens=max_new_tokens)
     hits = [scenes.normalise(a) == scenes.normalise(s.answer) for a, s in zip(answers, samples)]
     per_task = {}
-    for task in scenes.TASKS:
+    for task in dict.fromkeys(s.task for s in samples):
         mine = [h for h, s in zip(hits, samples) if s.task == task]
         if mine:
             per_task[task] = sum(mine) / len(mine)

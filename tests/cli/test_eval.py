@@ -22,7 +22,7 @@ def test_vqa_accuracy_is_exact_match_on_the_normalised_answer(monkeypatch):
     # the tasks cycle in blocks of 6: every other block is answered right (in another case, with
     # punctuation), the rest wrong, so each task is right exactly half the time
     fake = [f" {s.answer.upper()}." if (i // 6) % 2 == 0 else "wrong" for i, s in enumerate(samples)]
-    monkeypatch.setattr(vqa, "answer", lambda model, processor, samples, advance=None: fake[:len(samples)])
+    monkeypatch.setattr(vqa, "answer", lambda model, processor, samples, **_: fake[:len(samples)])
     result = vqa.vqa_accuracy(None, None, 24)
     assert result.accuracy == 0.5
     assert result.per_task == {t: 0.5 for t in scenes.TASKS}
@@ -39,6 +39,16 @@ def test_eval_reports_vqa_and_perplexity_as_json(tiny_models, tmp_path):
     assert set(report["vqa"]["per_task"]) == set(scenes.TASKS)
     assert report["vqa"]["samples"] == 12 and 0.0 <= report["vqa"]["accuracy"] <= 1.0
     assert report["windows"] == 3 and report["seqlen"] == 32 and report["perplexity"] > 1.0
+
+
+def test_eval_on_fixture_2s_split(tiny_models):
+    from tamp_fx.cli.main import VqaSplit
+    from tamp_fx.fixture2 import scenes as scenes2
+    assert {s.value for s in VqaSplit} == set(vqa.SPLITS)
+    r = invoke("eval", tiny_models("llava_next"), "--vqa-split", "next", "--vqa-samples", 12, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert set(report["vqa"]["per_task"]) == set(scenes2.TASKS) and report["vqa"]["samples"] == 12
 
 
 def test_eval_prints_a_table(tiny_models):

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tamp_fx.allocation import allocate, min_keep, owl_sparsities
+from tamp_fx.allocation import allocate, allocate_size_normalised, min_keep, owl_sparsities
 from tamp_fx.diversity import diversity_terms, importance
 from tamp_fx.modality import Modality
 
@@ -80,11 +81,12 @@ def groups(draw):
     return sizes, imp, s, min(1.0, s + draw(st.sampled_from([0.0, 0.05, 0.1, 0.3])))
 
 
+@pytest.mark.parametrize("allocator", [allocate, allocate_size_normalised])
 @settings(max_examples=200, deadline=None)
 @given(case=groups())
-def test_the_allocator_meets_the_budget_exactly_and_honours_its_bounds(case):
+def test_the_allocators_meet_the_budget_exactly_and_honour_their_bounds(allocator, case):
     sizes, imp, s, s_max = case
-    keep = allocate(sizes, imp, s, s_max)
+    keep = allocator(sizes, imp, s, s_max)
     assert sum(keep.values()) == math.floor(sum(sizes.values()) * (1 - s) + 1e-9)
     lower = min_keep(sizes, s, s_max)
     for g, p in sizes.items():
@@ -101,6 +103,58 @@ def test_among_equal_sizes_more_importance_never_means_more_sparsity(case):
         for b in sizes:
             if sizes[a] == sizes[b] and imp[a] > imp[b]:
                 assert keep[a] >= keep[b]
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=groups())
+def test_size_normalised_keep_fractions_are_monotone_in_importance_whatever_the_sizes(case):
+    # keep_g / P_g = clip(c importance_g, lower_g / P_g, 1), rounded to whole parameters: a more
+    # important group never keeps a smaller share than a less important one, up to one
+    # parameter of rounding each and the bounds' own rounding
+    sizes, imp, s, s_max = case
+    keep = allocate_size_normalised(sizes, imp, s, s_max)
+    lower = min_keep(sizes, s, s_max)
+    for a in sizes:
+        for b in sizes:
+            if imp[a] > imp[b] and keep[b] > lower[b]:
+                assert keep[a] / sizes[a] >= keep[b] / sizes[b] - 1 / sizes[a] - 1 / sizes[b], (a, b)
+            if sizes[a] == sizes[b] and imp[a] > imp[b]:
+                assert keep[a] >= keep[b]
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=groups(), scale=st.floats(0.1, 100))
+def test_size_normalised_shares_follow_the_formula_where_nothing_clips(case, scale):
+    # P_g (1 - s) importance_g / mean importance, the mean weighted by parameters; scaling
+    # every importance changes nothing
+    sizes, imp, s, s_max = case
+    total = sum(sizes.values())
+    mean = sum(sizes[g] * imp[g] for g in sizes) / total
+    if mean <= 0:
+        return
+    ideal = {g: sizes[g] * (1 - s) * imp[g] / mean for g in sizes}
+    lower = min_keep(sizes, s, s_max)
+    if any(not lower[g] <= ideal[g] <= sizes[g] for g in sizes):
+        return
+    keep = allocate_size_normalised(sizes, imp, s, s_max)
+    for g in sizes:  # the budget is floor(sum ideal): under one parameter less in all, then rounding
+        assert abs(keep[g] - ideal[g]) < 2, (g, keep[g], ideal[g])
+    scaled = allocate_size_normalised(sizes, {g: scale * v for g, v in imp.items()}, s, s_max)
+    assert all(abs(scaled[g] - keep[g]) <= 1 for g in sizes)  # float ties may round the other way
+
+
+def test_size_normalised_versus_reference_on_unequal_sizes():
+    # the reference hands out absolute counts: a 10x smaller group of equal importance gets
+    # the same number of extra parameters, so it ends up nearly dense; size-normalised keeps
+    # both at 1 - s. P = 100 and 1000, s = 0.5, s_max = 0.6: K = 550, floors 40 + 400
+    sizes, imp = {"small": 100, "big": 1000}, {"small": 1.0, "big": 1.0}
+    assert allocate(sizes, imp, 0.5, 0.6) == {"small": 95, "big": 455}
+    assert allocate_size_normalised(sizes, imp, 0.5, 0.6) == {"small": 50, "big": 500}
+    # zero importance everywhere: every group is treated alike, in proportion to size
+    assert allocate_size_normalised(sizes, {"small": 0.0, "big": 0.0}, 0.5, 0.6) == {"small": 50, "big": 500}
+    # a zero-importance group sits at its floor until the others are full
+    got = allocate_size_normalised({"a": 100, "b": 100}, {"a": 1.0, "b": 0.0}, 0.3, 0.9)
+    assert got == {"a": 100, "b": 40}
 
 
 def test_a_hand_computed_allocation():

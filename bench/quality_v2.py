@@ -1,0 +1,288 @@
+"""Benchmark v2: every method on fixture 2 (LLaVA-NeXT, 88 image tokens), with error bars.
+
+For each method, sparsity and calibration seed this runs what a user would run: `tamp-fx
+plan` on fixture 2's 128 ShareGPT4V-style conversations (`--seed` picks their order and
+sampling), `tamp-fx apply`, then one evaluation process: VQA on the 1,200 held-out questions
+(per question, so intervals can be computed), perplexity on held-out scene descriptions
+(in-distribution, seed 104) and on the second half of WikiText-2 validation. Sparsities 50%,
+60%, 70%; three calibration seeds at 60%, one at 50% and 70%.
+
+Measures: per-task accuracy with a 95% bootstrap interval (questions resampled within each
+task); Rel. as the paper defines it: the mean over tasks of pruned / dense accuracy, with a
+paired bootstrap interval (the same resampled questions for the dense and the pruned model);
+perplexities beside it, not mixed in. At 60% the table gives the mean over seeds and their
+spread (min-max). Rows go to ``WORKDIR/results.jsonl`` as they come, so an interrupted run
+resumes; the report goes to ``--docs`` (quality-v2.md, .csv, .json, .png).
+
+Needs fixture 2's trained weights (``python -m tamp_fx.fixture2.train``). Run it alone:
+
+    python bench/quality_v2.py --data ../shared/data/wikitext2-valid.txt --workdir bench-out/quality-v2
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import Results, pyplot, run  # noqa: E402
+from smollm2_perplexity import split_halves  # noqa: E402
+
+#: name -> the `tamp-fx plan` options that select it; the last three go beyond the paper
+METHODS: dict[str, list[str]] = {
+    **{m: ["--method", m] for m in ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp")},
+    "das-size": ["--method", "das", "--allocation", "das-size"],       # das with its allocation replaced
+    "tamp-size": ["--method", "tamp", "--allocation", "das-size"],     # tamp with its allocation replaced
+    "tamp-sparsegpt": ["--method", "tamp-sparsegpt"],
+}
+SEEDS = {0.5: (0,), 0.6: (0, 1, 2), 0.7: (0,)}
+BOOTSTRAP = 2000
+
+
+# ----------------------------------------------------------------------------- one evaluation
+
+def evaluate_one(model: Path, descriptions: Path, wiki: Path, vqa_samples: int, max_windows: int | None) -> dict:
+    """VQA hits per question (by task) and both perplexities of one model directory."""
+    from tamp_fx.evaluate import perplexity
+    from tamp_fx.fixture2 import scenes
+    from tamp_fx.model_io import load_model, load_processor, resolve_source
+    from tamp_fx.vqa import vqa_accuracy
+
+    source = resolve_source(model)
+    net = load_model(source)
+    processor = load_processor(source, net.config)
+    start = time.perf_counter()
+    result = vqa_accuracy(net, processor, vqa_samples, split="next")
+    samples = scenes.held_out(vqa_samples)
+    hits: dict[str, str] = {}
+    for s, a in zip(samples, result.answers):
+        hits[s.task] = hits.get(s.task, "") + ("1" if scenes.normalise(a) == scenes.normalise(s.answer) else "0")
+    seconds = {"vqa": time.perf_counter() - start}
+    out = {"vqa": result.accuracy, "hits": hits}
+    for name, text in (("desc", descriptions), ("wiki", wiki)):
+        start = time.perf_counter()
+        p = perplexity(net, processor, text, seqlen=512, max_windows=max_windows)
+        out[f"ppl_{name}"], out[f"windows_{name}"] = p.perplexity, p.windows
+        seconds[f"ppl_{name}"] = time.perf_counter() - start
+    return out | {"eval_seconds": seconds}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _hits(row: dict) -> dict[str, np.ndarray]:
+    return {t: np.frombuffer(h.encode(), dtype=np.uint8) - ord("0") for t, h in row["hits"].items()}
+
+
+def rel_with_interval(row: dict, dense: dict, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Rel. = mean over tasks of pruned / dense accuracy, and its paired 95% bootstrap interval."""
+    ours, base = _hits(row), _hits(dense)
+    point = float(np.mean([ours[t].mean() / base[t].mean() if base[t].any() else np.nan for t in base]))
+    draws = np.zeros(BOOTSTRAP)
+    with np.errstate(divide="ignore", invalid="ignore"):   # a task the dense model never gets right: undefined
+        for t in base:
+            idx = rng.integers(len(base[t]), size=(BOOTSTRAP, len(base[t])))     # (B, n_t) resampled questions
+            dense_acc = base[t][idx].mean(1)
+            draws += np.where(dense_acc > 0, ours[t][idx].mean(1) / dense_acc, np.nan)
+    draws /= len(base)
+    if np.isnan(draws).mean() > 0.025:
+        return point, float("nan"), float("nan")
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return point, float(lo), float(hi)
+
+
+def task_interval(hits: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    means = hits[rng.integers(len(hits), size=(BOOTSTRAP, len(hits)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
+    rng = np.random.default_rng(0)
+    dense = next(r for r in rows if r["method"] == "dense")
+    tasks = list(dense["hits"])
+    pruned = []
+    for r in rows:
+        if r["method"] != "dense":
+            rel, lo, hi = rel_with_interval(r, dense, rng)
+            pruned.append(r | {"rel": rel, "rel_lo": lo, "rel_hi": hi,
+                               **{f"acc_{t}": float(h.mean()) for t, h in _hits(r).items()}})
+    sparsities = sorted({r["target"] for r in pruned})
+    methods = [m for m in METHODS if any(r["method"] == m for r in pruned)]
+    docs.mkdir(parents=True, exist_ok=True)
+
+    fields = ["method", "target", "seed", "sparsity", "vqa", *[f"acc_{t}" for t in tasks], "rel", "rel_lo", "rel_hi",
+              "ppl_desc", "ppl_wiki", "plan_seconds"]
+    dense_row = dense | {f"acc_{t}": float(h.mean()) for t, h in _hits(dense).items()} | {"rel": 1.0}
+    with (docs / "quality-v2.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in [dense_row] + pruned:
+            writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+
+    def runs(m, s):
+        return [r for r in pruned if r["method"] == m and r["target"] == s]
+
+    def rel_cell(m, s):
+        match = runs(m, s)
+        if not match:
+            return "-"
+        if len(match) == 1:
+            r = match[0]
+            return f"{r['rel']:.3f} [{r['rel_lo']:.3f}, {r['rel_hi']:.3f}]"
+        rels = [r["rel"] for r in match]
+        return f"{np.mean(rels):.3f} (seeds {min(rels):.3f}-{max(rels):.3f})"
+
+    def mean_cell(m, s, key, fmt):
+        match = runs(m, s)
+        return fmt.format(np.mean([r[key] for r in match])) if match else "-"
+
+    header = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---|" + "---:|" * len(sparsities)]
+    lines = ["# Quality v2: every method on fixture 2 (LLaVA-NeXT, 88 image tokens per image)", "",
+             f"Dense: VQA {dense['vqa']:.1%} on {meta['vqa_samples']} held-out questions; perplexity "
+             f"{dense['ppl_desc']:.2f} on held-out scene descriptions, {dense['ppl_wiki']:.2f} on WikiText-2 "
+             "(second half of validation).", "",
+             "## Rel. (mean over tasks of pruned / dense VQA accuracy, 95% paired bootstrap interval; "
+             "at 60% the mean over calibration seeds and their range; the plot `quality-v2.png` draws the same "
+             "as error bars)", "", *header]
+    lines += [f"| {m} | " + " | ".join(rel_cell(m, s) for s in sparsities) + " |" for m in methods]
+    for title, key, fmt in (("VQA accuracy (overall)", "vqa", "{:.1%}"),
+                            ("Perplexity, held-out descriptions", "ppl_desc", "{:.2f}"),
+                            ("Perplexity, WikiText-2", "ppl_wiki", "{:.2f}"),
+                            ("Plan wall time (s)", "plan_seconds", "{:.0f}")):
+        lines += ["", f"## {title}", "", *header]
+        lines += [f"| {m} | " + " | ".join(mean_cell(m, s, key, fmt) for s in sparsities) + " |" for m in methods]
+    lines += ["", "## VQA accuracy per task (95% bootstrap interval)", "",
+              "| method | sparsity | seed | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
+    for r in [dense] + sorted(pruned, key=lambda r: (r["target"], list(METHODS).index(r["method"]), r["seed"])):
+        cells = []
+        for t, h in _hits(r).items():
+            lo, hi = task_interval(h, rng)
+            cells.append(f"{h.mean():.1%} [{lo:.0%}, {hi:.0%}]")
+        seed = "-" if r.get("seed") is None else r["seed"]
+        lines.append(f"| {r['method']} | {r['target']:.0%} | {seed} | " + " | ".join(cells) + " |")
+    lines += ["", "## How this was measured", "",
+              f"Machine: {meta['machine']}. Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
+              "The benchmark runs (resumable: each skips what `results.jsonl` already has):", "",
+              "```", *meta["invocations"], "```", "",
+              "Every `tamp-fx` command they ran, with its wall time, is in `quality-v2.json`. " + meta["note"]]
+    (docs / "quality-v2.md").write_text("\n".join(lines) + "\n")
+    (docs / "quality-v2.json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+    _plot(pruned, methods, sparsities, docs / "quality-v2.png")
+
+
+def _plot(pruned: list[dict], methods: list[str], sparsities: list[float], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=120)
+    for k, m in enumerate(methods):
+        xs, ys, err = [], [], [[], []]
+        for s in sparsities:
+            match = [r for r in pruned if r["method"] == m and r["target"] == s]
+            if not match:
+                continue
+            y = float(np.mean([r["rel"] for r in match]))
+            lo = min(r["rel_lo"] for r in match) if len(match) == 1 else min(r["rel"] for r in match)
+            hi = max(r["rel_hi"] for r in match) if len(match) == 1 else max(r["rel"] for r in match)
+            xs.append(s + 0.002 * (k - len(methods) / 2))   # a little apart, so the bars do not overlap
+            ys.append(y)
+            err[0].append(y - lo)
+            err[1].append(hi - y)
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=m, linewidth=2.5 if m == "tamp" else 1.2)
+    ax.set_xlabel("sparsity of the language decoder")
+    ax.set_ylabel("Rel. (mean over tasks of pruned / dense accuracy)")
+    ax.set_title("Fixture 2 (LLaVA-NeXT + SmolLM2-135M): Rel. against sparsity")
+    ax.set_xticks(sparsities)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/wikitext2-valid.txt"))
+    parser.add_argument("--workdir", type=Path, default=Path("bench-out/quality-v2"))
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--sparsities", nargs="+", type=float, default=sorted(SEEDS))
+    parser.add_argument("--seeds-at-60", type=int, default=3, help="calibration seeds at 60%% (one elsewhere)")
+    parser.add_argument("--conversations", type=int, default=128)
+    parser.add_argument("--vqa-samples", type=int, default=1200)
+    parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows per text (default: all)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the docs from results.jsonl")
+    parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
+    parser.add_argument("--eval-one", type=Path, help=argparse.SUPPRESS)   # internal: one evaluation, JSON on stdout
+    parser.add_argument("--descriptions", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--wiki", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.eval_one:
+        print(json.dumps(evaluate_one(args.eval_one, args.descriptions, args.wiki, args.vqa_samples, args.max_windows)))
+        return
+
+    w = args.workdir
+    state = Results(w, args.docs / "quality-v2.json")
+    rows, log, record = state.rows, state.log, state.record
+    if not args.report_only:
+        from tamp_fx.fixture2.data import write_descriptions
+        state.invoked()
+        _, wiki = split_halves(args.data, w)
+        descriptions = w / "descriptions.txt"
+        if not descriptions.exists():
+            write_descriptions(descriptions)
+        fixture, calib = w / "fixture", w / "calib"
+        if not (fixture / "config.json").is_file():
+            run(["fixture", "--kind", "next", "--out", str(fixture), "--calib-out", str(calib), "--conversations",
+                 str(args.conversations), "--overwrite"], log)
+
+        def evaluate(model: Path) -> dict:
+            cmd = [sys.executable, __file__, "--eval-one", str(model), "--descriptions", str(descriptions), "--wiki",
+                   str(wiki), "--vqa-samples", str(args.vqa_samples)]
+            cmd += ["--max-windows", str(args.max_windows)] if args.max_windows else []
+            start = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"evaluation of {model} failed:\n{done.stderr}")
+            log.append({"command": shlex.join(cmd[1:]), "seconds": round(time.perf_counter() - start, 1)})
+            print(f"  {log[-1]['seconds']:7.1f} s  evaluate {model}", flush=True)
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        if not any(r["method"] == "dense" for r in rows):
+            record({"method": "dense", "target": 0.0, "seed": None, "sparsity": 0.0, "plan_seconds": None,
+                    **evaluate(fixture)})
+        for sparsity in args.sparsities:
+            seeds = range(args.seeds_at_60) if abs(sparsity - 0.6) < 1e-9 else (0,)
+            for seed in seeds:
+                for method in args.methods:
+                    if any(r["method"] == method and r["target"] == sparsity and r["seed"] == seed for r in rows):
+                        continue
+                    plan_dir, out = w / f"plan-{method}-{sparsity}-{seed}", w / "pruned"
+                    run(["plan", str(fixture), "--calib", str(calib / "calib.jsonl"), *METHODS[method], "--sparsity",
+                         str(sparsity), "--nsamples", str(args.conversations), "--seed", str(seed),
+                         "--out", str(plan_dir), "--overwrite", "-q"], log)
+                    plan_seconds = log[-1]["seconds"]
+                    run(["apply", str(fixture), str(plan_dir), "--out", str(out), "--overwrite", "-q"], log)
+                    summary = json.loads((plan_dir / "plan.json").read_text())["summary"]
+                    row = {"method": method, "target": sparsity, "seed": seed, "sparsity": summary["sparsity"],
+                           "plan_seconds": plan_seconds, **evaluate(out)}
+                    shutil.rmtree(out)
+                    record(row)
+    meta = state.meta() | {"note": args.note, "vqa_samples": args.vqa_samples, "conversations": args.conversations}
+    write_outputs(rows, args.docs, meta)
+    print(f"wrote {args.docs}/quality-v2.md, .csv, .json and .png")
+
+
+if __name__ == "__main__":
+    main()

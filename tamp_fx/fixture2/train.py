@@ -1,0 +1,337 @@
+"""Train fixture 2's vision tower, projector, newline vector and LoRA (seeded, resumable, budgeted).
+
+Not run in full yet: ``tamp_fx/fixture2/weights.safetensors`` is made by
+
+    python -m tamp_fx.fixture2.train --max-minutes 90
+
+run alone on the 2-core machine (the per-step times of a smoke run are in the README). A run
+that stops (``--max-minutes`` reached, or interrupted) continues with ``--resume``.
+
+The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its trained weights:
+
+* init: the tower, the projector and the LoRA come from fixture 1's committed weights (same
+  tower, same language model; fixture 2's tiles have fixture 1's 32-px cells);
+* stage "align": the tower (every layer) and the projector learn to put each image token on
+  the language model's embedding of a word describing it (:func:`scenes.describing_words`:
+  the base view's tokens say the colour in their cell, the tiles' say colour, shape, size, a
+  character or "empty"); loss: MSE relative to the embeddings' variance plus cross entropy
+  over the describing words by cosine. No language-model pass, so steps are cheap;
+* stage "answer": end to end through the frozen SmolLM2 (bfloat16 autocast), training the
+  projector, the newline vector, the tower's last layer and the rank-8 LoRA on the answer
+  tokens only. Each item is a conversation of ``--turns`` questions (different tasks) about
+  one image, so the 88 image tokens are paid once for several answers; its first turn is the
+  evaluation's single-question prompt.
+
+Data: step ``t`` of stage ``k`` draws its batch from ``numpy.random.default_rng([100, k, t])``,
+so a resumed run sees exactly the samples an uninterrupted one would, and skips every sample
+whose :func:`scenes.key` is in the held-out split (seed 101), so no held-out question is ever
+trained on. Validation (teacher-forced exact match, as fixture 1) uses seed 102.
+
+Every ``--checkpoint-every`` steps (and at the end or the budget) the trainable tensors, the
+optimiser and schedule state and the position are saved to ``--checkpoint``; the log
+(``--log``, JSON lines) is appended to. ``--max-minutes`` caps the wall time of the whole
+training, resumed parts included: when it is reached the run checkpoints, writes the weights
+and stops, and the log says the schedule was cut short.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from tamp_fx.fixture import model as fixture1
+from tamp_fx.fixture import train as train1
+from tamp_fx.fixture2 import model as fixture2
+from tamp_fx.fixture2 import scenes
+from tamp_fx.model_io import atomic_file
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED, VAL_SEED = 100, 102
+STAGES = ("align", "answer")
+EXTRA = ("image_newline",)          # trained parameters of model.model besides tower and projector
+HIGH_RES = fixture2.HIGH_RES_SIDE
+# positions of the 80 content tokens among the 88 (the base view, then rows of tiles, each
+# row followed by the newline vector)
+CONTENT = torch.tensor(list(range(fixture2.BASE_TOKENS))
+                       + [fixture2.BASE_TOKENS + r * (HIGH_RES + 1) + c for r in range(HIGH_RES) for c in range(HIGH_RES)])
+
+
+def batch_samples(stage: int, step: int, n: int, held: set) -> list[scenes.Sample]:
+    """The ``n`` samples of ``step`` in ``stage``: seeded by both, none of them held out."""
+    rng = np.random.default_rng([TRAIN_SEED, stage, step])
+    out = []
+    while len(out) < n:
+        s = scenes.sample(rng)
+        if scenes.key(s) not in held:
+            out.append(s)
+    return out
+
+
+def batch_conversations(stage: int, step: int, n: int, turns: int, held: set) -> list[list[scenes.Sample]]:
+    """``n`` conversations of up to ``turns`` questions about one image each, seeded by
+    ``stage`` and ``step``, without a held-out question. One image serves several answers,
+    so its 88 tokens are paid once; the first turn is exactly the evaluation's prompt. Three
+    scenes in four show text (reading strings is the hardest task)."""
+    rng = np.random.default_rng([TRAIN_SEED, stage, step])
+    out = []
+    while len(out) < n:
+        turns_left = [s for s in scenes.conversation(rng, turns, text_share=0.75) if scenes.key(s) not in held]
+        if turns_left:
+            out.append(turns_left)
+    return out
+
+
+class Batcher(train1.Batcher):
+    """Fixture 1's batcher with fixture 2's 88 image tokens and the anyres pixel inputs; an
+    item is a sample or a conversation (a list of samples about one image), whose answers
+    all count."""
+
+    image_tokens = fixture2.IMAGE_TOKENS
+
+    def __init__(self, processor):
+        super().__init__(processor)
+        self.images = processor.image_processor
+
+    def row(self, item) -> tuple[list[int], list[int]]:
+        first, *more = item if isinstance(item, list) else [item]
+        ids, positions = super().row(first)
+        for s in more:   # the chat template's next turns: "\n<|im_start|>user\n..." after "<|im_end|>"
+            head = self.tok(f"\n<|im_start|>user\n{s.question}<|im_end|>\n<|im_start|>assistant\n",
+                            add_special_tokens=False)["input_ids"]
+            answer = self.tok(s.answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            positions += range(len(ids) + len(head), len(ids) + len(head) + len(answer))
+            ids = ids + head + answer
+        return ids, positions
+
+    def pixel_inputs(self, items) -> dict[str, torch.Tensor]:
+        images = [Image.fromarray((item[0] if isinstance(item, list) else item).image) for item in items]
+        out = self.images(images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}  # (B, 5, 3, 64, 64), (B, 2)
+
+
+# ----------------------------------------------------------------------------- stage align
+
+class Aligner:
+    """The describing words' ids and the alignment loss and accuracy."""
+
+    def __init__(self, model, tokenizer):
+        self.words = list(dict.fromkeys([*scenes.COLOURS, *scenes.SHAPES, *scenes.RADII, "text", "empty",
+                                         *scenes.CHARACTERS]))
+        self.index = {w: i for i, w in enumerate(self.words)}
+        embed = model.model.language_model.embed_tokens.weight.detach()           # (V, D)
+        self.targets = embed[[train1._word_id(tokenizer, w) for w in self.words]]  # (W, D)
+        self.scale = embed.var()                                                   # the MSE is relative to the spread
+
+    def labels(self, samples) -> torch.Tensor:
+        return torch.tensor([[self.index[w] for part in scenes.describing_words(s) for w in part]
+                             for s in samples])                                    # (B, 80)
+
+    def outputs(self, model, batcher, samples) -> torch.Tensor:
+        feats = model.model.get_image_features(**batcher.pixel_inputs(samples)).pooler_output  # B x (88, D)
+        return torch.stack(feats)[:, CONTENT]                                      # (B, 80, D)
+
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat, want = out.flatten(0, 1), labels.flatten()                            # (B * 80, D), (B * 80,)
+        cosine = F.normalize(flat, dim=1) @ F.normalize(self.targets, dim=1).T      # (B * 80, W)
+        return F.mse_loss(flat, self.targets[want]) / self.scale + F.cross_entropy(10 * cosine, want)
+
+    def accuracy(self, out: torch.Tensor, labels: torch.Tensor) -> float:
+        cosine = F.normalize(out.flatten(0, 1), dim=1) @ F.normalize(self.targets, dim=1).T
+        return float((cosine.argmax(1) == labels.flatten()).float().mean())
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """One training run: model, adapters, optimisers, position; checkpointed and resumable."""
+
+    def __init__(self, args, write):
+        self.args, self.write = args, write
+        torch.manual_seed(0)
+        lm, tokenizer = fixture1.smollm2()
+        self.model, self.processor = fixture2.assemble(lm, tokenizer)
+        del lm
+        self.adapters = train1.add_lora(self.model)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.batcher = Batcher(self.processor)
+        self.aligner = Aligner(self.model, self.processor.tokenizer)
+        self.held = {scenes.key(s) for s in scenes.held_out()}
+        self.stage, self.step, self.seconds = 0, 0, 0.0
+        self.opt = self.sched = None
+
+    # -- parameters and optimisers per stage
+    def _groups(self, stage: int) -> list[dict]:
+        m = self.model.model
+        if STAGES[stage] == "align":
+            return [{"params": list(m.vision_tower.parameters()), "lr": 5e-4},
+                    {"params": list(m.multi_modal_projector.parameters()), "lr": 1e-3}]
+        return [{"params": list(m.multi_modal_projector.parameters()) + [m.image_newline], "lr": 1e-3},
+                {"params": [p for a in self.adapters.values() for p in (a.A, a.B)], "lr": 1e-3},
+                {"params": list(m.vision_tower.encoder.layers[-1].parameters()), "lr": 2e-4}]
+
+    def _start_stage(self, stage: int) -> None:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        groups = self._groups(stage)
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        steps = self.args.align_steps if STAGES[stage] == "align" else self.args.steps
+        self.opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.sched = train1._cosine(self.opt, steps, warmup=min(50, max(1, steps // 10)))
+
+    # -- state on disk
+    def init_from(self, path: Path) -> None:
+        train1.load_parts(self.model, self.adapters, load_file(path))
+
+    def save_checkpoint(self) -> None:
+        state = {"stage": self.stage, "step": self.step, "seconds": self.seconds,
+                 "tensors": train1.trained_tensors(self.model, self.adapters, dtype=torch.float32, extra=EXTRA),
+                 "optimizer": self.opt and self.opt.state_dict(), "scheduler": self.sched and self.sched.state_dict(),
+                 "args": {k: str(v) for k, v in vars(self.args).items()}}
+        with atomic_file(self.args.checkpoint, overwrite=True) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> None:
+        state = torch.load(self.args.checkpoint, weights_only=True)
+        train1.load_parts(self.model, self.adapters, state["tensors"])
+        self.stage, self.step, self.seconds = state["stage"], state["step"], state["seconds"]
+        if state["optimizer"] is not None:   # None: saved between stages or at the end
+            self._start_stage(self.stage)
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+
+    def save_weights(self) -> None:
+        with atomic_file(self.args.out, overwrite=True) as tmp:
+            save_file(train1.trained_tensors(self.model, self.adapters, extra=EXTRA), tmp,
+                      metadata={"lora_rank": str(fixture1.LORA_RANK), "lora_alpha": str(fixture1.LORA_ALPHA)})
+
+    # -- steps
+    def _align_step(self, samples) -> float:
+        loss = self.aligner.loss(self.aligner.outputs(self.model, self.batcher, samples), self.aligner.labels(samples))
+        train1._step(self.opt, self.sched, loss)
+        return loss.item()
+
+    def _answer_step(self, samples) -> float:
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, target, _ = train1.answer_logits(self.model, self.batcher, samples)
+        loss = F.cross_entropy(logits.float(), target)
+        train1._step(self.opt, self.sched, loss)
+        self.model.eval()
+        return loss.item()
+
+    def _validate(self) -> dict:
+        val = scenes.split(VAL_SEED, self.args.val_samples, balanced=True)
+        with torch.no_grad():
+            if STAGES[self.stage] == "align":
+                out = self.aligner.outputs(self.model, self.batcher, val)
+                return {"val_token_word": self.aligner.accuracy(out, self.aligner.labels(val))}
+            return {"val_accuracy": train1.exact_match(self.model, self.batcher, val, chunk=self.args.batch)}
+
+    def run(self) -> str:
+        """Train to the end or to the budget; returns "done" or "budget"."""
+        a = self.args
+        began, before = time.perf_counter(), self.seconds
+        elapsed = lambda: before + time.perf_counter() - began  # noqa: E731
+        while self.stage < len(STAGES):
+            name = STAGES[self.stage]
+            steps = a.align_steps if name == "align" else a.steps
+            batch = a.align_batch if name == "align" else a.batch
+            if self.opt is None:
+                self._start_stage(self.stage)
+            running = []
+            while self.step < steps:
+                if elapsed() >= 60 * a.max_minutes:
+                    self.seconds = elapsed()
+                    self.save_checkpoint()
+                    self.write(event="budget", stage=name, step=self.step, of=steps, seconds=round(self.seconds, 1),
+                               note="stopped by --max-minutes before the schedule ended; --resume continues")
+                    return "budget"
+                self.step += 1
+                samples = (batch_samples(self.stage, self.step, batch, self.held) if name == "align" else
+                           batch_conversations(self.stage, self.step, batch, a.turns, self.held))
+                t = time.perf_counter()
+                running.append((self._align_step if name == "align" else self._answer_step)(samples))
+                if self.step == 1 or self.step % a.log_every == 0:
+                    self.write(stage=name, step=self.step, loss=float(np.mean(running)),
+                               step_seconds=round(time.perf_counter() - t, 3), seconds=round(elapsed(), 1))
+                    running = []
+                if self.step % a.eval_every == 0 or self.step == steps:
+                    self.write(stage=name, step=self.step, seconds=round(elapsed(), 1), **self._validate())
+                if self.step % a.checkpoint_every == 0:
+                    self.seconds = elapsed()
+                    self.save_checkpoint()
+            self.stage, self.step, self.opt = self.stage + 1, 0, None
+        self.seconds = elapsed()
+        return "done"
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=fixture2.WEIGHTS)
+    parser.add_argument("--log", type=Path, default=Path("docs/fixture2-training.jsonl"))
+    parser.add_argument("--checkpoint", type=Path, default=Path("fixture2-train.ckpt"))
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint (appends to --log)")
+    parser.add_argument("--init", type=Path, default=fixture1.WEIGHTS,
+                        help="start from these trained parts (fixture 1's); 'none' starts from scratch")
+    parser.add_argument("--align-steps", type=int, default=600)
+    parser.add_argument("--align-batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=12, help="images per step of stage answer")
+    parser.add_argument("--turns", type=int, default=4, help="questions per image in stage answer")
+    parser.add_argument("--max-minutes", type=float, default=90.0)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--val-samples", type=int, default=240)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    args = parser.parse_args(argv)
+    for name in ("align_steps", "steps", "batch", "turns", "align_batch", "eval_every", "val_samples", "log_every",
+                 "checkpoint_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.resume and not args.checkpoint.is_file():
+        parser.error(f"--resume: no checkpoint at {args.checkpoint}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    with args.log.open("a" if args.resume else "w") as log_file:
+        def write(**record):
+            line = json.dumps(record)
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        run = Run(args, write)
+        if args.resume:
+            run.resume()
+            write(event="resume", stage=STAGES[run.stage], step=run.step, seconds=round(run.seconds, 1))
+        else:
+            if str(args.init) != "none":
+                run.init_from(args.init)
+            write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
+                  steps=args.steps, batch=args.batch, turns=args.turns, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
+                  image_tokens=fixture2.IMAGE_TOKENS)
+        outcome = run.run()
+        if outcome == "done":
+            run.save_checkpoint()     # at the end: a --resume only rewrites the weights
+        run.save_weights()
+        write(event="saved", outcome=outcome, path=str(args.out), bytes=args.out.stat().st_size,
+              seconds=round(run.seconds, 1))
+
+
+if __name__ == "__main__":
+    main()
