@@ -41,9 +41,15 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it): only rank 0 prints."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _setup(verbose: bool) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # for tqdm bars of libraries imported later
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+    level = logging.ERROR if _rank() else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     import transformers
     transformers.utils.logging.set_verbosity_error()
@@ -54,6 +60,8 @@ def _setup(verbose: bool) -> None:
 
 def _fail(message: str) -> None:
     # the message is plain text: no rich markup ("[...]") and no emoji codes (":M:" in "N:M: ...")
+    if _rank():                       # under torchrun rank 0 says it for every rank
+        raise typer.Exit(1)
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     raise typer.Exit(1)
 
@@ -68,6 +76,16 @@ def _user_errors() -> Iterator[None]:
         _fail(str(error))
     except KeyboardInterrupt:
         _fail("interrupted: nothing was written")
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator:
+    """Under torchrun: join the process group for the command and leave it after (tamp_fx.distributed)."""
+    from tamp_fx import distributed
+    try:
+        yield distributed.init_from_env()
+    finally:
+        distributed.shutdown()
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -104,8 +122,9 @@ def plan(
     """Calibrate MODEL on --calib and save a pruning plan to --out."""
     _setup(verbose)
 
-    with _user_errors():
+    with _user_errors(), _process_group() as world:
         import tamp_fx
+        from tamp_fx import distributed
         config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
                                     seqlen=seqlen, seed=seed,
                                     allocation=allocation.value if allocation else None, score=score.value if score else None,
@@ -113,7 +132,11 @@ def plan(
         _refuse_existing(out, overwrite)
         start = time.perf_counter()
         result = tamp_fx.plan(model, calib, config, progress=not quiet)
-        result.save(out, overwrite=overwrite, protect=(model.resolve(),))
+        with distributed.guarded():                      # every rank learns whether rank 0 wrote it
+            if world.rank == 0:
+                result.save(out, overwrite=overwrite, protect=(model.resolve(),))
+        if world.rank:
+            return
         s = result.summary()
         console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}"
                       f"{', ' + config.pattern if config.pattern else ''}): "

@@ -20,7 +20,7 @@ from tamp_fx.config import PlanConfig
 from tamp_fx.allocators import ALLOCATORS, Allocation
 from tamp_fx.driver import layer_structure, profile_layers, prune_layers
 from tamp_fx.ecoflap import zeroth_order_block_importance
-from tamp_fx import semi_structured
+from tamp_fx import distributed, semi_structured
 from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
@@ -38,17 +38,29 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
 
     Nothing is written: save the result with ``Plan.save``.
+
+    Under ``torchrun`` every rank plans on its share of the samples (:mod:`tamp_fx.distributed`)
+    and returns the same plan; save it on rank 0.
     """
-    source = resolve_source(model)
-    if source.kind == "pt2":
-        return plan_program(source, calib, config, progress=progress)
-    net = load_model(source)
-    processor = load_processor(source, net.config)
-    layout = decoder_layout(net)
-    token_ids = modality_token_ids(net.config)
-    samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed)
-    with Bars(progress) as bars:
-        with bars.task("capture decoder inputs", len(samples)) as advance:
+    world = distributed.init_from_env()
+    with distributed.guarded():
+        source = resolve_source(model)
+        if source.kind == "pt2" and world.distributed:
+            raise TampError("an exported program (.pt2) is planned in one process: run `tamp-fx plan` without torchrun")
+        if source.kind == "pt2":
+            return plan_program(source, calib, config, progress=progress)
+        net = load_model(source)
+        processor = load_processor(source, net.config)
+        layout = decoder_layout(net)
+        token_ids = modality_token_ids(net.config)
+        samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
+                                   shard=(world.rank, world.size))
+    n_samples = distributed.total_count(len(samples))
+    if n_samples < world.size:
+        raise TampError(f"{n_samples} calibration sample(s) for {world.size} processes: every process needs one; "
+                        "use more samples or fewer processes")
+    with Bars(progress and world.rank == 0) as bars:
+        with distributed.guarded(), bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance)
         exporter = LayerExporter()
         allocation = _allocate(net, layout, acts, samples, token_ids, config, bars, exporter)
@@ -78,7 +90,7 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         "num_layers": len(layout.layers),
         "modality_token_ids": {m.name.lower(): i for m, i in token_ids.items()},
         "untouched": list(layout.untouched),
-        "calibration": {"file": Path(calib).name, "samples": len(samples)},
+        "calibration": {"file": Path(calib).name, "samples": n_samples},
     }
     layers = [{"layer": r.index, **r.stats} for r in results]
     return Plan(config, model_info, linears, layers, masks, weights)
