@@ -58,22 +58,27 @@ def _setup(verbose: bool) -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # and torch about its enums
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, every_rank: bool = False) -> None:
+    """Print ``message`` as one line and exit 1. Under torchrun only rank 0 prints; with
+    ``every_rank`` (all ranks know of the failure) the others wait until it has printed."""
     # the message is plain text: no rich markup ("[...]") and no emoji codes (":M:" in "N:M: ...")
-    if _rank():                       # under torchrun rank 0 says it for every rank
-        raise typer.Exit(1)
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
+    if not _rank():
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
+    if every_rank:
+        from tamp_fx import distributed
+        distributed.barrier()
     raise typer.Exit(1)
 
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn a TampError in a command into a one-line message and exit status 1."""
+    from tamp_fx.distributed import RankFailed
     from tamp_fx.errors import TampError
     try:
         yield
     except TampError as error:
-        _fail(str(error))
+        _fail(str(error), every_rank=isinstance(error, RankFailed))
     except KeyboardInterrupt:
         _fail("interrupted: nothing was written")
 
@@ -122,7 +127,7 @@ def plan(
     """Calibrate MODEL on --calib and save a pruning plan to --out."""
     _setup(verbose)
 
-    with _user_errors(), _process_group() as world:
+    with _process_group() as world, _user_errors():
         import tamp_fx
         from tamp_fx import distributed
         config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -139,6 +140,13 @@ def guarded(w: World | None = None) -> Iterator[None]:
     _agree(error, w)
 
 
+def _ignore_more_interrupts() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:                # not the main thread: leave it
+        pass
+
+
 def _reason(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
@@ -147,17 +155,25 @@ def _reason(error: BaseException) -> str:
 
 
 def _agree(error: BaseException | None, w: World) -> None:
+    if isinstance(error, KeyboardInterrupt):
+        _ignore_more_interrupts()     # Ctrl-C reaches each rank twice (terminal, then torchrun): stop once
     reasons: list[str | None] = [None] * w.size
     dist.all_gather_object(reasons, None if error is None else _reason(error))
     failed = [(r, reason) for r, reason in enumerate(reasons) if reason is not None]
     if not failed:
         return
-    rank, reason = failed[0]
-    others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
-    message = f"rank {rank} of {w.size}{others}: {reason}"
+    ranks = ", ".join(str(r) for r, _ in failed)
+    message = f"rank{'s' if len(failed) > 1 else ''} {ranks} of {w.size}: {failed[0][1]}"
     if error is not None and not isinstance(error, (TampError, KeyboardInterrupt)):
         raise error  # a bug: its own traceback on the rank where it happened
     raise RankFailed(message) from error
+
+
+def barrier(w: World | None = None) -> None:
+    """Wait until every rank is here (over the CPU: gloo)."""
+    w = w or _world
+    if w.distributed:
+        dist.all_gather_object([None] * w.size, None)
 
 
 # --- data collectives ----------------------------------------------------------------------
