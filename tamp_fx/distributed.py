@@ -77,7 +77,7 @@ def init_from_env() -> World:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     _world = World(rank, size, local_rank, device)
     log.info("rank %d of %d on %s (%s)", rank, size, device, backend)
     return _world

@@ -2,6 +2,7 @@
 and a failure on any rank stops every rank with one line and no output (tamp_fx.distributed)."""
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import shutil
@@ -152,3 +153,19 @@ def test_without_torchrun_no_process_group(tiny_models, monkeypatch):
     plan = tamp_fx.plan(model, model / "calib.jsonl", tamp_fx.PlanConfig(method="magnitude", nsamples=2))
     assert plan.linears and not dist.is_initialized()
     assert tamp_fx.distributed.world().size == 1
+
+
+def test_doctests():
+    assert doctest.testmod(tamp_fx.distributed).failed == 0
+
+
+def test_one_process_sums_add_rows_in_sample_order():
+    from tamp_fx.observers import SampleSums
+    rows = [torch.tensor(r, dtype=torch.float64) for r in ([1e16, 1.0], [1.0, 1e16], [-1e16, -1e16])]
+    sums = SampleSums()
+    for row in rows[:2]:
+        sums.add(row)
+    assert sums.total().tolist() == [1e16 + 1.0, 1.0 + 1e16]        # read part-way ...
+    sums.add(rows[2])
+    expected = (rows[0] + rows[1]) + rows[2]                        # [0, 0]; other orders give [1, 0] or [0, 1]
+    assert torch.equal(sums.total(), expected)                      # ... then on: still left to right
