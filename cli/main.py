@@ -68,8 +68,9 @@ def _fail(message: str, every_rank: bool = False) -> None:
     """Print ``message`` as one line and exit 1. Under torchrun only rank 0 prints; with
     ``every_rank`` (all ranks know of the failure) the others wait until it has printed."""
     # the message is plain text: no rich markup ("[...]") and no emoji codes (":M:" in "N:M: ...")
-    if not _rank():
-        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
+    if not _rank() or not every_rank:            # a rank's own failure (the others are stopped by torchrun)
+        prefix = f"rank {_rank()}: " if _rank() else ""
+        console.print(f"[bold red]error:[/] {prefix}{escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     if every_rank:
         from tamp_fx import distributed
         distributed.barrier()
@@ -86,6 +87,8 @@ def _user_errors() -> Iterator[None]:
     except TampError as error:
         _fail(str(error), every_rank=isinstance(error, RankFailed))
     except KeyboardInterrupt:
+        if _rank():                                 # Ctrl-C reached every rank: rank 0 says it
+            raise typer.Exit(1) from None
         _fail("interrupted: nothing was written")
 
 
@@ -100,8 +103,9 @@ def _process_group() -> Iterator:
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
+    from tamp_fx.errors import TampError
     if out.exists() and not overwrite:
-        _fail(f"output {out} already exists: choose another --out or pass --overwrite")
+        raise TampError(f"output {out} already exists: choose another --out or pass --overwrite")
 
 
 @app.command()
@@ -147,11 +151,12 @@ def plan(
     with _process_group() as world, _user_errors():
         import tamp_fx
         from tamp_fx import distributed
-        config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
-                                    seqlen=seqlen, seed=seed,
-                                    allocation=allocation.value if allocation else None, score=score.value if score else None,
-                                    tokens=tokens.value if tokens else None, max_sparsity_delta=max_sparsity_delta)
-        _refuse_existing(out, overwrite)
+        with distributed.guarded():                      # under torchrun: one line for what every rank refuses
+            config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
+                                        seqlen=seqlen, seed=seed, allocation=allocation.value if allocation else None,
+                                        score=score.value if score else None, tokens=tokens.value if tokens else None,
+                                        max_sparsity_delta=max_sparsity_delta)
+            _refuse_existing(out, overwrite)
         start = time.perf_counter()
         whole_only = model.suffix == ".gguf" or config.allocation == "ecoflap"
         result = tamp_fx.plan(model, calib, config, progress=not quiet, device=device, dtype=dtype,

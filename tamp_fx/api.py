@@ -79,9 +79,10 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
                                    shard=(world.rank, world.size))
     n_samples = distributed.total_count(len(samples))
-    if n_samples < world.size:
-        raise TampError(f"{n_samples} calibration sample(s) for {world.size} processes: every process needs one; "
-                        "use more samples or fewer processes")
+    with distributed.guarded():
+        if n_samples < world.size:
+            raise TampError(f"{n_samples} calibration sample(s) for {world.size} processes: every process needs one; "
+                            "use more samples or fewer processes")
     with Bars(progress and world.rank == 0) as bars:
         with distributed.guarded(), bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance, device=target,
