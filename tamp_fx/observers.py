@@ -68,7 +68,7 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1])                   # (T, C_in)
         xf = x.float()
         sq = (xf * xf).sum(0).double()                   # (C_in,)
-        self.sums.add(torch.cat([sq, sq.new_tensor([x.shape[0]])]))
+        self.sums.add(torch.cat([sq, sq.new_full((1,), x.shape[0])]))   # no host-to-device copy
         if self.hessian_acc is not None:
             self.hessian_acc.add(xf)
 
