@@ -1,6 +1,7 @@
 """What tests/cli/test_distributed.py runs under ``torchrun`` (or plain python: one process).
 
-    distributed_worker.py plans OUT METHODS MODEL...  plan every (model, method) with 4 samples;
+    distributed_worker.py plans OUT METHODS MODEL...  plan every (model, method) with 3 samples
+                                                      (2 on rank 0, 1 on rank 1);
                                                       rank 0 saves OUT/<model dir name>-<method>
     distributed_worker.py cli STATE FAULT ARGS...     the ``tamp-fx`` command line with ARGS; each
                                                       rank writes its exit status to STATE/exit-<rank>.
@@ -22,7 +23,7 @@ def plans(out: Path, methods: list[str], models: list[Path]) -> None:
     from tamp_fx import distributed
     for model in models:
         for method in methods:
-            plan = tamp_fx.plan(model, model / "calib.jsonl", tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=4))
+            plan = tamp_fx.plan(model, model / "calib.jsonl", tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=3))
             if distributed.world().rank == 0:
                 plan.save(out / f"{model.name}-{method}")
     distributed.shutdown()

@@ -65,7 +65,7 @@ def test_two_processes_plan_what_one_does(plans, family, method):
         assert torch.equal(a.masks[name], b.masks[name]), name
     # every statistic in plan.json too (diversities, selected fractions, attention mass, sample count)
     assert _without_timings(one) == _without_timings(two)
-    assert b.model["calibration"]["samples"] == 4
+    assert b.model["calibration"]["samples"] == 3                 # 2 on rank 0, 1 on rank 1: uneven shards
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -82,7 +82,7 @@ def test_two_processes_sparsegpt_within_the_stated_tolerance(plans, family):
 def test_cli_module_under_torchrun_writes_the_one_process_plan(plans, tiny_models, tmp_path):
     model = tiny_models("llava_next")
     r = _run([*TORCHRUN, "-m", "tamp_fx.cli", "plan", str(model), "--calib", str(model / "calib.jsonl"),
-              "--method", "tamp", "--sparsity", "0.5", "--nsamples", "4", "--out", str(tmp_path / "p")])
+              "--method", "tamp", "--sparsity", "0.5", "--nsamples", "3", "--out", str(tmp_path / "p")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("tamp (das + wanda + amia): planned") == 1            # the summary from rank 0 only
     assert _without_timings(tmp_path / "p") == _without_timings(plans("llava_next", "tamp")[0])
