@@ -15,6 +15,7 @@ any cast to the compute dtype), keyed by in-memory name, for the plan's model fi
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -95,3 +96,4 @@ class CheckpointLayers(_LayoutLayers):
             yield layer
         finally:
             release(layer)
+            gc.collect()        # graphs of the layer (fx modules hold reference cycles) free its tensors now
