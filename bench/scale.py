@@ -249,6 +249,9 @@ def main() -> None:
                 sys.exit(f"planning {method} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
+            if args.json:                             # after every method: a later one may be stopped
+                args.json.write_text(json.dumps({"case": args.case, "shape": s.__dict__, "nsamples": case.nsamples,
+                                                 "rows": rows}, indent=1))
     finally:
         shutil.rmtree(calib_dir, ignore_errors=True)
         if not args.keep:
@@ -265,9 +268,6 @@ def main() -> None:
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
         gpu = f"{r['peak_gpu_gib']:.1f} GiB" if r["peak_gpu_gib"] is not None else "-"
         print(f"| {r['method']} | {r['seconds']:.0f} s | {ratio} | {r['peak_rss_gib']:.2f} GiB | {gpu} |")
-    if args.json:
-        args.json.write_text(json.dumps({"case": args.case, "shape": s.__dict__, "nsamples": case.nsamples,
-                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

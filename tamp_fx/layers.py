@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from tamp_fx.adapters import DecoderLayout
+from tamp_fx.errors import TampError
 from tamp_fx.model_io import CheckpointIndex, FingerprintSample, fingerprint_sample, materialise, release
 
 
@@ -82,9 +83,12 @@ class CheckpointLayers(_LayoutLayers):
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model, self.layout, self.index, self.device, self.dtype = model, layout, index, device, dtype
         self.fingerprints: dict[str, FingerprintSample] = {}
-        names = list(model.state_dict())
-        self._names = [[n for n in names if n.startswith(layout.layer_prefix(i) + ".") and n in index.entries]
-                       for i in range(len(self))]
+        names = [n for n in model.state_dict() if n.startswith(layout.prefix + ".")]
+        missing = [n for n in names if n not in index.entries]
+        if missing:
+            raise TampError(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing): "
+                            "is the model directory complete?")
+        self._names = [[n for n in names if n.startswith(layout.layer_prefix(i) + ".")] for i in range(len(self))]
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[torch.nn.Module]:

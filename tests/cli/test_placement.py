@@ -177,3 +177,29 @@ def test_chunked_checkpoint_reads_equal_the_stored_tensors_and_their_fingerprint
         expected = tensor.to(target) if tensor.is_floating_point() else tensor
         assert read[name].dtype == expected.dtype and torch.equal(read[name], expected), name
     assert samples == {"w": model_io.fingerprint_sample(tensors["w"])}         # of the stored values
+
+
+def test_a_checkpoint_missing_a_decoder_tensor_is_one_line(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    model = shutil.copytree(tiny_models("llama"), tmp_path / "m")
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    fails_cleanly(plan_args(model, model / "calib.jsonl", tmp_path / "p", "--device", "cpu"),
+                  "no tensor for model.layers.1.mlp.up_proj.weight", tmp_path / "p")
+
+
+def test_tied_embeddings_are_read_for_the_capture(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    model = shutil.copytree(tiny_models("llama"), tmp_path / "tied")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(model / "model.safetensors")
+    del tensors["lm_head.weight"]                                            # as save_pretrained writes a tied model
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert_same_masks(_plan(model, "wanda", device="cpu", layer_by_layer=True),
+                      _plan(model, "wanda", device="cpu", layer_by_layer=False))
