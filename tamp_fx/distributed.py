@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,18 +91,13 @@ def shutdown() -> None:
     _world = World()
 
 
-def shard(items: Sequence, w: World | None = None) -> list:
-    """This rank's share of ``items``: those at positions i with i % K == rank.
-
-    >>> shard(list("abcde"), World(rank=1, size=2))
-    ['b', 'd']
-    """
-    w = w or _world
-    return list(items[w.rank::w.size])
-
-
 def sample_indices(n_local: int, w: World | None = None) -> range:
-    """The positions in the full sample list of this rank's ``n_local`` samples."""
+    """The positions in the full sample list of this rank's ``n_local`` samples (rank r of K
+    holds samples r, r + K, ...: ``load_calibration(..., shard=(r, K))``).
+
+    >>> list(sample_indices(2, World(rank=1, size=3)))
+    [1, 4]
+    """
     w = w or _world
     return range(w.rank, w.rank + n_local * w.size, w.size)
 

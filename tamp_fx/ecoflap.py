@@ -38,7 +38,7 @@ def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str
                                   blocks: Mapping[str, list[str]], *, epsilon: float, seed: int,
                                   bars: Bars) -> dict[str, float]:
     """blocks: block name -> full parameter names of its weights. Returns block -> importance.
-    Under torchrun ``samples`` is this rank's share (:func:`tamp_fx.distributed.shard`)."""
+    Under torchrun ``samples`` is this rank's share (:func:`tamp_fx.distributed.sample_indices`)."""
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     names = [n for members in blocks.values() for n in members]
