@@ -7,10 +7,11 @@
 # 2. bench/scale.py case (c): LLaVA-NeXT with Llama-3-8B's language model (random weights, bfloat16) and
 #    images of ~2,900 tokens, wanda and tamp on C_SAMPLES samples (128 would take longer than this
 #    check's budget; the summary extrapolates linearly, an upper bound since fixed costs scale too);
-# 3. bench/semi_structured_speed.py (2:4 against dense bf16 on one Llama-7B-shaped layer).
-# Each step has its own time limit (110 + 290 + 60 s, under 8 minutes with the set-up); a failed or
-# stopped step is reported and the others still run (scale.py writes its JSON after every method).
-# Logs and JSON in $OUT; the checkpoint of (c) (~16 GB) is deleted afterwards.
+# 3. bench/semi_structured_speed.py (2:4 against dense bf16 on one Llama-7B-shaped layer);
+# 4. only with several GPUs: bench/plan_speed.py --nproc N --device cuda (planning on 1 GPU against all N).
+# Each step has its own time limit (110 + 290 + 60 s, under 8 minutes with the set-up; step 4 adds up
+# to 300 s); a failed or stopped step is reported and the others still run (scale.py writes its JSON
+# after every method). Logs and JSON in $OUT; the checkpoint of (c) (~16 GB) is deleted afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -41,6 +42,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 step tests 110 $PY -m pytest -q -m cuda -p no:cacheprovider tests
 step scale-c 290 $PY bench/scale.py --case c --nsamples "$C_SAMPLES" --out-dir "$OUT" --json "$OUT/scale-c.json"
 step semi-structured 60 $PY bench/semi_structured_speed.py --repeats 30 --warmup 5
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -gt 1 ]; then  # data-parallel planning (README, Multi-GPU): 1 GPU against all of them
+    step multi-gpu 300 $PY bench/plan_speed.py --nproc "$GPUS" --device cuda --nsamples 128 --seqlen 512 --methods wanda tamp
+fi
 
 $PY - "$OUT" "$C_SAMPLES" <<'EOF'
 import json, pathlib, sys
@@ -65,4 +70,8 @@ else:
 rc, secs = status("semi-structured")
 print(f"2:4 semi-structured timings: exit {rc}, {secs} s")
 print("  " + "\n  ".join(l for l in (out / "semi-structured.log").read_text().splitlines() if l.startswith(("|", "NVIDIA", "Tesla")) or "torch" in l))
+if (out / "multi-gpu.status").is_file():
+    rc, secs = status("multi-gpu")
+    print(f"multi-GPU planning, SmolLM2-135M 128 x 512: exit {rc}, {secs} s")
+    print("  " + "\n  ".join(l for l in (out / "multi-gpu.log").read_text().splitlines() if l.startswith("|")))
 EOF

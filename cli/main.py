@@ -48,9 +48,15 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it): only rank 0 prints."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _setup(verbose: bool) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # for tqdm bars of libraries imported later
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+    level = logging.ERROR if _rank() else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)], force=True)
     import transformers
     transformers.utils.logging.set_verbosity_error()
@@ -59,9 +65,16 @@ def _setup(verbose: bool) -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # and torch about its enums
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1, every_rank: bool = False) -> None:
+    """Print ``message`` as one line and exit with ``code``. Under torchrun only rank 0 prints;
+    with ``every_rank`` (all ranks know of the failure) the others wait until it has printed."""
     # the message is plain text: no rich markup ("[...]") and no emoji codes (":M:" in "N:M: ...")
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
+    if not _rank() or not every_rank:            # a rank's own failure (the others are stopped by torchrun)
+        prefix = f"rank {_rank()}: " if _rank() else ""
+        console.print(f"[bold red]error:[/] {prefix}{escape(message)}", highlight=False, soft_wrap=True, emoji=False)
+    if every_rank:
+        from tamp_fx import distributed
+        distributed.barrier()
     raise typer.Exit(code)
 
 
@@ -69,15 +82,18 @@ def _fail(message: str, code: int = 1) -> None:
 def _user_errors() -> Iterator[None]:
     """Turn a TampError (or an OSError) in a command into a one-line message and exit status 1 (Ctrl-C reaches
     :func:`tamp_fx.cli.main` as ``Interrupted``; a KeyboardInterrupt here is the API's own)."""
+    from tamp_fx.distributed import RankFailed
     from tamp_fx.errors import TampError, first_line
     try:
         yield
     except TampError as error:
-        _fail(str(error))
+        _fail(str(error), every_rank=isinstance(error, RankFailed))
     except OSError as error:        # the file system said no (permissions, a full disk) somewhere tamp-fx did not expect
         _fail(f"{error.filename or 'a file'}: {error.strerror or first_line(error)}: check the path, its permissions "
               "and the free space")
     except KeyboardInterrupt:
+        if _rank():                                 # Ctrl-C reached every rank: rank 0 says it
+            raise typer.Exit(130) from None
         _fail("interrupted: nothing was written", 130)
 
 
@@ -86,6 +102,16 @@ def _check_output(out: Path, overwrite: bool, protect: tuple[Path, ...] = (), fi
     written, before any work (:func:`tamp_fx.model_io.check_output`)."""
     from tamp_fx.model_io import check_output
     check_output(out, overwrite=overwrite, protect=protect, file=file)
+
+
+@contextlib.contextmanager
+def _process_group() -> Iterator:
+    """Under torchrun: join the process group for the command and leave it after (tamp_fx.distributed)."""
+    from tamp_fx import distributed
+    try:
+        yield distributed.init_from_env()
+    finally:
+        distributed.shutdown()
 
 
 @app.command()
@@ -128,21 +154,27 @@ def plan(
     """Calibrate MODEL on --calib and save a pruning plan to --out."""
     _setup(verbose)
 
-    with _user_errors():
+    with _process_group() as world, _user_errors():
         import tamp_fx
+        from tamp_fx import distributed
         from tamp_fx.api import plan_inputs
-        config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
-                                    seqlen=seqlen, seed=seed,
-                                    allocation=allocation.value if allocation else None, score=score.value if score else None,
-                                    tokens=tokens.value if tokens else None, max_sparsity_delta=max_sparsity_delta)
-        protect = plan_inputs(model, calib)
-        _check_output(out, overwrite, protect)
+        with distributed.guarded():                      # under torchrun: one line for what every rank refuses
+            config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
+                                        seqlen=seqlen, seed=seed, allocation=allocation.value if allocation else None,
+                                        score=score.value if score else None, tokens=tokens.value if tokens else None,
+                                        max_sparsity_delta=max_sparsity_delta)
+            protect = plan_inputs(model, calib)
+            _check_output(out, overwrite, protect)
         start = time.perf_counter()
         whole_only = model.suffix == ".gguf" or config.allocation == "ecoflap"
         result = tamp_fx.plan(model, calib, config, progress=not quiet, device=device, dtype=dtype,
                               offload_activations=offload_activations,
                               layer_by_layer=None if layer_by_layer and whole_only else layer_by_layer)
-        result.save(out, overwrite=overwrite, protect=protect)
+        with distributed.guarded():                      # every rank learns whether rank 0 wrote it
+            if world.rank == 0:
+                result.save(out, overwrite=overwrite, protect=protect)
+        if world.rank:
+            return
         s = result.summary()
         console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}"
                       f"{', ' + config.pattern if config.pattern else ''}): "

@@ -20,7 +20,7 @@ from tamp_fx.config import PlanConfig
 from tamp_fx.allocators import ALLOCATORS, Allocation
 from tamp_fx.driver import layer_structure, profile_layers, prune_layers
 from tamp_fx.ecoflap import zeroth_order_block_importance
-from tamp_fx import semi_structured
+from tamp_fx import distributed, semi_structured
 from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
@@ -52,23 +52,39 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
 
     Nothing is written: save the result with ``Plan.save``.
+
+    Under ``torchrun`` every rank plans on its share of the samples (:mod:`tamp_fx.distributed`)
+    and returns the same plan; save it on rank 0.
     """
-    source = resolve_source(model)
-    target = resolve_device(device)
-    check_dtype(dtype)
-    if source.kind == "pt2":
-        return plan_program(source, calib, config, progress=progress)
-    whole_only = source.kind == "gguf" or ALLOCATORS[config.allocation][1]
-    if layer_by_layer and whole_only:
-        raise TampError(f"layer-by-layer loading needs a Hugging Face directory and an allocation other than ecoflap "
-                        f"({source.path.name}, {config.allocation}): load the model whole")
-    layer_by_layer = not whole_only if layer_by_layer is None else layer_by_layer
-    net, layout, layers = (_open_layer_by_layer if layer_by_layer else _open_whole)(source, target, dtype)
-    processor = load_processor(source, net.config)
-    token_ids = modality_token_ids(net.config)
-    samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed)
-    with Bars(progress) as bars:
-        with bars.task("capture decoder inputs", len(samples)) as advance:
+    world = distributed.init_from_env()              # under torchrun: cuda:LOCAL_RANK is the current device
+    with distributed.guarded():
+        source = resolve_source(model)
+        target = resolve_device(device)
+        if world.distributed and target.type == "cuda" and target != world.device:
+            raise TampError(f"under torchrun rank {world.rank} computes on {world.device}, not {target}: "
+                            "pass --device cuda (each rank takes cuda:LOCAL_RANK)")
+        check_dtype(dtype)
+        if source.kind == "pt2" and world.distributed:
+            raise TampError("an exported program (.pt2) is planned in one process: run `tamp-fx plan` without torchrun")
+        if source.kind == "pt2":
+            return plan_program(source, calib, config, progress=progress)
+        whole_only = source.kind == "gguf" or ALLOCATORS[config.allocation][1]
+        if layer_by_layer and whole_only:
+            raise TampError(f"layer-by-layer loading needs a Hugging Face directory and an allocation other than ecoflap "
+                            f"({source.path.name}, {config.allocation}): load the model whole")
+        layer_by_layer = not whole_only if layer_by_layer is None else layer_by_layer
+        net, layout, layers = (_open_layer_by_layer if layer_by_layer else _open_whole)(source, target, dtype)
+        processor = load_processor(source, net.config)
+        token_ids = modality_token_ids(net.config)
+        samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
+                                   shard=(world.rank, world.size))
+    n_samples = distributed.total_count(len(samples))
+    with distributed.guarded():
+        if n_samples < world.size:
+            raise TampError(f"{n_samples} calibration sample(s) for {world.size} processes: every process needs one; "
+                            "use more samples or fewer processes")
+    with Bars(progress and world.rank == 0) as bars:
+        with distributed.guarded(), bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance, device=target,
                                         offload=offload_activations)
         if layer_by_layer:
@@ -100,7 +116,7 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         "num_layers": len(layout.layers),
         "modality_token_ids": {m.name.lower(): i for m, i in token_ids.items()},
         "untouched": list(layout.untouched),
-        "calibration": {"file": Path(calib).name, "samples": len(samples)},
+        "calibration": {"file": Path(calib).name, "samples": n_samples},
     }
     layers_stats = [{"layer": r.index, **r.stats} for r in results]
     return Plan(config, model_info, linears, layers_stats, masks, weights)

@@ -26,16 +26,17 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 def load_calibration(path: str | Path, processor: Any, *, nsamples: int = 128, seqlen: int = 512,
-                     seed: int = 0) -> list[Sample]:
+                     seed: int = 0, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
     """Model inputs for up to ``nsamples`` calibration samples drawn with ``seed``.
 
     A ``.json`` / ``.jsonl`` file holds conversations; any other file is plain text, cut
-    into windows of ``seqlen`` tokens at random offsets.
+    into windows of ``seqlen`` tokens at random offsets. ``shard=(r, K)``: of the list drawn,
+    only the samples i with i % K == r (and only those are processed).
     """
     path = _checked_file(path)
     if path.suffix in (".json", ".jsonl"):
-        return _conversation_samples(path, processor, nsamples, seed)
-    return _text_windows(path, processor, nsamples, seqlen, seed)
+        return _conversation_samples(path, processor, nsamples, seed, shard)
+    return _text_windows(path, processor, nsamples, seqlen, seed, shard)
 
 
 def calibration_inputs(path: str | Path) -> tuple[Path, ...]:
@@ -64,7 +65,8 @@ def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
-def _text_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: int) -> list[Sample]:
+def _text_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: int,
+                  shard: tuple[int, int]) -> list[Sample]:
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise TampError(f"calibration file {path} has no text: pass a file with text or conversations")
@@ -73,7 +75,7 @@ def _text_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: 
         raise TampError(f"calibration file {path} has {ids.numel()} tokens, not more than --seqlen {seqlen}: "
                         "pass a longer file or a smaller --seqlen")
     rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)]
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)][shard[0]::shard[1]]
     return [{"input_ids": ids[s:s + seqlen][None], "attention_mask": torch.ones(1, seqlen, dtype=torch.long)}
             for s in starts]
 
@@ -197,12 +199,12 @@ def _prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int) -> list[Sample]:
+def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int, shard: tuple[int, int]) -> list[Sample]:
     records = _read_records(path)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     samples = []
-    for index in order[:nsamples]:
+    for index in order[:nsamples][shard[0]::shard[1]]:
         record = records[index]
         images = [_load_image(p) for p in _paths(record, ("image", "images"), path.parent, index, path)]
         audio_paths = _paths(record, ("audio", "audios"), path.parent, index, path)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tamp_fx.distributed import guarded, sample_indices
 from tamp_fx.capture import Activations
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
@@ -24,7 +25,7 @@ from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
 from tamp_fx.layers import DecoderLayers
 from tamp_fx.masks import PackedMask
 from tamp_fx.modality import Modality
-from tamp_fx.observers import LinearObserver, ObserverContext
+from tamp_fx.observers import LinearObserver, ObserverContext, reduce_statistics
 from tamp_fx.passes.instrument import InstrumentConfig, instrument
 from tamp_fx.passes.plan import LinearDecision, PlanPassConfig
 from tamp_fx.passes.plan import plan as plan_pass
@@ -61,15 +62,15 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
     linear_observers = list(observed["linear"].values()) if observed else []
     attention_observers = observed["attention"] if observed else []
     with bars.task(description, len(acts)) as advance, torch.no_grad():
-        for j in range(len(acts)):
+        for j, sample in enumerate(sample_indices(len(acts))):
             hidden, kwargs = acts.inputs(j, layer)
-            context.labels = acts.labels[j].to(acts.device)
+            context.labels, context.sample = acts.labels[j].to(acts.device), sample
             try:
                 out = gm(hidden, **kwargs)
             except TampError:
                 raise
             except Exception as error:  # noqa: BLE001
-                raise TampError(f"decoder layer {layer} failed on calibration sample {j}: {str(error).splitlines()[0]}") from error
+                raise TampError(f"decoder layer {layer} failed on calibration sample {sample}: {str(error).splitlines()[0]}") from error
             attention = attention_observers[0].current if attention_observers else None
             for observer in linear_observers:
                 observer.finish_sample(attention)
@@ -88,6 +89,11 @@ def _check_pattern(gm: torch.nn.Module, linears: Mapping[str, LinearInfo], confi
         if c_in % m:
             raise TampError(f"pattern {config.pattern} needs input widths that are multiples of {m}, "
                             f"but {prefix}.{w} has {c_in} input columns")
+
+
+def _reduce(observed: Mapping[str, Any]) -> None:
+    """Every rank's statistics of this layer summed over all samples (one process: unchanged)."""
+    reduce_statistics([*observed["linear"].values(), *observed["attention"]])
 
 
 def _attention_stats(observed: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,10 +133,12 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
     with bars.task("profile layers (dense)", len(layers)) as advance_layer:
         for i in range(len(layers)):
             with layers.open(i) as layer:
-                gm, linears = _graph(exporter, layers, layer, acts, i, config)
-                context = ObserverContext()
-                observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
-                _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layers))
+                with guarded():      # each rank on its samples; then all learn whether any failed
+                    gm, linears = _graph(exporter, layers, layer, acts, i, config)
+                    context = ObserverContext()
+                    observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+                    _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layers))
+                _reduce(observed)
                 sizes = {w: gm.get_parameter(w).numel() for w in linears}
                 profile = LayerProfile(i, linears, sizes)
                 obs = observed["linear"]
@@ -172,17 +180,20 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
         for i in range(n_layers):
             start = time.perf_counter()
             with layers.open(i) as layer:
-                gm, linears = _graph(exporter, layers, layer, acts, i, config)
-                context = ObserverContext()
-                observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
-                if score.needs_activations:
-                    _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
-                decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"],
-                                                         config.nm)).info["decisions"]
-                decisions = {w: _on_host(d) for w, d in decisions.items()}
-                rewrite(gm)
-                if score.needs_activations and i + 1 < n_layers:
-                    _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
+                with guarded():      # each rank on its samples; then all learn whether any failed
+                    gm, linears = _graph(exporter, layers, layer, acts, i, config)
+                    context = ObserverContext()
+                    observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+                    if score.needs_activations:
+                        _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
+                _reduce(observed)
+                with guarded():      # the same decisions on every rank, then each propagates its samples
+                    decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"],
+                                                             config.nm)).info["decisions"]
+                    decisions = {w: _on_host(d) for w, d in decisions.items()}
+                    rewrite(gm)
+                    if score.needs_activations and i + 1 < n_layers:
+                        _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
                 stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed)}
                 results.append(LayerResult(i, decisions, linears, stats))
                 del gm, observed

@@ -6,6 +6,9 @@ is a directional derivative, so c z estimates the gradient without a backward pa
 importance is the first-order loss change of removing it, |theta_b . g_b|, averaged over
 samples and divided by its parameter count so blocks of different sizes compare per parameter.
 The model is never written: perturbed weights go through ``torch.func.functional_call``.
+
+Sample i's perturbation is drawn from the seed and i alone and its terms are summed in sample
+order, so K processes (:mod:`tamp_fx.distributed`, each on its share) find the same importances.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from collections.abc import Mapping
 import torch
 from torch.func import functional_call
 
+from tamp_fx import distributed
 from tamp_fx.modality import Modality, modality_labels
+from tamp_fx.observers import SampleSums
 from tamp_fx.progress import Bars
 
 
@@ -32,15 +37,16 @@ def _lm_labels(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
 def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], token_ids,
                                   blocks: Mapping[str, list[str]], *, epsilon: float, seed: int,
                                   bars: Bars) -> dict[str, float]:
-    """blocks: block name -> full parameter names of its weights. Returns block -> importance."""
+    """blocks: block name -> full parameter names of its weights. Returns block -> importance.
+    Under torchrun ``samples`` is this rank's share (:func:`tamp_fx.distributed.sample_indices`)."""
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     names = [n for members in blocks.values() for n in members]
     block_of = {n: b for b, members in blocks.items() for n in members}
-    totals = {b: 0.0 for b in blocks}
-    generator = torch.Generator().manual_seed(seed)
-    with bars.task("ecoflap: zeroth-order", len(samples)) as advance:
-        for sample in samples:
+    terms = SampleSums()                                  # per sample: c * (theta_b . z_b) per block
+    with distributed.guarded(), bars.task("ecoflap: zeroth-order", len(samples)) as advance:
+        for index, sample in zip(distributed.sample_indices(len(samples)), samples):
+            generator = torch.Generator().manual_seed(distributed.sample_seed(seed, index))
             z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype).to(params[n].device)
                  for n in names}                             # drawn on the host: the same on any device
             labels = _lm_labels(sample, token_ids).to(device)
@@ -54,8 +60,9 @@ def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str
             dots = {b: 0.0 for b in blocks}
             for n in names:
                 dots[block_of[n]] += float((params[n] * z[n]).sum())
-            for b in blocks:
-                totals[b] += c * dots[b]
+            terms.add(torch.tensor([c * dots[b] for b in blocks], dtype=torch.float64))
             advance()
+    terms.replace(list(distributed.gather_rows(torch.stack(terms.rows).to(distributed.world().device or "cpu")).cpu().unbind(0)))
+    totals = dict(zip(blocks, terms.total().tolist()))
     sizes = {b: sum(params[n].numel() for n in members) for b, members in blocks.items()}
-    return {b: abs(totals[b] / len(samples)) / sizes[b] for b in blocks}
+    return {b: abs(totals[b] / len(terms.rows)) / sizes[b] for b in blocks}

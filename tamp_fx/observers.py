@@ -7,17 +7,18 @@ layer's attention, seen only after the q/k/v projections ran) are finished by
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
+from tamp_fx import distributed
 from tamp_fx.diversity import diversity_terms, importance
 from tamp_fx.modality import Modality
 from tamp_fx.sparsegpt import HessianAccumulator
 
 #: picks the tokens whose inputs count: (outputs (N, C_out), attention (N,) | None, labels (N,),
-#: diversity) -> indices (K,) or None for every token
-TokenSelector = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, float], "torch.Tensor | None"]
+#: diversity, sample index in the full calibration list) -> indices (K,) or None for every token
+TokenSelector = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, float, int], "torch.Tensor | None"]
 
 
 class ObserverContext:
@@ -25,24 +26,60 @@ class ObserverContext:
 
     def __init__(self) -> None:
         self.labels: torch.Tensor | None = None  # (N,) int8 modality per token of the current sample, on the layer's device
+        self.sample = 0                           # its index in the full calibration list (on any rank)
+
+
+class SampleSums:
+    """Float64 sums over calibration samples, kept as one row per sample and added up in sample
+    order when read. The rows of samples that ran in other processes are gathered in by
+    :func:`reduce_statistics`, so a total is the same bits on one process or K."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []       # per sample (D,) float64
+        self._total: torch.Tensor | None = None  # sum of rows[:_summed]
+        self._summed = 0
+
+    def add(self, row: torch.Tensor) -> None:
+        self.rows.append(row.detach().reshape(-1).double())
+
+    def replace(self, rows: list[torch.Tensor]) -> None:
+        self.rows, self._total, self._summed = rows, None, 0
+
+    def total(self) -> torch.Tensor:
+        """(D,) float64: rows[0] + rows[1] + ... in that order (empty: a (0,) tensor)."""
+        if not self.rows:
+            return torch.zeros(0, dtype=torch.float64)
+        if self._total is None:
+            self._total = torch.zeros_like(self.rows[0])
+        for row in self.rows[self._summed:]:
+            self._total += row
+        self._summed = len(self.rows)
+        return self._total
 
 
 class InputStats:
     """Statistics of a linear's inputs over the chosen tokens of every sample."""
 
     def __init__(self, hessian: bool = False) -> None:
-        self.sum_sq: torch.Tensor | None = None          # (C_in,) float64: sum of x^2
-        self.n_tokens = 0
+        self.sums = SampleSums()                         # per sample: sum of x^2 per column (C_in), then tokens
         self.hessian_acc = HessianAccumulator() if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])                   # (T, C_in)
         xf = x.float()
         sq = (xf * xf).sum(0).double()                   # (C_in,)
-        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
-        self.n_tokens += x.shape[0]
+        self.sums.add(torch.cat([sq, sq.new_full((1,), x.shape[0])]))   # no host-to-device copy
         if self.hessian_acc is not None:
             self.hessian_acc.add(xf)
+
+    @property
+    def sum_sq(self) -> torch.Tensor | None:
+        """(C_in,) float64: sum of x^2 over the tokens seen (None before any)."""
+        return self.sums.total()[:-1] if self.sums.rows else None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.sums.total()[-1]) if self.sums.rows else 0
 
     def input_norm(self) -> torch.Tensor:
         """Root mean square of every input column over the tokens seen: (C_in,) float32."""
@@ -55,6 +92,11 @@ class InputStats:
         if self.hessian_acc is None:
             raise RuntimeError("observer collected no Hessian")
         return self.hessian_acc.hessian
+
+
+#: every diversity term a sample can have: each modality (intra) and each pair (inter), in a fixed order
+_NAMES = [m.name.lower() for m in Modality]
+DIVERSITY_TERMS: tuple[str, ...] = (*_NAMES, *("-".join(sorted((a, b))) for i, a in enumerate(_NAMES) for b in _NAMES[i + 1:]))
 
 
 class LinearObserver(torch.nn.Module):
@@ -81,13 +123,8 @@ class LinearObserver(torch.nn.Module):
         self.stats = InputStats(hessian)
         self.track_diversity = track_diversity
         self.all_tokens_one_modality = all_tokens_one_modality
-        self.diversity_sums: dict[str, float] = {}
-        self.diversity_counts: dict[str, int] = {}
-        self.importance_sum = 0.0
-        self.diversity_samples = 0
-        self.samples = 0
-        self.tokens_per_modality = torch.zeros(len(Modality), dtype=torch.float64)   # moved to the layer's device
-        self.selected_per_modality = torch.zeros(len(Modality), dtype=torch.float64)  # on its first sample
+        self.diversity_sums = SampleSums()   # per sample: term values (T), term present (T), importance
+        self.token_sums = SampleSums()       # per sample: modality present (M), share of its tokens chosen (M)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _labels(self, n: int, device: torch.device) -> torch.Tensor:
@@ -110,15 +147,12 @@ class LinearObserver(torch.nn.Module):
         """Count the sample's tokens per modality and the share chosen (None: all), on the
         device of ``labels`` without a host synchronisation."""
         n_mod = len(Modality)
-        self.tokens_per_modality = self.tokens_per_modality.to(labels.device)
-        self.selected_per_modality = self.selected_per_modality.to(labels.device)
         per_sample_total = torch.bincount(labels, minlength=n_mod).double()                       # (M,)
         picked = labels if chosen is None else labels[chosen.to(labels.device)]
         per_sample_chosen = torch.bincount(picked, minlength=n_mod).double()                      # (M,)
         present = per_sample_total > 0                                                            # (M,)
-        self.tokens_per_modality += present.double()
-        self.selected_per_modality += torch.where(present, per_sample_chosen / per_sample_total.clamp_min(1), 0.0)
-        self.samples += 1
+        fraction = torch.where(present, per_sample_chosen / per_sample_total.clamp_min(1), 0.0)
+        self.token_sums.add(torch.cat([present.double(), fraction]))
 
     @torch.no_grad()
     def finish_sample(self, attention: torch.Tensor | None) -> None:
@@ -132,24 +166,47 @@ class LinearObserver(torch.nn.Module):
             terms = diversity_terms(z, labels)
             div = importance(terms)
         if self.track_diversity:
-            for k, v in terms.items():
-                self.diversity_sums[k] = self.diversity_sums.get(k, 0.0) + v
-                self.diversity_counts[k] = self.diversity_counts.get(k, 0) + 1
-            self.importance_sum += div
-            self.diversity_samples += 1
+            values = [terms.get(k, 0.0) for k in DIVERSITY_TERMS]
+            present = [float(k in terms) for k in DIVERSITY_TERMS]
+            self.diversity_sums.add(torch.tensor([*values, *present, div], dtype=torch.float64))
         if not self.collect_inputs:
             return
-        chosen = None if self.selector is None else self.selector(z, attention, labels, div)
+        chosen = None if self.selector is None else self.selector(z, attention, labels, div, self.context.sample)
         self.stats.add(x if chosen is None else x[chosen.to(x.device)])
         self._count(chosen, labels)
 
     # summaries ------------------------------------------------------------------------
 
+    def sample_sums(self) -> list[SampleSums]:
+        return [self.stats.sums, self.diversity_sums, self.token_sums]
+
+    @property
+    def samples(self) -> int:
+        return len(self.token_sums.rows)
+
+    @property
+    def diversity_samples(self) -> int:
+        return len(self.diversity_sums.rows)
+
+    @property
+    def tokens_per_modality(self) -> torch.Tensor:
+        """(M,) float64: samples each modality was present in."""
+        return self.token_sums.total()[:len(Modality)] if self.samples else torch.zeros(len(Modality), dtype=torch.float64)
+
+    @property
+    def selected_per_modality(self) -> torch.Tensor:
+        """(M,) float64: sum over samples of the share of the modality's tokens chosen."""
+        return self.token_sums.total()[len(Modality):] if self.samples else torch.zeros(len(Modality), dtype=torch.float64)
+
     def diversity(self) -> dict[str, float]:
-        return {k: self.diversity_sums[k] / self.diversity_counts[k] for k in sorted(self.diversity_sums)}
+        if not self.diversity_samples:
+            return {}
+        t = len(DIVERSITY_TERMS)
+        total = self.diversity_sums.total().tolist()
+        return {k: total[i] / total[t + i] for i, k in sorted(enumerate(DIVERSITY_TERMS), key=lambda p: p[1]) if total[t + i]}
 
     def importance(self) -> float:
-        return self.importance_sum / self.diversity_samples if self.diversity_samples else 0.0
+        return float(self.diversity_sums.total()[-1]) / self.diversity_samples if self.diversity_samples else 0.0
 
     def selected_fraction(self) -> dict[str, float]:
         """Mean share of each present modality's tokens that counted, over the samples it was in."""
@@ -184,15 +241,55 @@ class AttentionObserver(torch.nn.Module):
         super().__init__()
         self.context = context
         self.current: torch.Tensor | None = None       # (N,) of the sample being run, on the layer's device
-        self.samples = 0
-        self.mass_per_modality = torch.zeros(len(Modality), dtype=torch.float64)  # moved to the layer's device
+        self.mass_sums = SampleSums()                  # per sample: attention mass per modality (M,)
 
     @torch.no_grad()
     def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
                 scale: float | None = None) -> None:
         row = last_row_attention(q, k, mask, scale)[0]                  # (N,)
         self.current = row
-        self.samples += 1
+        mass = torch.zeros(len(Modality), dtype=torch.float64, device=row.device)  # (M,)
         if self.context.labels is not None:
-            labels = self.context.labels.long().flatten().to(row.device)
-            self.mass_per_modality = self.mass_per_modality.to(row.device).index_add_(0, labels, row.double())
+            mass.index_add_(0, self.context.labels.long().flatten().to(row.device), row.double())
+        self.mass_sums.add(mass)
+
+    def sample_sums(self) -> list[SampleSums]:
+        return [self.mass_sums]
+
+    @property
+    def samples(self) -> int:
+        return len(self.mass_sums.rows)
+
+    @property
+    def mass_per_modality(self) -> torch.Tensor:
+        """(M,) float64: attention mass each modality received, summed over samples."""
+        return self.mass_sums.total() if self.samples else torch.zeros(len(Modality), dtype=torch.float64)
+
+
+def reduce_statistics(observers: Iterable[LinearObserver | AttentionObserver]) -> None:
+    """Give every rank the statistics of all calibration samples (:mod:`tamp_fx.distributed`):
+    per-sample rows gathered in sample order, Hessians added in rank order. One process: nothing
+    to do. Call it on every rank, with the observers in the same order, between guarded blocks."""
+    w = distributed.world()
+    if not w.distributed:
+        return
+    observers = list(observers)
+    tables = [t for o in observers for t in o.sample_sums() if t.rows]
+    if tables:
+        n_local = len(tables[0].rows)
+        if any(len(t.rows) != n_local for t in tables):
+            raise RuntimeError(f"observers hold {sorted({len(t.rows) for t in tables})} sample rows, expected {n_local} each")
+        local = torch.cat([torch.stack(t.rows).to(w.device) for t in tables], 1)  # (n_local, sum D)
+        full = distributed.gather_rows(local)                                      # (n, sum D)
+        start = 0
+        for t in tables:
+            width = t.rows[0].numel()
+            t.replace(list(full[:, start:start + width].to(t.rows[0].device).unbind(0)))
+            start += width
+    for o in observers:
+        acc = getattr(getattr(o, "stats", None), "hessian_acc", None)
+        if acc is not None:                       # every rank has one: the same code ran on each
+            n = distributed.total_count(acc.n_tokens)
+            c_in = o.stats.sums.rows[0].numel() - 1
+            local = acc.hessian if acc.n_tokens else torch.zeros(c_in, c_in, device=o.stats.sums.rows[0].device)  # (C_in, C_in)
+            acc.merge(distributed.weighted_sum(local, acc.n_tokens / max(n, 1)), n)

@@ -76,6 +76,10 @@ class HessianAccumulator:
         self._h.addmm_(x2.T, x2)  # (C_in, C_in)
         self.n_tokens = n
 
+    def merge(self, hessian: torch.Tensor, n_tokens: int) -> None:
+        """Replace the running Hessian by one over ``n_tokens`` tokens (the ranks' Hessians combined)."""
+        self._h, self.n_tokens = hessian, n_tokens
+
     @property
     def hessian(self) -> torch.Tensor:
         """``2/n X^T X`` (C_in, C_in) float32. The live buffer, not a copy: do not modify it."""

@@ -2,7 +2,8 @@
 
 ``all`` every token (Wanda, SparseGPT); ``amia`` attention-guided, diversity-stopped
 selection (TAMP §3.2); ``attention`` the tokens whose last-row attention is above its mean;
-``random`` a fixed number of random tokens.
+``random`` a fixed number of random tokens (drawn from the seed and the sample's index, so
+the same on any number of processes; every linear of a sample gets the same ones).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from tamp_fx.amia import select_tokens
+from tamp_fx.distributed import sample_seed
 from tamp_fx.errors import TampError
 from tamp_fx.observers import TokenSelector
 
@@ -22,19 +24,18 @@ def _need_attention(attention: torch.Tensor | None, name: str) -> torch.Tensor:
     return attention
 
 
-def _amia(outputs, attention, labels, diversity):
+def _amia(outputs, attention, labels, diversity, sample):
     return select_tokens(outputs, _need_attention(attention, "amia"), diversity)
 
 
-def _attention(outputs, attention, labels, diversity):
+def _attention(outputs, attention, labels, diversity, sample):
     a = _need_attention(attention, "attention")                         # (N,)
     return torch.nonzero(a > a.mean()).flatten()
 
 
 def _random(count: int, seed: int) -> TokenSelector:
-    generator = torch.Generator().manual_seed(seed)
-
-    def select(outputs, attention, labels, diversity):
+    def select(outputs, attention, labels, diversity, sample):
+        generator = torch.Generator().manual_seed(sample_seed(seed, sample))
         n = outputs.shape[0]
         return torch.randperm(n, generator=generator)[:count].sort().values
     return select

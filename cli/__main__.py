@@ -1,0 +1,4 @@
+"""``python -m tamp_fx.cli`` (and ``torchrun ... -m tamp_fx.cli plan ...``) runs the command line."""
+from tamp_fx.cli.main import main
+
+main()

@@ -1,0 +1,230 @@
+"""Data-parallel planning over the processes ``torchrun`` starts (DESIGN.md §3, placement and scale).
+
+Rank r of K takes the calibration samples i with i % K == r. Everything between two
+collective points runs on each rank alone, inside :func:`guarded`; at the end of every guarded
+block all ranks learn whether any of them failed, so a failure on one rank stops every rank at
+the same point with the same one-line error (naming the rank), and nobody is left waiting in a
+collective. The data collectives (:func:`gather_rows`, :func:`weighted_sum`) run only between
+guarded blocks.
+
+Sums are made the same on any K: per-sample statistics are kept as one row per sample and the
+rows of all samples are gathered in sample order before they are added up (exactly the bits
+one process gets); Hessians, too large to keep per sample, are added in rank order, so every
+rank holds the same bits (and one process its own, unchanged).
+
+Without ``RANK`` / ``WORLD_SIZE`` in the environment there is one process, no process group,
+and every function here is a no-op.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tamp_fx.errors import TampError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks: ``device`` is where it computes (None: unchanged)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+_world = World()
+
+
+def world() -> World:
+    """The world :func:`init_from_env` joined (one process until then)."""
+    return _world
+
+
+def launched() -> bool:
+    """Whether this process was started by ``torchrun`` (or another launcher that sets its variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_from_env() -> World:
+    """Join the process group ``torchrun`` describes: ``cuda:LOCAL_RANK`` with NCCL when CUDA is
+    there (gloo carries the small control messages), the CPU with gloo otherwise. Idempotent."""
+    global _world
+    if not launched() or _world.distributed:
+        return _world
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if size == 1:
+        _world = World()
+        return _world
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    _world = World(rank, size, local_rank, device)
+    log.info("rank %d of %d on %s (%s)", rank, size, device, backend)
+    return _world
+
+
+def shutdown() -> None:
+    """Leave the process group (if this process joined one)."""
+    global _world
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _world = World()
+
+
+def sample_indices(n_local: int, w: World | None = None) -> range:
+    """The positions in the full sample list of this rank's ``n_local`` samples (rank r of K
+    holds samples r, r + K, ...: ``load_calibration(..., shard=(r, K))``).
+
+    >>> list(sample_indices(2, World(rank=1, size=3)))
+    [1, 4]
+    """
+    w = w or _world
+    return range(w.rank, w.rank + n_local * w.size, w.size)
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """A seed for what is drawn for one calibration sample: depends on the sample's index in the
+    full list, not on the rank that runs it or the samples before it.
+
+    >>> sample_seed(0, 3) != sample_seed(1, 3) != sample_seed(0, 4)
+    True
+    """
+    return (seed * 1_000_003 + sample) % (1 << 63)
+
+
+# --- agreeing on failures ------------------------------------------------------------------
+
+class RankFailed(TampError):
+    """Another rank (or this one) failed: every rank raises this with the same message."""
+
+
+@contextlib.contextmanager
+def guarded(w: World | None = None) -> Iterator[None]:
+    """Run a block on every rank, then agree: if any rank raised (or was interrupted), every
+    rank raises :class:`RankFailed` naming the first rank that failed and its one-line reason.
+    One process: the block's exception goes through unchanged."""
+    w = w or _world
+    if not w.distributed:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as caught:  # noqa: BLE001 - passed on to every rank
+        error = caught
+    _agree(error, w)
+
+
+def _ignore_more_interrupts() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:                # not the main thread: leave it
+        pass
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text if isinstance(error, TampError) else f"{type(error).__name__}: {text}"
+
+
+def _agree(error: BaseException | None, w: World) -> None:
+    if isinstance(error, KeyboardInterrupt):
+        _ignore_more_interrupts()     # Ctrl-C reaches each rank twice (terminal, then torchrun): stop once
+    reasons: list[str | None] = [None] * w.size
+    dist.all_gather_object(reasons, None if error is None else _reason(error))
+    failed = [(r, reason) for r, reason in enumerate(reasons) if reason is not None]
+    if not failed:
+        return
+    ranks = ", ".join(str(r) for r, _ in failed)
+    message = f"rank{'s' if len(failed) > 1 else ''} {ranks} of {w.size}: {failed[0][1]}"
+    if error is not None and not isinstance(error, (TampError, KeyboardInterrupt)):
+        raise error  # a bug: its own traceback on the rank where it happened
+    raise RankFailed(message) from error
+
+
+def barrier(w: World | None = None) -> None:
+    """Wait until every rank is here (over the CPU: gloo)."""
+    w = w or _world
+    if w.distributed:
+        dist.all_gather_object([None] * w.size, None)
+
+
+# --- data collectives ----------------------------------------------------------------------
+
+def gather_rows(local: torch.Tensor, w: World | None = None) -> torch.Tensor:
+    """Every rank's rows (n_r, D) of its samples, as the rows of all samples in sample order (n, D).
+
+    Rank r holds samples r, r + K, ...; the result is the same tensor on every rank. One
+    process: ``local`` itself.
+    """
+    w = w or _world
+    if not w.distributed:
+        return local
+    counts = torch.tensor([local.shape[0], local.shape[1]], dtype=torch.long, device=local.device)
+    all_counts = [torch.empty_like(counts) for _ in range(w.size)]
+    dist.all_gather(all_counts, counts)
+    shapes = [tuple(c.tolist()) for c in all_counts]
+    n = sum(s[0] for s in shapes)
+    expected = [len(range(r, n, w.size)) for r in range(w.size)]
+    if [s[0] for s in shapes] != expected or len({s[1] for s in shapes}) != 1:
+        raise RuntimeError(f"ranks hold sample rows of shapes {shapes}, expected {expected} rows of one width")
+    m = expected[0]                                                     # the most rows any rank has
+    padded = local.new_zeros(m, local.shape[1])                         # (m, D)
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(w.size)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, 1).reshape(m * w.size, -1)[:n]            # row i = rank i % K, its row i // K
+
+
+def weighted_sum(tensor: torch.Tensor, weight: float, w: World | None = None,
+                 chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """sum over ranks r of weight_r * tensor_r, added in rank order: the same bits on every rank.
+    Gathered in chunks so memory stays at K chunks beside the tensor. One process: ``weight * tensor``."""
+    w = w or _world
+    if not w.distributed:
+        return tensor if weight == 1.0 else tensor * weight
+    weights = [0.0] * w.size
+    dist.all_gather_object(weights, float(weight))
+    flat = tensor.contiguous().reshape(-1)                              # (E,)
+    out = torch.empty_like(flat)
+    for start in range(0, flat.numel(), chunk_elements):
+        piece = flat[start:start + chunk_elements]
+        parts = [torch.empty_like(piece) for _ in range(w.size)]
+        dist.all_gather(parts, piece)
+        total = parts[0] * weights[0]
+        for r in range(1, w.size):
+            total += parts[r] * weights[r]
+        out[start:start + chunk_elements] = total
+    return out.reshape(tensor.shape)
+
+
+def total_count(n_local: int, w: World | None = None) -> int:
+    """The sum of an integer over all ranks (exact, so order does not matter)."""
+    w = w or _world
+    if not w.distributed:
+        return n_local
+    counts = [0] * w.size
+    dist.all_gather_object(counts, int(n_local))
+    return sum(counts)
