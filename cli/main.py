@@ -174,38 +174,42 @@ def _shorten(names: list[str]) -> list[str]:
 
 
 @app.command()
-def inspect(plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")]) -> None:
-    """Show a plan: per-layer sparsity of every linear."""
+def inspect(
+    plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory "
+                                                 "(needs matplotlib: pip install 'tamp-fx[plot]').")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page (summary and "
+                                                 "figures) to this file.")] = None,
+    overwrite: Overwrite = False,
+) -> None:
+    """Show a plan: per-layer sparsity of every linear; --plot / --html draw its statistics."""
     _setup(False)
 
     with _user_errors():
-        import tamp_fx
-        plan_ = tamp_fx.Plan.load(plan_dir)
-        rows: dict[int, dict[str, float]] = {}
-        sizes: dict[int, list[float]] = {}
-        columns: list[str] = []
-        for lp in plan_.linears.values():
-            short = lp.module_name.rsplit(".", 3)[-3:-1]
-            col = ".".join(short).split(".")[-1]
-            if col not in columns:
-                columns.append(col)
-            rows.setdefault(lp.layer, {})[col] = lp.sparsity
-            n = lp.shape[0] * lp.shape[1]
-            acc = sizes.setdefault(lp.layer, [0.0, 0.0])
-            acc[0] += n * lp.sparsity
-            acc[1] += n
-        s = plan_.summary()
-        pattern = f" ({plan_.config.pattern})" if plan_.config.pattern else ""
-        table = Table(title=f"{plan_.config.method}{pattern} plan for {plan_.model.get('source')}: "
+        from tamp_fx import report
+        data = report.read_plan_json(plan_dir)
+        grid = report.Grid.of(data)
+        s = data["summary"]
+        pattern = f" ({data['config']['pattern']})" if data["config"].get("pattern") else ""
+        table = Table(title=f"{data['method']}{pattern} plan for {data['model'].get('source')}: "
                             f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
         table.add_column("layer", justify="right")
-        for col in _shorten(columns):
-            table.add_column(col, justify="right")
+        for p in _shorten(grid.projections):
+            table.add_column(p, justify="right")
         table.add_column("layer total", justify="right", style="bold")
-        for layer in sorted(rows):
-            table.add_row(str(layer), *(f"{rows[layer][c]:.1%}" if c in rows[layer] else "-" for c in columns),
-                          f"{sizes[layer][0] / sizes[layer][1]:.1%}")
+        for layer in grid.layers:
+            cells = [grid.cells.get((layer, p)) for p in grid.projections]
+            sizes = [(lp["shape"][0] * lp["shape"][1], lp["sparsity"]) for lp in cells if lp]
+            total = sum(n * sp for n, sp in sizes) / sum(n for n, _ in sizes)
+            table.add_row(str(layer), *(f"{lp['sparsity']:.1%}" if lp else "-" for lp in cells), f"{total:.1%}")
         out_console.print(table)
+        protect = (plan_dir.resolve(),)
+        if plot is not None:
+            written = report.write_figures(data, plot, overwrite=overwrite, protect=protect)
+            console.print(f"{len(written)} figures ({', '.join(p.stem for p in written)}) -> {plot}", highlight=False)
+        if html is not None:
+            report.write_html(data, html, overwrite=overwrite, protect=protect)
+            console.print(f"report -> {html}", highlight=False)
 
 
 @app.command(name="eval")
