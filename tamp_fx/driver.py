@@ -21,6 +21,7 @@ from tamp_fx.capture import Activations
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
 from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
+from tamp_fx.memory import PeakMemory, describe
 from tamp_fx.modality import Modality
 from tamp_fx.observers import LinearObserver, ObserverContext
 from tamp_fx.passes.instrument import InstrumentConfig, instrument
@@ -104,8 +105,9 @@ def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig,
                                          all_tokens_one_modality=config.allocation == "das-alltoken",
                                          collect_inputs=not diversity)  # OWL reads input norms, DAS only diversities
     profiles = []
-    with bars.task("profile layers (dense)", len(layout.layers)) as advance_layer:
+    with bars.task("profile layers (dense)", len(layout.layers), item="layer") as advance_layer:
         for i, layer in enumerate(layout.layers):
+            peak = PeakMemory()
             gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
             linears = analyse_linears(gm)
             _check_pattern(gm, linears, config, layout.layer_prefix(i))
@@ -124,7 +126,7 @@ def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig,
                 profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
             profiles.append(profile)
             del gm
-            advance_layer()
+            advance_layer(note=f"last layer {describe(peak.read())}")
     return profiles
 
 
@@ -148,9 +150,9 @@ def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, t
     observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian)
     results = []
     n_layers = len(layout.layers)
-    with bars.task("prune layers", n_layers) as advance_layer:
+    with bars.task("prune layers", n_layers, item="layer") as advance_layer:
         for i in range(n_layers):
-            start = time.perf_counter()
+            start, peak = time.perf_counter(), PeakMemory()
             gm = exporter(layout.layers[i], (acts.hidden[0],), acts.layer_kwargs[0][i])
             linears = analyse_linears(gm)
             _check_pattern(gm, linears, config, layout.layer_prefix(i))
@@ -162,9 +164,9 @@ def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, t
             rewrite(gm)
             if score.needs_activations and i + 1 < n_layers:
                 _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
-            stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed)}
+            stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
             results.append(LayerResult(i, decisions, linears, stats))
             del gm
-            advance_layer()
+            advance_layer(note=f"last layer {stats['seconds']:.1f} s, {describe(stats)}")
     log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
     return results

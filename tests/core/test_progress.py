@@ -1,0 +1,42 @@
+"""The layer bar says which layer runs, for how long, and the last layer's time and peak memory;
+plan.json records every layer's wall time and peak memory."""
+from __future__ import annotations
+
+import torch
+
+import tamp_fx
+from tamp_fx.memory import PeakMemory, describe
+from tamp_fx.progress import Bars, _ItemColumn
+
+
+def test_layer_bar_shows_current_item_and_note():
+    bars = Bars(enabled=False)
+    with bars, bars.task("prune layers", 3, item="layer") as advance:
+        task = bars._progress.tasks[0]
+        assert _ItemColumn().render(task).plain.startswith("layer 0: ")
+        advance(note="last layer 1.0 s, peak host 10 MiB")
+        text = _ItemColumn().render(bars._progress.tasks[0]).plain
+        assert text.startswith("layer 1: ") and text.endswith("last layer 1.0 s, peak host 10 MiB")
+        advance()                                   # no note: the last one stays
+        assert _ItemColumn().render(bars._progress.tasks[0]).plain.endswith("peak host 10 MiB")
+    with bars, bars.task("samples", 2) as advance:  # no item: nothing after the bar
+        assert _ItemColumn().render(bars._progress.tasks[0]).plain == ""
+
+
+def test_peak_memory_sees_an_allocation():
+    peak = PeakMemory()
+    before = peak.read()["peak_host_mib"]
+    x = torch.ones(64 * 2**20 // 4)                 # 64 MiB, touched
+    after = peak.read()["peak_host_mib"]
+    del x
+    assert after >= before + 60 or peak.host_since_start
+    assert describe({"peak_host_mib": 1234.0, "peak_device_mib": 5.0}) == "peak host 1,234 MiB, device 5 MiB"
+
+
+def test_plan_records_time_and_peak_memory_per_layer(tiny_models):
+    model = tiny_models("llava")
+    plan = tamp_fx.plan(model, model / "calib.jsonl", tamp_fx.PlanConfig(method="wanda", nsamples=2))
+    assert [entry["layer"] for entry in plan.layers] == list(range(len(plan.layers)))
+    for entry in plan.layers:
+        assert entry["seconds"] > 0 and entry["peak_host_mib"] > 0
+        assert ("peak_device_mib" in entry) == (torch.cuda.is_available() and torch.cuda.is_initialized())
