@@ -10,10 +10,12 @@
 The tokenizer is a small byte-level BPE trained on :data:`_CORPUS` with the family's special
 tokens added, so every family's config token ids (``image_token_id`` ...) match the tokenizer.
 Video: the video processors of this transformers release need torchvision, which this project
-does not depend on, so no video calibration data is written. LLaVA-OneVision, Qwen2-VL and
-Qwen2.5-VL processors are built without a video processor, but their ``processor_config.json``
-carries a matching ``video_processor`` entry: with torchvision installed ``AutoProcessor`` loads
-them (video included); without it ``AutoProcessor`` raises ImportError and :func:`tamp_fx.processors.load_processor`
+does not depend on, so ``calib.jsonl`` has no video; :func:`write_mixed_calib` writes image,
+video (frame images) and text samples for the families that take video. LLaVA-OneVision,
+Qwen2-VL and Qwen2.5-VL processors are built without a video processor, but their
+``processor_config.json`` carries a matching ``video_processor`` entry and their chat templates
+take ``<video>``: with torchvision installed ``AutoProcessor`` loads them (video included);
+without it ``AutoProcessor`` raises ImportError and :func:`tamp_fx.processors.load_processor`
 rebuilds the processor, images only.
 
 Command line: ``python -m tamp_fx.testing.tiny FAMILY OUT_DIR``.
