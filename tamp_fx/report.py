@@ -262,11 +262,10 @@ def _summary_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     seconds = [entry["seconds"] for entry in data.get("layers", []) if "seconds" in entry]
     if seconds:
         rows.append(("planning time", f"{sum(seconds):.1f} s over {len(seconds)} layers (slowest {max(seconds):.2f} s)"))
-    peaks = [entry[k] for entry in data.get("layers", []) for k in ("peak_host_mib", "peak_device_mib") if k in entry]
-    if peaks:
-        host = max(e.get("peak_host_mib", 0) for e in data["layers"])
-        device = max(e.get("peak_device_mib", 0) for e in data["layers"])
-        rows.append(("peak memory", f"host {host:,.0f} MiB" + (f", device {device:,.0f} MiB" if device else "")))
+    host = max((e["peak_host_mib"] for e in data.get("layers", []) if "peak_host_mib" in e), default=None)
+    device = max((e["peak_device_mib"] for e in data.get("layers", []) if "peak_device_mib" in e), default=None)
+    if host is not None:
+        rows.append(("peak memory", f"host {host:,.0f} MiB" + (f", device {device:,.0f} MiB" if device is not None else "")))
     return rows
 
 
