@@ -24,8 +24,11 @@ from tamp_fx import semi_structured
 from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
-from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_keys, checkpoint_names, fingerprint,
-                              load_model, load_processor, resolve_source)
+from tamp_fx.layers import CheckpointLayers, DecoderLayers, ResidentLayers
+from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_dtype, checkpoint_index, checkpoint_keys,
+                              fingerprint, fingerprint_of, load_model, load_processor, materialise, meta_model, release,
+                              resolve_source)
+from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.progress import Bars
 from tamp_fx.exported import apply_program, load_program, plan_program, program_weights
 from tamp_fx.quantize import QUANTIZERS, _require_torchao
@@ -34,34 +37,53 @@ from tamp_fx.quantized_hf import save_int8_weight
 log = logging.getLogger(__name__)
 
 
-def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False) -> Plan:
+def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False,
+         device: str | torch.device | None = None, dtype: str | None = None, offload_activations: bool = False,
+         layer_by_layer: bool | None = None) -> Plan:
     """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
+
+    Where it runs is no part of the plan (:mod:`tamp_fx.placement`): ``device`` (``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``; None: CUDA when available), ``dtype`` of the forward passes
+    (``"auto"`` = the checkpoint's, ``"float32"``, ``"bfloat16"``, ``"float16"``; None: float32
+    on the CPU, auto on CUDA), ``offload_activations`` (keep the calibration activations in host
+    memory and move them to ``device`` a sample at a time). ``layer_by_layer`` (None: yes for a
+    Hugging Face directory) builds the model on the meta device, materialises only what computes
+    the decoder's inputs, and reads each decoder layer from the checkpoint when it is planned; a
+    GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
 
     Nothing is written: save the result with ``Plan.save``.
     """
     source = resolve_source(model)
+    target = resolve_device(device)
+    check_dtype(dtype)
     if source.kind == "pt2":
         return plan_program(source, calib, config, progress=progress)
-    net = load_model(source)
+    whole_only = source.kind == "gguf" or ALLOCATORS[config.allocation][1]
+    if layer_by_layer and whole_only:
+        raise TampError(f"layer-by-layer loading needs a Hugging Face directory and an allocation other than ecoflap "
+                        f"({source.path.name}, {config.allocation}): load the model whole")
+    layer_by_layer = not whole_only if layer_by_layer is None else layer_by_layer
+    net, layout, layers = (_open_layer_by_layer if layer_by_layer else _open_whole)(source, target, dtype)
     processor = load_processor(source, net.config)
-    layout = decoder_layout(net)
     token_ids = modality_token_ids(net.config)
     samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed)
     with Bars(progress) as bars:
         with bars.task("capture decoder inputs", len(samples)) as advance:
-            acts = capture_layer_inputs(net, layout, samples, token_ids, advance)
+            acts = capture_layer_inputs(net, layout, samples, token_ids, advance, device=target,
+                                        offload=offload_activations)
+        if layer_by_layer:
+            release(net)                              # the capture parts are done with: keep one layer at a time
         exporter = LayerExporter()
-        allocation = _allocate(net, layout, acts, samples, token_ids, config, bars, exporter)
+        allocation = _allocate(net, layers, acts, samples, token_ids, config, bars, exporter)
         targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
                    else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
-        results = prune_layers(layout, acts, config, targets, bars, exporter)
-    params = dict(net.named_parameters())
-    full = {f"{layout.layer_prefix(r.index)}.{w}": (r, w) for r in results for w in r.decisions}
-    names = checkpoint_names(source, {n: params[n] for n in full})
+        results = prune_layers(layers, acts, config, targets, bars, exporter)
+    full = {f"{layers.prefix(r.index)}.{w}": (r, w) for r in results for w in r.decisions}
+    index = checkpoint_index(source, net)
     linears, masks, weights = {}, {}, {}
     for mem_name, (result, w) in full.items():
         d, info = result.decisions[w], result.linears[w]
-        ckpt = names[mem_name]
+        ckpt = index.key(mem_name)
         extra = allocation.stats.get((result.index, w), {}) if allocation else {}
         linears[ckpt] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
                                    d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
@@ -70,7 +92,7 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         if d.new_weight is not None:
             weights[ckpt] = d.new_weight
     model_info = {
-        "fingerprint": fingerprint({names[n]: params[n] for n in full}),
+        "fingerprint": fingerprint_of({index.key(n): layers.fingerprints[n] for n in full}),
         "model_type": net.config.model_type,
         "architecture": type(net).__name__,
         "source": source.path.name,
@@ -80,11 +102,41 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         "untouched": list(layout.untouched),
         "calibration": {"file": Path(calib).name, "samples": len(samples)},
     }
-    layers = [{"layer": r.index, **r.stats} for r in results]
-    return Plan(config, model_info, linears, layers, masks, weights)
+    layers_stats = [{"layer": r.index, **r.stats} for r in results]
+    return Plan(config, model_info, linears, layers_stats, masks, weights)
 
 
-def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: Bars,
+def _open_whole(source: ModelSource, device: torch.device, dtype: str | None):
+    """The model loaded whole (float32, then its parameters cast to the compute dtype on ``device``)."""
+    net = load_model(source)
+    layout = decoder_layout(net)
+    index = checkpoint_index(source, net)
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(net, layout)))
+    return net, layout, ResidentLayers(net, layout, device, compute)
+
+
+def _open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str | None):
+    """The model on the meta device with the parts that compute the decoder's inputs read onto
+    ``device``; its decoder layers are read from the checkpoint one at a time."""
+    probe = meta_model(source, torch.float32)
+    index = checkpoint_index(source, probe)
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(probe, decoder_layout(probe))))
+    net = probe if compute == torch.float32 else meta_model(source, compute)
+    layout = decoder_layout(net)
+    output = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    skip = {id(t) for t in output.parameters()} if output is not None else set()
+    in_layers = layout.prefix + "."
+    capture = [n for n, t in net.state_dict(keep_vars=True).items()
+               if not n.startswith(in_layers) and id(t) not in skip and n in index.entries]
+    materialise(net, index.read(capture), compute, device, exclude=layout.prefix)
+    return net, layout, CheckpointLayers(net, layout, index, device, compute)
+
+
+def _layer_names(net: torch.nn.Module, layout) -> list[str]:
+    return [n for n, _ in net.named_parameters() if n.startswith(layout.prefix + ".")]
+
+
+def _allocate(net, layers: DecoderLayers, acts, samples, token_ids, config: PlanConfig, bars: Bars,
               exporter: LayerExporter) -> Allocation | None:
     """Run what the allocation needs over the dense model and return its targets (None: uniform)."""
     needs_profile, needs_zeroth_order, strategy = ALLOCATORS[config.allocation]
@@ -92,16 +144,16 @@ def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: B
         return None
     if needs_profile:
         start = list(acts.hidden)                     # the prune phase starts again from layer 0's inputs
-        profiles = profile_layers(layout, acts, config, bars, exporter)
+        profiles = profile_layers(layers, acts, config, bars, exporter)
         acts.hidden = start
     else:
-        profiles = layer_structure(layout, acts, config, exporter)
+        profiles = layer_structure(layers, acts, config, exporter)
     extra = {}
     if needs_zeroth_order:
         blocks: dict[str, list[str]] = {}
         for p in profiles:
             for w, info in p.linears.items():
-                blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layout.layer_prefix(p.index)}.{w}")
+                blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layers.prefix(p.index)}.{w}")
         extra["block_importance"] = zeroth_order_block_importance(
             net, samples, token_ids, blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
     return strategy(profiles, config, extra)

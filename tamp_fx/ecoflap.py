@@ -34,14 +34,17 @@ def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str
                                   bars: Bars) -> dict[str, float]:
     """blocks: block name -> full parameter names of its weights. Returns block -> importance."""
     params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
     names = [n for members in blocks.values() for n in members]
     block_of = {n: b for b, members in blocks.items() for n in members}
     totals = {b: 0.0 for b in blocks}
     generator = torch.Generator().manual_seed(seed)
     with bars.task("ecoflap: zeroth-order", len(samples)) as advance:
         for sample in samples:
-            z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype) for n in names}
-            labels = _lm_labels(sample, token_ids)
+            z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype).to(params[n].device)
+                 for n in names}                             # drawn on the host: the same on any device
+            labels = _lm_labels(sample, token_ids).to(device)
+            sample = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
             losses = []
             for sign in (1.0, -1.0):
                 perturbed = {n: params[n] + sign * epsilon * z[n] for n in names}

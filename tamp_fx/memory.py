@@ -1,5 +1,5 @@
-"""Peak memory of a stretch of work (one decoder layer): host resident set size and, when a
-CUDA device is in use, the device's allocated memory."""
+"""Peak memory of a stretch of work (one decoder layer): host resident set size and, when the
+work runs on a CUDA device, that device's allocated memory."""
 from __future__ import annotations
 
 import resource
@@ -32,30 +32,28 @@ def _host_peak_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
-def _cuda_in_use() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
-
-
 class PeakMemory:
-    """Peak memory from construction (or :meth:`reset`) to :meth:`read`.
+    """Peak memory from construction (or :meth:`reset`) to :meth:`read`, on the host and on
+    ``device`` when it is a CUDA device.
 
-    >>> sorted(PeakMemory().read())[:1]
+    >>> list(PeakMemory(torch.device("cpu")).read())
     ['peak_host_mib']
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.reset()
 
     def reset(self) -> None:
         self.host_since_start = not _reset_host_peak()  # True: the host peak covers the whole process
-        if _cuda_in_use():
-            torch.cuda.reset_peak_memory_stats()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def read(self) -> dict[str, float]:
-        """``peak_host_mib``, and ``peak_device_mib`` when a CUDA device is in use."""
+        """``peak_host_mib``, and ``peak_device_mib`` on a CUDA device."""
         stats = {"peak_host_mib": round(_host_peak_mib(), 1)}
-        if _cuda_in_use():
-            stats["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if self.device.type == "cuda":
+            stats["peak_device_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return stats
 
 

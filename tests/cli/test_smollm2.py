@@ -106,3 +106,14 @@ def test_sparsegpt_reconstructs_real_layers_better_than_wanda_at_equal_sparsity(
             assert (~mask_sgpt).sum() >= (~mask_wanda).sum() - w.shape[0]  # as sparse, up to rounding
             err = lambda v: torch.linalg.norm(x @ w.T - x @ v.T)             # noqa: E731
             assert err(w_sgpt) < err(apply_mask(w, mask_wanda)), (index, name)
+
+
+def test_layer_by_layer_plans_equal_whole_model_plans_on_the_real_model(dense):
+    import tamp_fx
+    config = tamp_fx.PlanConfig(method="tamp", sparsity=0.5, nsamples=4, seqlen=64)
+    lazy = tamp_fx.plan(dense, CALIB_TEXT, config, device="cpu", layer_by_layer=True)
+    whole = tamp_fx.plan(dense, CALIB_TEXT, config, device="cpu", layer_by_layer=False)
+    assert lazy.masks.keys() == whole.masks.keys() and len(lazy.masks) == 30 * 7
+    for name, mask in lazy.masks.items():
+        assert torch.equal(mask, whole.masks[name]), name
+    assert lazy.model == whole.model

@@ -2,6 +2,7 @@
 plan.json records every layer's wall time and peak memory."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import tamp_fx
@@ -39,4 +40,13 @@ def test_plan_records_time_and_peak_memory_per_layer(tiny_models):
     assert [entry["layer"] for entry in plan.layers] == list(range(len(plan.layers)))
     for entry in plan.layers:
         assert entry["seconds"] > 0 and entry["peak_host_mib"] > 0
-        assert ("peak_device_mib" in entry) == (torch.cuda.is_available() and torch.cuda.is_initialized())
+        assert "peak_device_mib" not in entry      # planned on the CPU: no device memory to report
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_peak_on_cuda():
+    peak = PeakMemory(torch.device("cuda"))
+    x = torch.ones(2**20, device="cuda")             # 4 MiB
+    stats = peak.read()
+    del x
+    assert stats["peak_device_mib"] >= 4
