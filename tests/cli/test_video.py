@@ -111,6 +111,52 @@ def test_video_on_a_model_without_video_is_refused(tiny_models, tmp_path):
         tamp_fx.plan(model, calib, tamp_fx.PlanConfig(method="tamp", nsamples=3))
 
 
+class _StandInVideoProcessor:
+    """What a real video processor returns for one (T, H, W, 3) video, in shape (values random):
+    Qwen2-VL: flattened (t, h, w) patches of 2 frames x 7 x 7 px and their grid; LLaVA-OneVision:
+    the frames resized to the tower's 32 px. The real processor's token expansion, the model and
+    the labels then run as they would with torchvision."""
+
+    merge_size = 2
+
+    def __init__(self, family):
+        self.family = family
+
+    def __call__(self, videos, **kwargs):
+        from transformers.feature_extraction_utils import BatchFeature
+        t, h, w, _ = videos[0].shape
+        if self.family == "qwen2_vl":
+            grid = ((t + 1) // 2, h // 7, w // 7)
+            return BatchFeature({"pixel_values_videos": torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * 7 * 7),
+                                 "video_grid_thw": torch.tensor([grid])})
+        return BatchFeature({"pixel_values_videos": torch.randn(1, t, 3, 32, 32)})
+
+
+def _expect_video_everywhere(plan: dict) -> None:
+    assert "video" in plan["model"]["modality_token_ids"]
+    for lp in plan["linears"].values():
+        diversity = lp["stats"]["diversity"]
+        # one modality per sample besides text: the pairs are those that share a sample
+        assert {"video", "image", "text", "text-video", "image-text"} <= diversity.keys(), diversity.keys()
+        assert "video" in lp["stats"]["selected_fraction"]
+    assert all(layer["last_token_attention_per_modality"]["video"] > 0 for layer in plan["layers"])
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_video_tokens_reach_the_plan_with_a_stand_in_video_processor(family, tiny_models, tmp_path, monkeypatch):
+    import tamp_fx.api
+    load = tamp_fx.api.load_processor
+
+    def with_video(*args, **kwargs):
+        processor = load(*args, **kwargs)
+        processor.video_processor = _StandInVideoProcessor(family)
+        return processor
+    monkeypatch.setattr(tamp_fx.api, "load_processor", with_video)
+    model = tiny_models(family)
+    plan = tamp_fx.plan(model, write_mixed_calib(tmp_path / "calib", family), tamp_fx.PlanConfig(method="tamp", nsamples=3))
+    _expect_video_everywhere(plan.to_json())
+
+
 @needs_torchvision
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
 def test_video_calibration_end_to_end(family, tiny_models, tmp_path):
@@ -121,14 +167,6 @@ def test_video_calibration_end_to_end(family, tiny_models, tmp_path):
     assert r.exit_code == 0, r.output
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["model"]["calibration"]["samples"] == 3
-    assert "video" in plan["model"]["modality_token_ids"]
-    for lp in plan["linears"].values():
-        diversity = lp["stats"]["diversity"]
-        # one modality per sample besides text: the pairs are those that share a sample
-        assert {"video", "image", "text", "text-video", "image-text"} <= diversity.keys(), diversity.keys()
-        assert "video" in lp["stats"]["selected_fraction"]
-    for layer in plan["layers"]:
-        assert layer["last_token_attention_per_modality"]["video"] >= 0.0
-    assert any(layer["last_token_attention_per_modality"]["video"] > 0 for layer in plan["layers"])
+    _expect_video_everywhere(plan)
     r = runner.invoke(app, ["apply", str(model), str(tmp_path / "p"), "--out", str(tmp_path / "m"), "--quiet"])
     assert r.exit_code == 0, r.output
