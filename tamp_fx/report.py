@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tamp_fx.artifact import PLAN_FILE
+from tamp_fx.artifact import PLAN_FILE, SCHEMA_VERSION
 from tamp_fx.errors import TampError
 from tamp_fx.model_io import atomic_directory, atomic_file
 
@@ -36,9 +36,13 @@ def read_plan_json(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise TampError(f"{directory} is not a plan directory (it has no {PLAN_FILE}): run `tamp-fx plan` first")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise TampError(f"{path} is not valid JSON ({error}): re-run `tamp-fx plan`") from error
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        raise TampError(f"{path} has schema_version {version!r}, this tamp-fx reads {SCHEMA_VERSION}")
+    return data
 
 
 def projection_names(data: dict[str, Any]) -> dict[str, str]:

@@ -136,3 +136,13 @@ def test_diff_cli_table_json_and_refusal(plans, tiny_models, tmp_path):
     r = runner.invoke(app, ["diff", str(plans("tamp")), str(other_plan)])
     assert r.exit_code == 1 and "different models" in r.output
     assert len(r.output.strip().splitlines()) <= 2 and "Traceback" not in r.output
+
+
+def test_inspect_refuses_a_plan_of_another_schema(plans, tmp_path):
+    import shutil
+    copy = tmp_path / "plan"
+    shutil.copytree(plans("wanda"), copy)
+    data = json.loads((copy / "plan.json").read_text())
+    (copy / "plan.json").write_text(json.dumps({**data, "schema_version": 99}))
+    r = runner.invoke(app, ["inspect", str(copy), "--html", str(tmp_path / "r.html")])
+    assert r.exit_code == 1 and "schema_version 99" in r.output and not (tmp_path / "r.html").exists()
