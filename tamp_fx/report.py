@@ -80,18 +80,27 @@ class Grid:
         projections = list(dict.fromkeys(names.values()))
         return cls(sorted({layer for layer, _ in cells}), projections, cells)
 
+    def value(self, layer: int, projection: str, get: Callable[[dict[str, Any]], float | None]) -> float:
+        """``get(linear)`` of one cell, NaN where there is no linear or it has no such value."""
+        lp = self.cells.get((layer, projection))
+        value = get(lp) if lp is not None else None
+        return float("nan") if value is None else float(value)
+
+    def column(self, projection: str, get: Callable[[dict[str, Any]], float | None]) -> list[float]:
+        """``get(linear)`` of one projection type, per layer."""
+        return [self.value(layer, projection, get) for layer in self.layers]
+
     def values(self, get: Callable[[dict[str, Any]], float | None]) -> list[list[float]]:
-        """A (layers, projections) table of ``get(linear)``, NaN where it has none."""
-        nan = float("nan")
-        rows = []
-        for layer in self.layers:
-            row = []
-            for p in self.projections:
-                lp = self.cells.get((layer, p))
-                value = get(lp) if lp is not None else None
-                row.append(nan if value is None else float(value))
-            rows.append(row)
-        return rows
+        """A (layers, projections) table of ``get(linear)``."""
+        return [[self.value(layer, p, get) for p in self.projections] for layer in self.layers]
+
+
+def _stat(key: str, sub: str | None = None) -> Callable[[dict[str, Any]], Any]:
+    """Getter of a linear's ``stats[key]`` (or ``stats[key][sub]``), None where it is missing."""
+    def get(lp: dict[str, Any]) -> Any:
+        value = lp.get("stats", {}).get(key)
+        return value.get(sub) if sub is not None and isinstance(value, dict) else value
+    return get
 
 
 def _figure_class():
@@ -127,17 +136,14 @@ def _panels(figure_cls, n: int, *, width: float = 3.2, height: float = 2.6, colu
 def diversity_figure(data: dict[str, Any]):
     """Each projection type: every diversity term and the importance across layers (Figure 3)."""
     grid = Grid.of(data)
-    if not any(lp.get("stats", {}).get("diversity") for lp in grid.cells.values()):
+    terms = list(dict.fromkeys(t for lp in grid.cells.values() for t in _stat("diversity")(lp) or {}))
+    if not terms:
         return None
-    terms = list(dict.fromkeys(t for lp in grid.cells.values() for t in lp.get("stats", {}).get("diversity", {})))
     fig, axes = _panels(_figure_class(), len(grid.projections))
     for ax, p in zip(axes, grid.projections):
         for term in terms:
-            ys = [row[0] for row in Grid(grid.layers, [p], grid.cells).values(
-                lambda lp, t=term: lp.get("stats", {}).get("diversity", {}).get(t))]
-            ax.plot(grid.layers, ys, marker=".", label=term)
-        ys = [row[0] for row in Grid(grid.layers, [p], grid.cells).values(lambda lp: lp.get("stats", {}).get("importance"))]
-        ax.plot(grid.layers, ys, color="black", linestyle="--", label="importance")
+            ax.plot(grid.layers, grid.column(p, _stat("diversity", term)), marker=".", label=term)
+        ax.plot(grid.layers, grid.column(p, _stat("importance")), color="black", linestyle="--", label="importance")
         ax.set_title(p)
         _layer_axis(ax)
         ax.set_ylim(-0.02, 1.02)
@@ -210,11 +216,10 @@ def selected_tokens_figure(data: dict[str, Any]):
     if data.get("parts", {}).get("tokens", "all") == "all":
         return None                                # every token counts: every share is 1
     grid = Grid.of(data)
-    modalities = list(dict.fromkeys(m for lp in grid.cells.values() for m in lp.get("stats", {}).get("selected_fraction", {})))
+    modalities = list(dict.fromkeys(m for lp in grid.cells.values() for m in _stat("selected_fraction")(lp) or {}))
     if not modalities:
         return None
-    panels = {f"{m} tokens selected": grid.values(lambda lp, m=m: lp.get("stats", {}).get("selected_fraction", {}).get(m))
-              for m in modalities}
+    panels = {f"{m} tokens selected": grid.values(_stat("selected_fraction", m)) for m in modalities}
     return _heat_maps(data, panels, grid, f"tokens selected ({data['parts']['tokens']})", vmin=0.0, vmax=1.0,
                       cmap="magma")
 
