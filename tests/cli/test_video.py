@@ -64,6 +64,24 @@ def test_video_file_without_a_decoder_says_what_to_install(tmp_path):
         load_video([clip], _load_rgb)
 
 
+def test_video_file_is_decoded_to_evenly_spaced_frames(tmp_path):
+    av = pytest.importorskip("av")
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for t in range(20):                                                  # frame t has brightness 12 t
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 12 * t, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    video = load_video([clip], _load_rgb)
+    assert video.shape == (MAX_FRAMES, 32, 32, 3) and video.dtype == np.uint8
+    expected = np.linspace(0, 19, MAX_FRAMES).round() * 12                   # the frames sampled
+    assert np.abs(video[:, 16, 16, :].mean(-1) - expected).max() < 8          # lossy codec: close, not equal
+
+
 class _VideoProcessor:
     """Stands in for a multimodal processor with a video processor: records what it is given."""
 
