@@ -58,7 +58,7 @@ CASES = {
     "c": Case(replace(LLAMA3_8B, family="llava_next"), ("wanda", "tamp"), 128, 0, "cuda"),
 }
 IMAGE = 672                   # px: anyres 2 x 2 tiles of 336 + the base image -> 2,928 image tokens
-TEXT_WORDS = 70               # about 100 tokens of the small BPE per conversation
+TEXT_WORDS = 28               # about 100 tokens of the small BPE per conversation (with the template)
 
 
 # --- writing the checkpoint ---------------------------------------------------------------

@@ -128,7 +128,7 @@ def _open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str |
     in_layers = layout.prefix + "."
     capture = [n for n, t in net.state_dict(keep_vars=True).items()
                if not n.startswith(in_layers) and id(t) not in skip and n in index.entries]
-    materialise(net, index.read(capture), compute, device, exclude=layout.prefix)
+    materialise(net, index.read(capture, compute), compute, device, exclude=layout.prefix)
     return net, layout, CheckpointLayers(net, layout, index, device, compute)
 
 

@@ -9,8 +9,8 @@ The driver (:mod:`tamp_fx.driver`) plans any source through :class:`DecoderLayer
   device, so memory holds one decoder layer whatever the depth of the model.
 
 Another source (an exported program's decoder layers) plugs in by implementing the protocol.
-Every implementation keeps :attr:`fingerprints`: a sample of each weight as stored (before any
-cast to the compute dtype), keyed by in-memory name, for the plan's model fingerprint.
+Every implementation keeps :attr:`fingerprints`: a sample of each 2-D weight as stored (before
+any cast to the compute dtype), keyed by in-memory name, for the plan's model fingerprint.
 """
 from __future__ import annotations
 
@@ -84,13 +84,10 @@ class CheckpointLayers(_LayoutLayers):
         names = list(model.state_dict())
         self._names = [[n for n in names if n.startswith(layout.layer_prefix(i) + ".") and n in index.entries]
                        for i in range(len(self))]
-        self._weights = [set(_weights(layout.layers[i], layout.layer_prefix(i))) for i in range(len(self))]
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[torch.nn.Module]:
-        stored = self.index.read(self._names[index])
-        self.fingerprints.update({n: fingerprint_sample(t) for n, t in stored.items()
-                                  if t.dim() == 2 and n in self._weights[index]})
+        stored = self.index.read(self._names[index], self.dtype, self.fingerprints)
         materialise(self.model, stored, self.dtype, self.device, within=self.prefix(index))
         del stored
         layer = self.layout.layers[index]

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,44 +176,79 @@ class CheckpointIndex:
     """
 
     entries: dict[str, tuple[str, Path | None]]
+    _headers: dict[Path, tuple[int, dict]] = field(default_factory=dict, compare=False, repr=False)
 
     def key(self, name: str) -> str:
         return self.entries[name][0] if name in self.entries else name
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The stored tensors (checkpoint dtype, CPU) of in-memory ``names``, each shard opened once."""
-        by_shard: dict[Path, list[str]] = {}
-        for name in names:
-            key, shard = self.entries[name]
-            by_shard.setdefault(shard, []).append(name)
-        out = {}
-        for shard, members in by_shard.items():
+    def _header(self, shard: Path) -> tuple[int, dict]:
+        """(offset of the data, key -> {"dtype", "shape", "data_offsets"}) of a safetensors shard."""
+        if shard not in self._headers:
             try:
-                with safe_open(shard, "pt") as f:
-                    out.update({n: f.get_tensor(self.entries[n][0]) for n in members})
-            except Exception as error:  # noqa: BLE001
+                with open(shard, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+                self._headers[shard] = (8 + size, header)
+            except (OSError, ValueError, MemoryError) as error:
                 raise TampError(f"could not load model {shard.parent}: weights file {shard.name} is unreadable "
                                 f"({str(error).splitlines()[0]}): re-download or re-save the model") from error
+        return self._headers[shard]
+
+    def read(self, names: list[str], dtype: torch.dtype,
+             fingerprints: dict[str, FingerprintSample] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` on the CPU, floating ones converted to ``dtype``.
+
+        Read with plain file reads, :data:`READ_CHUNK_BYTES` at a time, converted chunk by chunk: no memory map
+        (its pages would count as this process's memory) and no whole stored copy beside the
+        converted one, so reading costs the result's memory only. With ``fingerprints``, the
+        :func:`fingerprint_sample` of every stored 2-D floating tensor (before conversion) is put there.
+        """
+        out = {}
+        for name in names:
+            key, shard = self.entries[name]
+            start, header = self._header(shard)
+            meta = header[key]
+            stored = _SAFETENSORS_DTYPES[meta["dtype"]]
+            target = dtype if stored.is_floating_point else stored
+            tensor = torch.empty(meta["shape"], dtype=target)
+            flat, numel = tensor.view(-1), tensor.numel()
+            want = fingerprints is not None and tensor.dim() == 2 and stored.is_floating_point
+            idx = torch.linspace(0, numel - 1, min(4096, numel)).long() if want else None
+            parts = []
+            step = max(1, READ_CHUNK_BYTES // stored.itemsize)
+            with open(shard, "rb") as f:
+                f.seek(start + meta["data_offsets"][0])
+                for a in range(0, numel, step):
+                    n = min(step, numel - a)
+                    chunk = flat[a:a + n] if target == stored else torch.empty(n, dtype=stored)
+                    if f.readinto(chunk.view(torch.uint8).numpy()) != n * stored.itemsize:
+                        raise TampError(f"could not load model {shard.parent}: weights file {shard.name} ends inside "
+                                        f"tensor {key}: re-download or re-save the model")
+                    if target != stored:
+                        flat[a:a + n].copy_(chunk)
+                    if idx is not None:
+                        parts.append(chunk[idx[(idx >= a) & (idx < a + n)] - a].float())
+            if idx is not None:
+                fingerprints[name] = (tuple(tensor.shape), torch.cat(parts).numpy().tobytes())
+            out[name] = tensor
         return out
 
     def dtype(self, names: list[str]) -> torch.dtype:
         """The most common floating dtype of the stored tensors ``names`` (float32 for a GGUF)."""
         counts: dict[torch.dtype, int] = {}
-        by_shard: dict[Path, list[str]] = {}
         for name in names:
             key, shard = self.entries.get(name, (name, None))
             if shard is not None:
-                by_shard.setdefault(shard, []).append(key)
-        for shard, keys in by_shard.items():
-            with safe_open(shard, "pt") as f:
-                for key in keys:
-                    dtype = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-                    if dtype is not None:
-                        counts[dtype] = counts.get(dtype, 0) + 1
+                dtype = _SAFETENSORS_DTYPES.get(self._header(shard)[1][key]["dtype"])
+                if dtype is not None and dtype.is_floating_point:
+                    counts[dtype] = counts.get(dtype, 0) + 1
         return max(counts, key=counts.get) if counts else torch.float32
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+READ_CHUNK_BYTES = 64 << 20       # checkpoint tensors are read and converted this much at a time
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def checkpoint_index(source: ModelSource, model: torch.nn.Module) -> CheckpointIndex:

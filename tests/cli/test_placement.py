@@ -152,3 +152,21 @@ def test_cuda_bfloat16_plan_prunes_every_row_by_half(tiny_models):
     plan = _plan(tiny_models("llava"), "wanda", device="cuda", dtype="bfloat16")
     for name, mask in plan.masks.items():
         assert mask.device.type == "cpu" and torch.all(mask.sum(1) == mask.shape[1] // 2), name
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target", [torch.float32, torch.bfloat16])
+def test_chunked_checkpoint_reads_equal_the_stored_tensors_and_their_fingerprints(stored, target, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from tamp_fx import model_io
+    tensors = {"w": torch.randn(37, 53).to(stored), "b": torch.randn(11).to(stored), "i": torch.arange(5)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    monkeypatch.setattr(model_io, "READ_CHUNK_BYTES", 100)                   # many chunks, ragged last one
+    index = model_io.CheckpointIndex({n: (n, tmp_path / "m.safetensors") for n in tensors})
+    samples = {}
+    read = index.read(list(tensors), target, samples)
+    for name, tensor in tensors.items():
+        expected = tensor.to(target) if tensor.is_floating_point() else tensor
+        assert read[name].dtype == expected.dtype and torch.equal(read[name], expected), name
+    assert samples == {"w": model_io.fingerprint_sample(tensors["w"])}         # of the stored values
