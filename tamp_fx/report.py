@@ -278,6 +278,22 @@ def _summary_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+_LAYER_COLUMNS = {"seconds": ("seconds", "{:.2f}"), "peak_host_mib": ("peak host MiB", "{:,.0f}"),
+                  "peak_device_mib": ("peak device MiB", "{:,.0f}")}
+
+
+def _layer_table(data: dict[str, Any]) -> str:
+    """Per-layer wall time and peak memory as an HTML table ('' when the plan has none)."""
+    layers = data.get("layers", [])
+    keys = [k for k in _LAYER_COLUMNS if any(k in entry for entry in layers)]
+    if not keys:
+        return ""
+    head = "".join(f"<th>{_LAYER_COLUMNS[k][0]}</th>" for k in keys)
+    body = "\n".join("<tr><td>{}</td>{}</tr>".format(entry.get("layer"), "".join(
+        f"<td>{_LAYER_COLUMNS[k][1].format(entry[k]) if k in entry else '-'}</td>" for k in keys)) for entry in layers)
+    return f"<details><summary>per layer</summary><table><tr><th>layer</th>{head}</tr>\n{body}</table></details>"
+
+
 def html_page(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
     """One self-contained HTML page: the plan's summary and parts, then its figures inline."""
     e = html.escape
@@ -297,6 +313,7 @@ img{{max-width:100%}}figure{{margin:2em 0}}figcaption{{color:#555}}</style></hea
 {rows}
 </table>
 <details><summary>config</summary><pre>{config}</pre></details>
+{_layer_table(data)}
 {figures}
 </body></html>
 """

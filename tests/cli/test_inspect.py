@@ -65,7 +65,7 @@ def test_inspect_draws_what_the_plan_holds(method, plans, tmp_path):
     for data in embedded:
         with Image.open(io.BytesIO(base64.b64decode(data))) as image:
             assert image.format == "PNG"
-    assert "src=\"http" not in page and f"{method} =" in page and "peak memory" in page
+    assert "src=\"http" not in page and f"{method} =" in page and "peak memory" in page and "peak host MiB" in page
     assert (plan_dir / "plan.json").is_file()    # the plan is left alone
 
 
