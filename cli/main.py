@@ -388,7 +388,8 @@ def demo(
                           f"dense: {e.dense.strip()!r}  pruned: {e.pruned.strip()!r}", highlight=False)
         out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
                           + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
-        out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan --html {r.workdir}/plan.html`)", highlight=False)
+        out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan "
+                          f"--html {r.workdir}/plan.html`)", highlight=False)
 
 
 def _half_blocks(image, step: int = 2):
