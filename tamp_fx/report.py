@@ -263,7 +263,8 @@ def _summary_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
     calibration = m.get("calibration", {})
     rows = [("method", f"{data.get('method')} = {parts.get('allocation')} allocation + {parts.get('score')} score + "
                        f"{parts.get('tokens')} tokens"),
-            ("target sparsity", f"{config.get('sparsity')}" + (f", pattern {config['pattern']}" if config.get("pattern") else "")),
+            ("target sparsity", f"{config.get('sparsity')}"
+                                + (f", pattern {config['pattern']}" if config.get("pattern") else "")),
             ("pruned", f"{s.get('sparsity', 0):.2%} of {s.get('parameters', 0):,} parameters in {s.get('linears')} linears"),
             ("model", f"{m.get('source')} ({m.get('architecture')}, {m.get('num_layers')} decoder layers, "
                       f"fingerprint {m.get('fingerprint')})"),
