@@ -21,8 +21,12 @@ from tamp_fx.testing.tiny import write_mixed_calib
 from tamp_fx.video import MAX_FRAMES, _decoder, load_video
 
 runner = CliRunner()
-needs_torchvision = pytest.mark.skipif(not is_torchvision_available(),
-                                       reason="transformers' video processors need torchvision")
+
+
+def needs_torchvision(test):
+    """Marked ``torchvision`` (bench/gpu_check.sh selects them) and skipped without it."""
+    skip = pytest.mark.skipif(not is_torchvision_available(), reason="transformers' video processors need torchvision")
+    return pytest.mark.torchvision(skip(test))
 
 
 def _frames(directory, n, hw=(8, 12)):

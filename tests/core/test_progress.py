@@ -43,6 +43,7 @@ def test_plan_records_time_and_peak_memory_per_layer(tiny_models):
         assert "peak_device_mib" not in entry      # planned on the CPU: no device memory to report
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_peak_on_cuda():
     peak = PeakMemory(torch.device("cuda"))
