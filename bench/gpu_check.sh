@@ -3,13 +3,14 @@
 #
 #   bash bench/gpu_check.sh                 # C_SAMPLES=8 by default; OUT=bench-out/gpu-check
 #
-# 1. the test suite's CUDA tests (pytest -m cuda: placement on the GPU and the 2:4 semi-structured kernels);
+# 1. the test suite's CUDA tests (pytest -m cuda: placement on the GPU, the 2:4 semi-structured kernels,
+#    device peak memory) and those needing torchvision (-m torchvision: video calibration end to end);
 # 2. bench/scale.py case (c): LLaVA-NeXT with Llama-3-8B's language model (random weights, bfloat16) and
 #    images of ~2,900 tokens, wanda and tamp on C_SAMPLES samples (128 would take longer than this
 #    check's budget; the summary extrapolates linearly, an upper bound since fixed costs scale too);
 # 3. bench/semi_structured_speed.py (2:4 against dense bf16 on one Llama-7B-shaped layer);
 # 4. only with several GPUs: bench/plan_speed.py --nproc N --device cuda (planning on 1 GPU against all N).
-# Each step has its own time limit (110 + 290 + 60 s, under 8 minutes with the set-up; step 4 adds up
+# Each step has its own time limit (140 + 290 + 60 s, about 8 minutes with the set-up; step 4 adds up
 # to 300 s); a failed or stopped step is reported and the others still run (scale.py writes its JSON
 # after every method). Logs and JSON in $OUT; the checkpoint of (c) (~16 GB) is deleted afterwards.
 set -uo pipefail
@@ -39,7 +40,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     echo "   exit $rc after $((SECONDS - start)) s"
 }
 
-step tests 110 $PY -m pytest -q -m cuda -p no:cacheprovider tests
+step tests 140 $PY -m pytest -q -m "cuda or torchvision" -p no:cacheprovider tests
 step scale-c 290 $PY bench/scale.py --case c --nsamples "$C_SAMPLES" --out-dir "$OUT" --json "$OUT/scale-c.json"
 step semi-structured 60 $PY bench/semi_structured_speed.py --repeats 30 --warmup 5
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
@@ -55,7 +56,8 @@ print("\n==== GPU check summary ====")
 print((out / "gpu.txt").read_text().strip())
 rc, secs = status("tests")
 tail = [l for l in (out / "tests.log").read_text().splitlines() if l.strip()][-1:]
-print(f"CUDA tests (pytest -m cuda): exit {rc}, {secs} s: {tail[0] if tail else '(no output)'}")
+print(f"CUDA and torchvision tests (pytest -m 'cuda or torchvision'): exit {rc}, {secs} s: "
+      f"{tail[0] if tail else '(no output)'}")
 rc, secs = status("scale-c")
 print(f"(c) LLaVA-NeXT-8B shapes, {n} samples of ~3,000 tokens: exit {rc}, {secs} s (checkpoint writing included)")
 if (out / "scale-c.json").is_file():

@@ -1,6 +1,7 @@
 """The tamp-fx command line. :func:`main` is the console entry point; it lives here, not in
 ``main.py``, so that Ctrl-C is taken over before anything heavy (typer, torch, transformers)
 is imported: however early it comes, the user sees one line and exit status 130."""
+import os
 import signal
 import sys
 
@@ -25,6 +26,7 @@ def main() -> int:
     except Interrupted as stop:
         model_io = sys.modules.get("tamp_fx.model_io")
         written = [str(p) for p in getattr(model_io, "WRITTEN", []) if p.exists()]
-        sys.stderr.write(f"error: interrupted: {', '.join(written) + ' was' if written else 'nothing was'} written\n")
+        if os.environ.get("RANK", "0") == "0":          # under torchrun every rank is interrupted: rank 0 says it
+            sys.stderr.write(f"error: interrupted: {', '.join(written) + ' was' if written else 'nothing was'} written\n")
         return 128 + stop.args[0]
     return 0

@@ -1,4 +1,6 @@
 """``python -m tamp_fx.cli`` (and ``torchrun ... -m tamp_fx.cli plan ...``) runs the command line."""
-from tamp_fx.cli.main import main
+import sys
 
-main()
+from tamp_fx.cli import main
+
+sys.exit(main())

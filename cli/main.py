@@ -236,37 +236,69 @@ def _shorten(names: list[str]) -> list[str]:
 
 
 @app.command()
-def inspect(plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")]) -> None:
-    """Show a plan: per-layer sparsity of every linear."""
+def inspect(
+    plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory "
+                                                 "(needs matplotlib: pip install 'tamp-fx\\[plot]').")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page (summary and "
+                                                 "figures) to this file.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --plot / --html if they exist.")] = False,
+) -> None:
+    """Show a plan: per-layer sparsity of every linear; --plot / --html draw its statistics."""
+    _setup(False)
+
+    with _user_errors():
+        from tamp_fx import report
+        data = report.read_plan_json(plan_dir)
+        grid = report.Grid.of(data)
+        s = data["summary"]
+        pattern = f" ({data['config']['pattern']})" if data["config"].get("pattern") else ""
+        table = Table(title=f"{data['method']}{pattern} plan for {data['model'].get('source')}: "
+                            f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
+        table.add_column("layer", justify="right")
+        for p in _shorten(grid.projections):
+            table.add_column(p, justify="right")
+        table.add_column("layer total", justify="right", style="bold")
+        for layer in grid.layers:
+            cells = [grid.cells.get((layer, p)) for p in grid.projections]
+            sizes = [(lp["shape"][0] * lp["shape"][1], lp["sparsity"]) for lp in cells if lp]
+            total = sum(n * sp for n, sp in sizes) / sum(n for n, _ in sizes)
+            table.add_row(str(layer), *(f"{lp['sparsity']:.1%}" if lp else "-" for lp in cells), f"{total:.1%}")
+        out_console.print(table)
+        protect = (plan_dir.resolve(),)
+        if plot is not None:
+            written = report.write_figures(data, plot, overwrite=overwrite, protect=protect)
+            console.print(f"{len(written)} figures ({', '.join(p.stem for p in written)}) -> {plot}", highlight=False)
+        if html is not None:
+            report.write_html(data, html, overwrite=overwrite, protect=protect)
+            console.print(f"report -> {html}", highlight=False)
+
+
+@app.command()
+def diff(
+    plan_a: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    plan_b: Annotated[Path, typer.Argument(help="Another plan of the same model.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON on stdout.")] = False,
+) -> None:
+    """Compare two plans of one model: per linear the sparsity of each and the Jaccard index of their kept weights."""
     _setup(False)
 
     with _user_errors():
         import tamp_fx
-        plan_ = tamp_fx.Plan.load(plan_dir)
-        rows: dict[int, dict[str, float]] = {}
-        sizes: dict[int, list[float]] = {}
-        columns: list[str] = []
-        for lp in plan_.linears.values():
-            short = lp.module_name.rsplit(".", 3)[-3:-1]
-            col = ".".join(short).split(".")[-1]
-            if col not in columns:
-                columns.append(col)
-            rows.setdefault(lp.layer, {})[col] = lp.sparsity
-            n = lp.shape[0] * lp.shape[1]
-            acc = sizes.setdefault(lp.layer, [0.0, 0.0])
-            acc[0] += n * lp.sparsity
-            acc[1] += n
-        s = plan_.summary()
-        pattern = f" ({plan_.config.pattern})" if plan_.config.pattern else ""
-        table = Table(title=f"{plan_.config.method}{pattern} plan for {plan_.model.get('source')}: "
-                            f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
-        table.add_column("layer", justify="right")
-        for col in _shorten(columns):
-            table.add_column(col, justify="right")
-        table.add_column("layer total", justify="right", style="bold")
-        for layer in sorted(rows):
-            table.add_row(str(layer), *(f"{rows[layer][c]:.1%}" if c in rows[layer] else "-" for c in columns),
-                          f"{sizes[layer][0] / sizes[layer][1]:.1%}")
+        from tamp_fx.compare import diff_plans
+        a, b = tamp_fx.Plan.load(plan_a), tamp_fx.Plan.load(plan_b)
+        result = diff_plans(a, b)
+        if as_json:
+            out_console.print_json(json.dumps({"a": str(plan_a), "b": str(plan_b), **result.to_json()}))
+            return
+        table = Table(title=f"A = {plan_a} ({a.config.method}), B = {plan_b} ({b.config.method}): "
+                            f"kept weights overlap {result.jaccard:.1%} (Jaccard)")
+        for col in ("layer", "projection", "sparsity A", "sparsity B", "kept overlap (Jaccard)"):
+            table.add_column(col, justify="left" if col == "projection" else "right")
+        for d in result.linears.values():
+            table.add_row(str(d.layer), d.projection, f"{d.sparsity_a:.1%}", f"{d.sparsity_b:.1%}", f"{d.jaccard:.1%}")
+        table.add_row("all", "", f"{result.sparsity_a:.2%}", f"{result.sparsity_b:.2%}", f"{result.jaccard:.2%}",
+                      style="bold")
         out_console.print(table)
 
 
@@ -414,7 +446,8 @@ def demo(
                           f"dense: {e.dense.strip()!r}  pruned: {e.pruned.strip()!r}", highlight=False)
         out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
                           + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
-        out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan`)", highlight=False)
+        out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan "
+                          f"--html {r.workdir}/plan.html`)", highlight=False)
 
 
 def _half_blocks(image, step: int = 2):

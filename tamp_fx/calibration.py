@@ -1,5 +1,6 @@
 """Calibration data: windows of a text file, or LLaVA / ShareGPT4V conversations (JSON or
-JSONL, with ``image`` / ``images`` / ``audio`` paths resolved relative to the file), turned
+JSONL, with ``image`` / ``images`` / ``audio`` / ``video`` paths resolved relative to the file;
+``video`` is a video file or a list of its frame images, see :mod:`tamp_fx.video`), turned
 by the model's processor into model inputs (one sample = a batch of one)."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.processors import takes_images
+from tamp_fx.video import load_video, video_problem
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,12 @@ def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int, 
                 raise TampError(f"calibration sample {index} of {path} has audio but the model takes no audio")
             kwargs["audio"] = [_load_audio(p, extractor.sampling_rate) for p in audio_paths]
             kwargs["sampling_rate"] = extractor.sampling_rate
+        video_paths = _paths(record, ("video",), path.parent, index, path)   # a video file, or its frames
+        if video_paths:
+            problem = video_problem(processor)
+            if problem:
+                raise TampError(f"calibration sample {index} of {path} has a video, but {problem}")
+            kwargs["videos"] = [load_video(video_paths, _load_image)]
         call = processor if kwargs else _tokenizer(processor)
         try:
             inputs = call(text=[_prompt(processor, _messages(record))], return_tensors="pt", **kwargs)

@@ -24,6 +24,7 @@ from tamp_fx.errors import TampError
 from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
 from tamp_fx.layers import DecoderLayers
 from tamp_fx.masks import PackedMask
+from tamp_fx.memory import PeakMemory, describe
 from tamp_fx.modality import Modality
 from tamp_fx.observers import LinearObserver, ObserverContext, reduce_statistics
 from tamp_fx.passes.instrument import InstrumentConfig, instrument
@@ -130,8 +131,9 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
                                          all_tokens_one_modality=config.allocation == "das-alltoken",
                                          collect_inputs=not diversity)  # OWL reads input norms, DAS only diversities
     profiles = []
-    with bars.task("profile layers (dense)", len(layers)) as advance_layer:
+    with bars.task("profile layers (dense)", len(layers), item="layer") as advance_layer:
         for i in range(len(layers)):
+            peak = PeakMemory(acts.device)
             with layers.open(i) as layer:
                 with guarded():      # each rank on its samples; then all learn whether any failed
                     gm, linears = _graph(exporter, layers, layer, acts, i, config)
@@ -152,7 +154,7 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
                     profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
                 profiles.append(profile)
                 del gm
-            advance_layer()
+            advance_layer(note=f"last layer {describe(peak.read())}")
     return profiles
 
 
@@ -176,9 +178,9 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
     observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian)
     results = []
     n_layers = len(layers)
-    with bars.task("prune layers", n_layers) as advance_layer:
+    with bars.task("prune layers", n_layers, item="layer") as advance_layer:
         for i in range(n_layers):
-            start = time.perf_counter()
+            start, peak = time.perf_counter(), PeakMemory(acts.device)
             with layers.open(i) as layer:
                 with guarded():      # each rank on its samples; then all learn whether any failed
                     gm, linears = _graph(exporter, layers, layer, acts, i, config)
@@ -194,9 +196,9 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                     rewrite(gm)
                     if score.needs_activations and i + 1 < n_layers:
                         _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
-                stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed)}
+                stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
                 results.append(LayerResult(i, decisions, linears, stats))
                 del gm, observed
-            advance_layer()
+            advance_layer(note=f"last layer {stats['seconds']:.1f} s, {describe(stats)}")
     log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
     return results

@@ -10,10 +10,12 @@
 The tokenizer is a small byte-level BPE trained on :data:`_CORPUS` with the family's special
 tokens added, so every family's config token ids (``image_token_id`` ...) match the tokenizer.
 Video: the video processors of this transformers release need torchvision, which this project
-does not depend on, so no video calibration data is written. LLaVA-OneVision, Qwen2-VL and
-Qwen2.5-VL processors are built without a video processor, but their ``processor_config.json``
-carries a matching ``video_processor`` entry: with torchvision installed ``AutoProcessor`` loads
-them (video included); without it ``AutoProcessor`` raises ImportError and :func:`tamp_fx.processors.load_processor`
+does not depend on, so ``calib.jsonl`` has no video; :func:`write_mixed_calib` writes image,
+video (frame images) and text samples for the families that take video. LLaVA-OneVision,
+Qwen2-VL and Qwen2.5-VL processors are built without a video processor, but their
+``processor_config.json`` carries a matching ``video_processor`` entry and their chat templates
+take ``<video>``: with torchvision installed ``AutoProcessor`` loads them (video included);
+without it ``AutoProcessor`` raises ImportError and :func:`tamp_fx.processors.load_processor`
 rebuilds the processor, images only.
 
 Command line: ``python -m tamp_fx.testing.tiny FAMILY OUT_DIR``.
@@ -118,6 +120,7 @@ class _Family:
     media: str | None  # "image", "audio" or None
     media_text: str  # what the processor expects where calib.jsonl has <image>/<audio>
     image_hw: tuple[int, int] = (0, 0)
+    video_text: str | None = None  # what the processor expects for <video> (families that take video)
 
 
 _PLAIN = ("<s>", "</s>", "<pad>")
@@ -138,6 +141,7 @@ _FAMILIES: dict[str, _Family] = {
         "image",
         "<image>",
         (32, 64),
+        "<video>",
     ),
     "qwen2_vl": _Family(
         "Qwen2VLForConditionalGeneration",
@@ -146,6 +150,7 @@ _FAMILIES: dict[str, _Family] = {
         "image",
         "<|vision_start|><|image_pad|><|vision_end|>",
         (56, 84),
+        "<|vision_start|><|video_pad|><|vision_end|>",
     ),
     "qwen2_5_vl": _Family(
         "Qwen2_5_VLForConditionalGeneration",
@@ -154,6 +159,7 @@ _FAMILIES: dict[str, _Family] = {
         "image",
         "<|vision_start|><|image_pad|><|vision_end|>",
         (56, 84),
+        "<|vision_start|><|video_pad|><|vision_end|>",
     ),
     "qwen2_audio": _Family(
         "Qwen2AudioForConditionalGeneration",
@@ -239,6 +245,8 @@ def _chat_template(spec: _Family) -> str:
         media = (
             f"{{%- elif part['type'] == '{spec.media}' -%}}{{{{ {json.dumps(spec.media_text + chr(10))} }}}}"
         )
+    if spec.video_text is not None:
+        media += f"{{%- elif part['type'] == 'video' -%}}{{{{ {json.dumps(spec.video_text + chr(10))} }}}}"
     return (
         "{%- for message in messages -%}"
         f"{{{{ {start} }}}}"
@@ -700,6 +708,37 @@ def _write_calib(out_dir: Path, spec: _Family, seed: int, n_samples: int) -> Pat
     with path.open("w", encoding="utf-8") as handle:
         for k in range(n_samples):
             handle.write(json.dumps(make(out_dir, rng, spec, k)) + "\n")
+    return path
+
+
+def write_mixed_calib(out_dir: str | Path, family: str, *, seed: int = 0, n_frames: int = 4) -> Path:
+    """Write ``calib.jsonl`` into ``out_dir`` for a tiny model of a family that takes video: an
+    image sample, a video sample (``n_frames`` frame images of a square moving across the
+    picture, under ``videos/``) and a text-only sample, LLaVA-Video style (``"video": [frames]``
+    with ``<video>`` in the human turn). Planning on it needs torchvision (video processors)."""
+    from PIL import Image
+
+    spec = family_spec(family)
+    if spec.video_text is None:
+        raise ValueError(f"tiny {family} takes no video")
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    frames_dir = out / "videos" / "0"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    pixels, colour, _ = _draw_image(rng, spec.image_hw)
+    frames = []
+    for t in range(n_frames):
+        rel = f"videos/0/{t}.png"
+        Image.fromarray(np.roll(pixels, shift=t * 4, axis=1)).save(out / rel)   # (H, W, 3)
+        frames.append(rel)
+    records = [
+        _image_sample(out, rng, spec, 0),
+        {"video": frames, "conversations": _conversation("<video>\nWhat moves in the video?", f"A {colour} square.")},
+        _text_sample(out, rng, spec, 2),
+    ]
+    path = out / "calib.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
 
 

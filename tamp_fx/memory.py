@@ -1,0 +1,65 @@
+"""Peak memory of a stretch of work (one decoder layer): host resident set size and, when the
+work runs on a CUDA device, that device's allocated memory."""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+_PROC = Path("/proc/self")
+
+
+def _reset_host_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``); False where it cannot."""
+    try:
+        (_PROC / "clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _host_peak_mib() -> float:
+    """Peak RSS since the last reset (Linux ``VmHWM``), else the process's peak since it started."""
+    try:
+        for line in (_PROC / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024              # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+class PeakMemory:
+    """Peak memory from construction (or :meth:`reset`) to :meth:`read`, on the host and on
+    ``device`` when it is a CUDA device.
+
+    >>> list(PeakMemory(torch.device("cpu")).read())
+    ['peak_host_mib']
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.host_since_start = not _reset_host_peak()  # True: the host peak covers the whole process
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict[str, float]:
+        """``peak_host_mib``, and ``peak_device_mib`` on a CUDA device."""
+        stats = {"peak_host_mib": round(_host_peak_mib(), 1)}
+        if self.device.type == "cuda":
+            stats["peak_device_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return stats
+
+
+def describe(stats: dict[str, float]) -> str:
+    """``peak host 812 MiB, device 1,204 MiB`` from :meth:`PeakMemory.read`'s keys."""
+    parts = [f"host {stats['peak_host_mib']:,.0f} MiB"]
+    if "peak_device_mib" in stats:
+        parts.append(f"device {stats['peak_device_mib']:,.0f} MiB")
+    return "peak " + ", ".join(parts)
