@@ -21,6 +21,15 @@ SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"
 MASKS_FILE = "masks.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
+#: What ``plan.json``'s per-layer entries record about the run, not the plan: they differ between
+#: two runs of one command (and between placements), everything else is identical.
+RUN_MEASUREMENTS = ("seconds", "peak_host_mib", "peak_device_mib")
+
+
+def without_run_measurements(plan_json: dict[str, Any]) -> dict[str, Any]:
+    """``plan_json`` (a parsed ``plan.json``) without :data:`RUN_MEASUREMENTS`."""
+    layers = [{k: v for k, v in layer.items() if k not in RUN_MEASUREMENTS} for layer in plan_json.get("layers", [])]
+    return {**plan_json, "layers": layers}
 SHAPES_KEY = "shapes"          # masks.safetensors metadata: JSON {name: [C_out, C_in]}
 
 log = logging.getLogger(__name__)

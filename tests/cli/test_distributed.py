@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import tamp_fx
+from tamp_fx.artifact import without_run_measurements
 from tamp_fx.config import METHODS
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -49,10 +50,7 @@ def plans(tiny_models, tmp_path_factory):
 
 
 def _without_timings(directory: Path) -> dict:
-    plan = json.loads((directory / "plan.json").read_text())
-    for layer in plan["layers"]:
-        layer.pop("seconds")
-    return plan
+    return without_run_measurements(json.loads((directory / "plan.json").read_text()))
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "sparsegpt"])

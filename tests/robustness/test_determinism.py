@@ -8,17 +8,14 @@ import logging
 import math
 
 import tamp_fx
-from tamp_fx.artifact import Plan
+from tamp_fx.artifact import Plan, without_run_measurements
 from tamp_fx.testing.cli import invoke
 
 _FILES = ("masks.safetensors", "weights.safetensors")
 
 
 def _without_timings(plan_json: str) -> dict:
-    data = json.loads(plan_json)
-    for layer in data["layers"]:
-        layer.pop("seconds", None)
-    return data
+    return without_run_measurements(json.loads(plan_json))
 
 
 def test_saving_one_plan_twice_gives_the_same_bytes(saved_plan, tmp_path):
