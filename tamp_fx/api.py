@@ -1,6 +1,7 @@
 """The public verbs: ``plan`` (calibrate and decide) and ``apply`` (write a pruned model)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -15,11 +16,11 @@ from safetensors.torch import save_file
 from tamp_fx.adapters import decoder_layout, modality_token_ids
 from tamp_fx.artifact import LinearPlan, Plan
 from tamp_fx.calibration import load_calibration
-from tamp_fx.capture import capture_layer_inputs
+from tamp_fx.capture import Activations, capture_layer_inputs
 from tamp_fx.config import PlanConfig
 from tamp_fx.allocators import ALLOCATORS, Allocation
-from tamp_fx.driver import layer_structure, profile_layers, prune_layers
-from tamp_fx.ecoflap import zeroth_order_block_importance
+from tamp_fx.driver import LayerResult, layer_structure, profile_layers, prune_layers
+from tamp_fx.ecoflap import lm_loss, zeroth_order_block_importance
 from tamp_fx import semi_structured
 from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
@@ -27,7 +28,8 @@ from tamp_fx.masks import apply_mask
 from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_keys, checkpoint_names, fingerprint,
                               load_model, load_processor, resolve_source)
 from tamp_fx.progress import Bars
-from tamp_fx.exported import apply_program, load_program, plan_program, program_weights
+from tamp_fx.exported import apply_program, load_program, load_program_calibration, program_loss, program_weights
+from tamp_fx.program import ProgramLayerExporter, capture_program_inputs, program_layout
 from tamp_fx.quantize import QUANTIZERS, _require_torchao
 from tamp_fx.quantized_hf import save_int8_weight
 
@@ -37,11 +39,13 @@ log = logging.getLogger(__name__)
 def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False) -> Plan:
     """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
 
-    Nothing is written: save the result with ``Plan.save``.
+    A Hugging Face / GGUF model and an exported program (``.pt2``) go through the same
+    layer-by-layer driver: capture the inputs of the first decoder layer, then profile,
+    allocate and prune layer by layer. Nothing is written: save the result with ``Plan.save``.
     """
     source = resolve_source(model)
     if source.kind == "pt2":
-        return plan_program(source, calib, config, progress=progress)
+        return _plan_program(source, calib, config, progress)
     net = load_model(source)
     processor = load_processor(source, net.config)
     layout = decoder_layout(net)
@@ -50,25 +54,12 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     with Bars(progress) as bars:
         with bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance)
-        exporter = LayerExporter()
-        allocation = _allocate(net, layout, acts, samples, token_ids, config, bars, exporter)
-        targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
-                   else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
-        results = prune_layers(layout, acts, config, targets, bars, exporter)
+        zeroth_order = functools.partial(zeroth_order_block_importance, dict(net.named_parameters()), samples,
+                                         lm_loss(net, token_ids))
+        results, allocation = _plan_layers(layout, acts, config, bars, LayerExporter(), zeroth_order)
     params = dict(net.named_parameters())
-    full = {f"{layout.layer_prefix(r.index)}.{w}": (r, w) for r in results for w in r.decisions}
+    full = [f"{layout.layer_prefix(r.index)}.{w}" for r in results for w in r.decisions]
     names = checkpoint_names(source, {n: params[n] for n in full})
-    linears, masks, weights = {}, {}, {}
-    for mem_name, (result, w) in full.items():
-        d, info = result.decisions[w], result.linears[w]
-        ckpt = names[mem_name]
-        extra = allocation.stats.get((result.index, w), {}) if allocation else {}
-        linears[ckpt] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
-                                   d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
-                                                         "feeds_attention": info.feeds_attention}, d.pattern)
-        masks[ckpt] = d.mask
-        if d.new_weight is not None:
-            weights[ckpt] = d.new_weight
     model_info = {
         "fingerprint": fingerprint({names[n]: params[n] for n in full}),
         "model_type": net.config.model_type,
@@ -80,13 +71,71 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         "untouched": list(layout.untouched),
         "calibration": {"file": Path(calib).name, "samples": len(samples)},
     }
+    return _assemble(config, model_info, layout, results, allocation, names)
+
+
+def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, progress: bool) -> Plan:
+    """Plan an exported program: its decoder layers found by structure (:mod:`tamp_fx.program`)."""
+    ep = load_program(source.path)
+    samples = load_program_calibration(calib, config.nsamples)
+    layout = program_layout(ep, str(source.path))
+    gm = ep.module()
+    with Bars(progress) as bars:
+        with bars.task("capture decoder inputs", len(samples)) as advance:
+            acts = capture_program_inputs(layout, samples, advance)
+        zeroth_order = None
+        if ALLOCATORS[config.allocation][1]:
+            zeroth_order = functools.partial(zeroth_order_block_importance, dict(gm.named_parameters()), samples,
+                                             program_loss(gm, samples))
+        results, allocation = _plan_layers(layout, acts, config, bars, ProgramLayerExporter(), zeroth_order)
+    params = dict(gm.named_parameters())
+    full = [f"{layout.layer_prefix(r.index)}.{w}" for r in results for w in r.decisions]
+    model_info = {
+        "fingerprint": fingerprint({n: params[n] for n in full}),
+        "model_type": "exported_program",
+        "architecture": "ExportedProgram",
+        "source": source.path.name,
+        "decoder": layout.prefix,
+        "num_layers": len(layout.layers),
+        "modality_token_ids": {},
+        "untouched": [],
+        "calibration": {"file": Path(calib).name, "samples": len(samples)},
+    }
+    return _assemble(config, model_info, layout, results, allocation, {n: n for n in full})
+
+
+def _plan_layers(layout, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+                 zeroth_order: Callable | None) -> tuple[list[LayerResult], Allocation | None]:
+    """The sequential driver over ``layout``'s layers: allocate on the dense model, then prune."""
+    allocation = _allocate(layout, acts, config, bars, exporter, zeroth_order)
+    targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
+               else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
+    return prune_layers(layout, acts, config, targets, bars, exporter), allocation
+
+
+def _assemble(config: PlanConfig, model_info: dict, layout, results: list[LayerResult], allocation: Allocation | None,
+              names: dict[str, str]) -> Plan:
+    """The plan of the driver's results; ``names`` maps in-memory parameter names to plan keys."""
+    linears, masks, weights = {}, {}, {}
+    for result in results:
+        for w, d in result.decisions.items():
+            mem_name = f"{layout.layer_prefix(result.index)}.{w}"
+            info, key = result.linears[w], names[mem_name]
+            extra = allocation.stats.get((result.index, w), {}) if allocation else {}
+            linears[key] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
+                                      d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
+                                                            "feeds_attention": info.feeds_attention}, d.pattern)
+            masks[key] = d.mask
+            if d.new_weight is not None:
+                weights[key] = d.new_weight
     layers = [{"layer": r.index, **r.stats} for r in results]
     return Plan(config, model_info, linears, layers, masks, weights)
 
 
-def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: Bars,
-              exporter: LayerExporter) -> Allocation | None:
-    """Run what the allocation needs over the dense model and return its targets (None: uniform)."""
+def _allocate(layout, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+              zeroth_order: Callable | None) -> Allocation | None:
+    """Run what the allocation needs over the dense model and return its targets (None: uniform).
+    ``zeroth_order(blocks, epsilon=, seed=, bars=)``: ECoFLaP's block importance over the whole model."""
     needs_profile, needs_zeroth_order, strategy = ALLOCATORS[config.allocation]
     if strategy is None:
         return None
@@ -102,8 +151,7 @@ def _allocate(net, layout, acts, samples, token_ids, config: PlanConfig, bars: B
         for p in profiles:
             for w, info in p.linears.items():
                 blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layout.layer_prefix(p.index)}.{w}")
-        extra["block_importance"] = zeroth_order_block_importance(
-            net, samples, token_ids, blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
+        extra["block_importance"] = zeroth_order(blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
     return strategy(profiles, config, extra)
 
 

@@ -9,7 +9,8 @@ The model is never written: perturbed weights go through ``torch.func.functional
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -28,12 +29,24 @@ def _lm_labels(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
     return labels
 
 
+#: The loss of one calibration sample with some parameters replaced: (sample, {name: tensor}) -> loss.
+Loss = Callable[[Any, Mapping[str, torch.Tensor]], float]
+
+
+def lm_loss(model: torch.nn.Module, token_ids) -> Loss:
+    """A Hugging Face model's next-token loss on a sample's text tokens."""
+    def loss(sample: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> float:
+        kwargs = {**sample, "labels": _lm_labels(sample, token_ids), "use_cache": False}
+        return float(functional_call(model, dict(params), args=(), kwargs=kwargs).loss)
+    return loss
+
+
 @torch.no_grad()
-def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], token_ids,
+def zeroth_order_block_importance(params: Mapping[str, torch.Tensor], samples: Sequence, loss: Loss,
                                   blocks: Mapping[str, list[str]], *, epsilon: float, seed: int,
                                   bars: Bars) -> dict[str, float]:
-    """blocks: block name -> full parameter names of its weights. Returns block -> importance."""
-    params = dict(model.named_parameters())
+    """blocks: block name -> full parameter names of its weights (keys of ``params``).
+    Returns block -> importance."""
     names = [n for members in blocks.values() for n in members]
     block_of = {n: b for b, members in blocks.items() for n in members}
     totals = {b: 0.0 for b in blocks}
@@ -41,12 +54,7 @@ def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str
     with bars.task("ecoflap: zeroth-order", len(samples)) as advance:
         for sample in samples:
             z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype) for n in names}
-            labels = _lm_labels(sample, token_ids)
-            losses = []
-            for sign in (1.0, -1.0):
-                perturbed = {n: params[n] + sign * epsilon * z[n] for n in names}
-                out = functional_call(model, perturbed, args=(), kwargs={**sample, "labels": labels, "use_cache": False})
-                losses.append(float(out.loss))
+            losses = [loss(sample, {n: params[n] + sign * epsilon * z[n] for n in names}) for sign in (1.0, -1.0)]
             c = (losses[0] - losses[1]) / (2 * epsilon)
             dots = {b: 0.0 for b in blocks}
             for n in names:
