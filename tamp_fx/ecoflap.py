@@ -19,7 +19,7 @@ from tamp_fx.modality import Modality, modality_labels
 from tamp_fx.progress import Bars
 
 
-def _lm_labels(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
+def lm_targets(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
     """Next-token targets on text tokens only (modality placeholders and padding ignored)."""
     ids = sample["input_ids"]
     labels = ids.clone()
@@ -36,7 +36,7 @@ Loss = Callable[[Any, Mapping[str, torch.Tensor]], float]
 def lm_loss(model: torch.nn.Module, token_ids) -> Loss:
     """A Hugging Face model's next-token loss on a sample's text tokens."""
     def loss(sample: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> float:
-        kwargs = {**sample, "labels": _lm_labels(sample, token_ids), "use_cache": False}
+        kwargs = {**sample, "labels": lm_targets(sample, token_ids), "use_cache": False}
         return float(functional_call(model, dict(params), args=(), kwargs=kwargs).loss)
     return loss
 
