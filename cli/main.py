@@ -163,6 +163,33 @@ def apply(
                           highlight=False, soft_wrap=True)
 
 
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
+    calib: Annotated[Path, typer.Option(help="Calibration data, as for `tamp-fx plan`.")],
+    out: Annotated[Path, typer.Option(help="The .pt2 file to write the language decoder to.")],
+    calib_out: Annotated[Path, typer.Option(help="The .safetensors file to write its calibration inputs to.")],
+    nsamples: Annotated[int, typer.Option(help="Number of calibration samples.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write the language decoder of MODEL as an exported program (inputs_embeds -> logits) and the
+    inputs the full model gives it on --calib (image / audio tokens embedded, modality labels kept),
+    for `tamp-fx plan model.pt2 --calib inputs.safetensors`."""
+    _setup(verbose)
+
+    with _user_errors():
+        from tamp_fx.export import export_decoder
+        start = time.perf_counter()
+        result = export_decoder(model, calib, out, calib_out, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                overwrite=overwrite, progress=not quiet)
+        console.print(f"exported the language decoder to {result.program} and {result.samples} calibration inputs "
+                      f"to {result.calibration} in {time.perf_counter() - start:.1f} s", highlight=False)
+
+
 def _shorten(names: list[str]) -> list[str]:
     """Drop a suffix every name shares (``q_proj``, ``up_proj`` -> ``q``, ``up``) so tables fit."""
     suffix = os.path.commonprefix([n[::-1] for n in names])[::-1] if len(names) > 1 else ""
