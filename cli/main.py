@@ -78,7 +78,8 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 @app.command()
 def plan(
     model: Annotated[Path, typer.Argument(help="Hugging Face model directory, .gguf file, or .pt2 exported program.")],
-    calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations.")],
+    calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations; "
+                                             "for a .pt2 program its inputs (.safetensors, e.g. from `tamp-fx export`).")],
     out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
     method: Annotated[Method, typer.Option(help="Pruning method: a shortcut for allocation + score + tokens "
                                                 "(tamp = das + wanda + amia).")] = Method.wanda,
