@@ -37,6 +37,9 @@ Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 
 
 Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
+NSamples = Annotated[int, typer.Option(help="Number of calibration samples.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")]
+Seed = Annotated[int, typer.Option(help="Seed for drawing calibration samples.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
 
@@ -95,9 +98,9 @@ def plan(
     score: Annotated[Optional[Score], typer.Option(help="Override the method's weight score.")] = None,
     tokens: Annotated[Optional[Tokens], typer.Option(help="Override the method's token selection.")] = None,
     max_sparsity_delta: Annotated[float, typer.Option(help="DAS / ECoFLaP: no group sparser than sparsity + this.")] = 0.1,
-    nsamples: Annotated[int, typer.Option(help="Number of calibration samples.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")] = 512,
-    seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 512,
+    seed: Seed = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -170,9 +173,9 @@ def export(
     calib: Annotated[Path, typer.Option(help="Calibration data, as for `tamp-fx plan`.")],
     out: Annotated[Path, typer.Option(help="The .pt2 file to write the language decoder to.")],
     calib_out: Annotated[Path, typer.Option(help="The .safetensors file to write its calibration inputs to.")],
-    nsamples: Annotated[int, typer.Option(help="Number of calibration samples.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")] = 512,
-    seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 512,
+    seed: Seed = 0,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
