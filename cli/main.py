@@ -40,6 +40,12 @@ Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
 NSamples = Annotated[int, typer.Option(help="Number of calibration samples.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")]
 Seed = Annotated[int, typer.Option(help="Seed for drawing calibration samples.")]
+Device = Annotated[Optional[str], typer.Option(
+    help="Where to compute: cpu, cuda or cuda:N (default: cuda when available, else cpu). Not part of the plan: "
+         "a plan is the same wherever it is computed.", show_default=False)]
+Dtype = Annotated[Optional[str], typer.Option(
+    help="Dtype of the forward passes: auto (the checkpoint's), float32, bfloat16 or float16 (default: float32 on "
+         "the CPU, auto on CUDA). Statistics stay float32/float64.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
 
@@ -101,6 +107,17 @@ def plan(
     nsamples: NSamples = 128,
     seqlen: SeqLen = 512,
     seed: Seed = 0,
+    device: Device = None,
+    dtype: Dtype = None,
+    offload_activations: Annotated[bool, typer.Option(
+        help="Keep the calibration activations in host memory (pinned on CUDA) and move them to --device a sample "
+             "at a time, for GPUs smaller than the activations.")] = False,
+    layer_by_layer: Annotated[bool, typer.Option(
+        "--layer-by-layer/--whole-model",
+        help="Read each decoder layer from the safetensors shards when it is planned (the model is built on the meta "
+             "device; memory holds the embeddings, towers and projector, one decoder layer and the activations), or "
+             "load the model whole. A GGUF file and --allocation ecoflap always load whole (GGUF is de-quantized).")
+    ] = True,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -116,7 +133,10 @@ def plan(
                                     tokens=tokens.value if tokens else None, max_sparsity_delta=max_sparsity_delta)
         _refuse_existing(out, overwrite)
         start = time.perf_counter()
-        result = tamp_fx.plan(model, calib, config, progress=not quiet)
+        whole_only = model.suffix == ".gguf" or config.allocation == "ecoflap"
+        result = tamp_fx.plan(model, calib, config, progress=not quiet, device=device, dtype=dtype,
+                              offload_activations=offload_activations,
+                              layer_by_layer=None if layer_by_layer and whole_only else layer_by_layer)
         result.save(out, overwrite=overwrite, protect=(model.resolve(),))
         s = result.summary()
         console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}"
@@ -249,6 +269,8 @@ def evaluate(
     seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    device: Device = None,
+    dtype: Dtype = None,
     quiet: Quiet = False,
 ) -> None:
     """VQA accuracy of MODEL (per task and overall) and its perplexity on --text."""
@@ -261,7 +283,7 @@ def evaluate(
             _fail(f"--vqa-samples must be at least 1, got {vqa_samples}")
         with Bars(not quiet and not as_json) as bars:
             result = run_eval(model, text=text, vqa=vqa, vqa_samples=vqa_samples, seqlen=seqlen,
-                              max_windows=max_windows, bars=bars)
+                              max_windows=max_windows, bars=bars, device=device, dtype=dtype)
         report = _evaluation_json(model, text, result)
         if as_json:
             out_console.print_json(json.dumps(report))

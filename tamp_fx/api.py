@@ -25,43 +25,70 @@ from tamp_fx import semi_structured
 from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
-from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_keys, checkpoint_names, fingerprint,
-                              load_model, load_processor, resolve_source)
+from tamp_fx.layers import CheckpointLayers, DecoderLayers, ResidentLayers
+from tamp_fx.model_io import (ModelSource, atomic_directory, checkpoint_dtype, checkpoint_index, checkpoint_keys,
+                              fingerprint, fingerprint_of, load_model, load_processor, materialise, meta_model, release,
+                              resolve_source)
+from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.progress import Bars
 from tamp_fx.exported import apply_program, load_program, load_program_calibration, program_loss, program_weights
-from tamp_fx.program import ProgramLayerExporter, capture_program_inputs, program_layout
+from tamp_fx.program import ProgramLayerExporter, ProgramLayers, capture_program_inputs, program_layout
 from tamp_fx.quantize import QUANTIZERS, _require_torchao
 from tamp_fx.quantized_hf import save_int8_weight
 
 log = logging.getLogger(__name__)
 
 
-def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False) -> Plan:
+def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False,
+         device: str | torch.device | None = None, dtype: str | None = None, offload_activations: bool = False,
+         layer_by_layer: bool | None = None) -> Plan:
     """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
 
     A Hugging Face / GGUF model and an exported program (``.pt2``) go through the same
     layer-by-layer driver: capture the inputs of the first decoder layer, then profile,
-    allocate and prune layer by layer. Nothing is written: save the result with ``Plan.save``.
+    allocate and prune layer by layer (:mod:`tamp_fx.driver`, over :class:`tamp_fx.layers.DecoderLayers`).
+
+    Where it runs is no part of the plan (:mod:`tamp_fx.placement`): ``device`` (``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``; None: CUDA when available), ``dtype`` of the forward passes
+    (``"auto"`` = the checkpoint's, ``"float32"``, ``"bfloat16"``, ``"float16"``; None: float32
+    on the CPU, auto on CUDA), ``offload_activations`` (keep the calibration activations in host
+    memory and move them to ``device`` a sample at a time). ``layer_by_layer`` (None: yes for a
+    Hugging Face directory) builds the model on the meta device, materialises only what computes
+    the decoder's inputs, and reads each decoder layer from the checkpoint when it is planned; a
+    GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
+    An exported program is planned on the CPU, as stored.
+
+    Nothing is written: save the result with ``Plan.save``.
     """
     source = resolve_source(model)
     if source.kind == "pt2":
+        if device is not None and torch.device(device).type != "cpu" or dtype not in (None, "auto"):
+            raise TampError("an exported program (.pt2) is planned on the CPU in its own dtype: drop --device and --dtype")
         return _plan_program(source, calib, config, progress)
-    net = load_model(source)
+    target = resolve_device(device)
+    check_dtype(dtype)
+    whole_only = source.kind == "gguf" or ALLOCATORS[config.allocation][1]
+    if layer_by_layer and whole_only:
+        raise TampError(f"layer-by-layer loading needs a Hugging Face directory and an allocation other than ecoflap "
+                        f"({source.path.name}, {config.allocation}): load the model whole")
+    layer_by_layer = not whole_only if layer_by_layer is None else layer_by_layer
+    net, layout, layers = (_open_layer_by_layer if layer_by_layer else _open_whole)(source, target, dtype)
     processor = load_processor(source, net.config)
-    layout = decoder_layout(net)
     token_ids = modality_token_ids(net.config)
     samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed)
     with Bars(progress) as bars:
         with bars.task("capture decoder inputs", len(samples)) as advance:
-            acts = capture_layer_inputs(net, layout, samples, token_ids, advance)
-        zeroth_order = functools.partial(zeroth_order_block_importance, dict(net.named_parameters()), samples,
-                                         lm_loss(net, token_ids))
-        results, allocation = _plan_layers(layout, acts, config, bars, LayerExporter(), zeroth_order)
-    params = dict(net.named_parameters())
-    full = [f"{layout.layer_prefix(r.index)}.{w}" for r in results for w in r.decisions]
-    names = checkpoint_names(source, {n: params[n] for n in full})
+            acts = capture_layer_inputs(net, layout, samples, token_ids, advance, device=target,
+                                        offload=offload_activations)
+        if layer_by_layer:
+            release(net)                              # the capture parts are done with: keep one layer at a time
+        zeroth_order = None
+        if ALLOCATORS[config.allocation][1]:
+            zeroth_order = functools.partial(zeroth_order_block_importance, dict(net.named_parameters()), samples,
+                                             lm_loss(net, token_ids))
+        results, allocation = _plan_layers(layers, acts, config, bars, LayerExporter(), zeroth_order)
+    index = checkpoint_index(source, net)
     model_info = {
-        "fingerprint": fingerprint({names[n]: params[n] for n in full}),
         "model_type": net.config.model_type,
         "architecture": type(net).__name__,
         "source": source.path.name,
@@ -71,7 +98,7 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         "untouched": list(layout.untouched),
         "calibration": {"file": Path(calib).name, "samples": len(samples)},
     }
-    return _assemble(config, model_info, layout, results, allocation, names)
+    return _assemble(config, model_info, layers, results, allocation, index.key)
 
 
 def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, progress: bool) -> Plan:
@@ -79,19 +106,16 @@ def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, pr
     ep = load_program(source.path)
     samples = load_program_calibration(calib, config.nsamples)
     layout = program_layout(ep, str(source.path))
-    gm = ep.module()
     with Bars(progress) as bars:
         with bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_program_inputs(layout, samples, advance)
         zeroth_order = None
         if ALLOCATORS[config.allocation][1]:
+            gm = ep.module()
             zeroth_order = functools.partial(zeroth_order_block_importance, dict(gm.named_parameters()), samples,
                                              program_loss(gm, samples))
-        results, allocation = _plan_layers(layout, acts, config, bars, ProgramLayerExporter(), zeroth_order)
-    params = dict(gm.named_parameters())
-    full = [f"{layout.layer_prefix(r.index)}.{w}" for r in results for w in r.decisions]
+        results, allocation = _plan_layers(ProgramLayers(layout), acts, config, bars, ProgramLayerExporter(), zeroth_order)
     model_info = {
-        "fingerprint": fingerprint({n: params[n] for n in full}),
         "model_type": "exported_program",
         "architecture": "ExportedProgram",
         "source": source.path.name,
@@ -101,38 +125,70 @@ def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, pr
         "untouched": [],
         "calibration": {"file": Path(calib).name, "samples": len(samples)},
     }
-    return _assemble(config, model_info, layout, results, allocation, {n: n for n in full})
+    return _assemble(config, model_info, ProgramLayers(layout), results, allocation, lambda name: name)
 
 
-def _plan_layers(layout, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+def _plan_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,
                  zeroth_order: Callable | None) -> tuple[list[LayerResult], Allocation | None]:
-    """The sequential driver over ``layout``'s layers: allocate on the dense model, then prune."""
-    allocation = _allocate(layout, acts, config, bars, exporter, zeroth_order)
+    """The sequential driver over ``layers``: allocate on the dense model, then prune."""
+    allocation = _allocate(layers, acts, config, bars, exporter, zeroth_order)
     targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
                else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
-    return prune_layers(layout, acts, config, targets, bars, exporter), allocation
+    return prune_layers(layers, acts, config, targets, bars, exporter), allocation
 
 
-def _assemble(config: PlanConfig, model_info: dict, layout, results: list[LayerResult], allocation: Allocation | None,
-              names: dict[str, str]) -> Plan:
-    """The plan of the driver's results; ``names`` maps in-memory parameter names to plan keys."""
-    linears, masks, weights = {}, {}, {}
+def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, results: list[LayerResult],
+              allocation: Allocation | None, key: Callable[[str], str]) -> Plan:
+    """The plan of the driver's results; ``key`` maps an in-memory parameter name to its plan key."""
+    linears, masks, weights, fingerprints = {}, {}, {}, {}
     for result in results:
         for w, d in result.decisions.items():
-            mem_name = f"{layout.layer_prefix(result.index)}.{w}"
-            info, key = result.linears[w], names[mem_name]
+            mem_name = f"{layers.prefix(result.index)}.{w}"
+            info, name = result.linears[w], key(mem_name)
             extra = allocation.stats.get((result.index, w), {}) if allocation else {}
-            linears[key] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
-                                      d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
-                                                            "feeds_attention": info.feeds_attention}, d.pattern)
-            masks[key] = d.mask
+            linears[name] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
+                                       d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
+                                                             "feeds_attention": info.feeds_attention}, d.pattern)
+            masks[name] = d.mask
+            fingerprints[name] = layers.fingerprints[mem_name]
             if d.new_weight is not None:
-                weights[key] = d.new_weight
-    layers = [{"layer": r.index, **r.stats} for r in results]
-    return Plan(config, model_info, linears, layers, masks, weights)
+                weights[name] = d.new_weight
+    model_info = {"fingerprint": fingerprint_of(fingerprints), **model_info}
+    layers_stats = [{"layer": r.index, **r.stats} for r in results]
+    return Plan(config, model_info, linears, layers_stats, masks, weights)
 
 
-def _allocate(layout, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+def _open_whole(source: ModelSource, device: torch.device, dtype: str | None):
+    """The model loaded whole (float32, then its parameters cast to the compute dtype on ``device``)."""
+    net = load_model(source)
+    layout = decoder_layout(net)
+    index = checkpoint_index(source, net)
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(net, layout)))
+    return net, layout, ResidentLayers(net, layout, device, compute)
+
+
+def _open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str | None):
+    """The model on the meta device with the parts that compute the decoder's inputs read onto
+    ``device``; its decoder layers are read from the checkpoint one at a time."""
+    probe = meta_model(source, torch.float32)
+    index = checkpoint_index(source, probe)
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(probe, decoder_layout(probe))))
+    net = probe if compute == torch.float32 else meta_model(source, compute)
+    layout = decoder_layout(net)
+    output = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    skip = {id(t) for t in output.parameters()} if output is not None else set()
+    in_layers = layout.prefix + "."
+    capture = [n for n, t in net.state_dict(keep_vars=True).items()
+               if not n.startswith(in_layers) and id(t) not in skip and n in index.entries]
+    materialise(net, index.read(capture, compute), compute, device, exclude=layout.prefix)
+    return net, layout, CheckpointLayers(net, layout, index, device, compute)
+
+
+def _layer_names(net: torch.nn.Module, layout) -> list[str]:
+    return [n for n, _ in net.named_parameters() if n.startswith(layout.prefix + ".")]
+
+
+def _allocate(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,
               zeroth_order: Callable | None) -> Allocation | None:
     """Run what the allocation needs over the dense model and return its targets (None: uniform).
     ``zeroth_order(blocks, epsilon=, seed=, bars=)``: ECoFLaP's block importance over the whole model."""
@@ -141,16 +197,16 @@ def _allocate(layout, acts: Activations, config: PlanConfig, bars: Bars, exporte
         return None
     if needs_profile:
         start = list(acts.hidden)                     # the prune phase starts again from layer 0's inputs
-        profiles = profile_layers(layout, acts, config, bars, exporter)
+        profiles = profile_layers(layers, acts, config, bars, exporter)
         acts.hidden = start
     else:
-        profiles = layer_structure(layout, acts, config, exporter)
+        profiles = layer_structure(layers, acts, config, exporter)
     extra = {}
     if needs_zeroth_order:
         blocks: dict[str, list[str]] = {}
         for p in profiles:
             for w, info in p.linears.items():
-                blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layout.layer_prefix(p.index)}.{w}")
+                blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layers.prefix(p.index)}.{w}")
         extra["block_importance"] = zeroth_order(blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
     return strategy(profiles, config, extra)
 

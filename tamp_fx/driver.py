@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -16,11 +17,11 @@ from typing import Any
 
 import torch
 
-from tamp_fx.adapters import DecoderLayout
 from tamp_fx.capture import Activations
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
 from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
+from tamp_fx.layers import DecoderLayers
 from tamp_fx.modality import Modality
 from tamp_fx.observers import LinearObserver, ObserverContext
 from tamp_fx.passes.instrument import InstrumentConfig, instrument
@@ -60,9 +61,10 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
     attention_observers = observed["attention"] if observed else []
     with bars.task(description, len(acts)) as advance, torch.no_grad():
         for j in range(len(acts)):
-            context.labels = acts.labels[j]
+            hidden, kwargs = acts.inputs(j, layer)
+            context.labels = acts.labels[j].to(acts.device)
             try:
-                out = gm(acts.hidden[j], **acts.layer_kwargs[j][layer])
+                out = gm(hidden, **kwargs)
             except TampError:
                 raise
             except Exception as error:  # noqa: BLE001
@@ -71,7 +73,7 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
             for observer in linear_observers:
                 observer.finish_sample(attention)
             if keep_outputs:
-                acts.hidden[j] = out[0] if isinstance(out, tuple) else out
+                acts.set_hidden(j, out[0] if isinstance(out, tuple) else out)
             advance()
 
 
@@ -91,11 +93,27 @@ def _attention_stats(observed: Mapping[str, Any]) -> dict[str, Any]:
     attention = observed["attention"]
     if not attention or not attention[0].samples:
         return {}
-    mass = sum(o.mass_per_modality for o in attention) / sum(o.samples for o in attention)
+    mass = (sum(o.mass_per_modality for o in attention) / sum(o.samples for o in attention)).tolist()
     return {"last_token_attention_per_modality": {m.name.lower(): round(float(mass[m]), 6) for m in Modality}}
 
 
-def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, bars: Bars,
+def _graph(exporter: LayerExporter, layers: DecoderLayers, layer: torch.nn.Module, acts: Activations, index: int,
+           config: PlanConfig) -> tuple[torch.fx.GraphModule, dict[str, LinearInfo]]:
+    """The layer's graph (traced on sample 0) and what it says about the linears."""
+    hidden, kwargs = acts.inputs(0, index)
+    gm = exporter(layer, (hidden,), kwargs)
+    linears = analyse_linears(gm)
+    _check_pattern(gm, linears, config, layers.prefix(index))
+    return gm, linears
+
+
+def _on_host(decision: LinearDecision) -> LinearDecision:
+    """The decision with its mask and new weights in host memory (the layer's device is released)."""
+    new_weight = None if decision.new_weight is None else decision.new_weight.cpu()
+    return dataclasses.replace(decision, mask=decision.mask.cpu(), new_weight=new_weight)
+
+
+def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars,
                    exporter: LayerExporter) -> list[LayerProfile]:
     """Run the dense model layer by layer and collect what the allocation needs.
     ``acts.hidden`` ends at the last layer's input; callers keep a copy of the start."""
@@ -104,42 +122,42 @@ def profile_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig,
                                          all_tokens_one_modality=config.allocation == "das-alltoken",
                                          collect_inputs=not diversity)  # OWL reads input norms, DAS only diversities
     profiles = []
-    with bars.task("profile layers (dense)", len(layout.layers)) as advance_layer:
-        for i, layer in enumerate(layout.layers):
-            gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
-            linears = analyse_linears(gm)
-            _check_pattern(gm, linears, config, layout.layer_prefix(i))
-            context = ObserverContext()
-            observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
-            _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layout.layers))
-            sizes = {w: gm.get_parameter(w).numel() for w in linears}
-            profile = LayerProfile(i, linears, sizes)
-            obs = observed["linear"]
-            if diversity:
-                profile.importance = {w: obs[w].importance() for w in linears}
-                profile.diversity = {w: obs[w].diversity() for w in linears}
-            if config.allocation == "owl":
-                scores = torch.cat([(gm.get_parameter(w).detach().float().abs() * obs[w].stats.input_norm()[None, :]).flatten()
-                                    for w in linears])                      # (sum P_g,)
-                profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
-            profiles.append(profile)
-            del gm
+    with bars.task("profile layers (dense)", len(layers)) as advance_layer:
+        for i in range(len(layers)):
+            with layers.open(i) as layer:
+                gm, linears = _graph(exporter, layers, layer, acts, i, config)
+                context = ObserverContext()
+                observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+                _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layers))
+                sizes = {w: gm.get_parameter(w).numel() for w in linears}
+                profile = LayerProfile(i, linears, sizes)
+                obs = observed["linear"]
+                if diversity:
+                    profile.importance = {w: obs[w].importance() for w in linears}
+                    profile.diversity = {w: obs[w].diversity() for w in linears}
+                if config.allocation == "owl":
+                    scores = torch.cat([(gm.get_parameter(w).detach().float().abs()
+                                         * obs[w].stats.input_norm().to(acts.device)[None, :]).flatten()
+                                        for w in linears])                  # (sum P_g,)
+                    profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
+                profiles.append(profile)
+                del gm
             advance_layer()
     return profiles
 
 
-def layer_structure(layout: DecoderLayout, acts: Activations, config: PlanConfig, exporter: LayerExporter) -> list[LayerProfile]:
+def layer_structure(layers: DecoderLayers, acts: Activations, config: PlanConfig, exporter: LayerExporter) -> list[LayerProfile]:
     """What the graphs say about every layer's linears, without running any sample."""
     profiles = []
-    for i, layer in enumerate(layout.layers):
-        gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][i])
-        linears = analyse_linears(gm)
-        _check_pattern(gm, linears, config, layout.layer_prefix(i))
-        profiles.append(LayerProfile(i, linears, {w: gm.get_parameter(w).numel() for w in linears}))
+    for i in range(len(layers)):
+        with layers.open(i) as layer:
+            gm, linears = _graph(exporter, layers, layer, acts, i, config)
+            profiles.append(LayerProfile(i, linears, {w: gm.get_parameter(w).numel() for w in linears}))
+            del gm
     return profiles
 
 
-def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, targets: Callable[[int, dict], dict[str, float]],
+def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, targets: Callable[[int, dict], dict[str, float]],
                  bars: Bars, exporter: LayerExporter) -> list[LayerResult]:
     """Plan every decoder layer in order; ``acts.hidden`` is advanced through the pruned layers.
     ``targets(layer_index, linears)`` gives each linear's target sparsity."""
@@ -147,24 +165,25 @@ def prune_layers(layout: DecoderLayout, acts: Activations, config: PlanConfig, t
     selector = TOKEN_SELECTIONS[config.tokens](config) if score.needs_activations else None
     observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian)
     results = []
-    n_layers = len(layout.layers)
+    n_layers = len(layers)
     with bars.task("prune layers", n_layers) as advance_layer:
         for i in range(n_layers):
             start = time.perf_counter()
-            gm = exporter(layout.layers[i], (acts.hidden[0],), acts.layer_kwargs[0][i])
-            linears = analyse_linears(gm)
-            _check_pattern(gm, linears, config, layout.layer_prefix(i))
-            context = ObserverContext()
-            observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
-            if score.needs_activations:
-                _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
-            decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"], config.nm)).info["decisions"]
-            rewrite(gm)
-            if score.needs_activations and i + 1 < n_layers:
-                _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
-            stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed)}
-            results.append(LayerResult(i, decisions, linears, stats))
-            del gm
+            with layers.open(i) as layer:
+                gm, linears = _graph(exporter, layers, layer, acts, i, config)
+                context = ObserverContext()
+                observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+                if score.needs_activations:
+                    _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
+                decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"],
+                                                         config.nm)).info["decisions"]
+                decisions = {w: _on_host(d) for w, d in decisions.items()}
+                rewrite(gm)
+                if score.needs_activations and i + 1 < n_layers:
+                    _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
+                stats = {"seconds": round(time.perf_counter() - start, 3), **_attention_stats(observed)}
+                results.append(LayerResult(i, decisions, linears, stats))
+                del gm, observed
             advance_layer()
     log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
     return results

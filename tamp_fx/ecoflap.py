@@ -35,8 +35,12 @@ Loss = Callable[[Any, Mapping[str, torch.Tensor]], float]
 
 def lm_loss(model: torch.nn.Module, token_ids) -> Loss:
     """A Hugging Face model's next-token loss on a sample's text tokens."""
+    device = next(model.parameters()).device
+
     def loss(sample: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> float:
-        kwargs = {**sample, "labels": lm_targets(sample, token_ids), "use_cache": False}
+        labels = lm_targets(sample, token_ids).to(device)
+        sample = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+        kwargs = {**sample, "labels": labels, "use_cache": False}
         return float(functional_call(model, dict(params), args=(), kwargs=kwargs).loss)
     return loss
 
@@ -53,7 +57,8 @@ def zeroth_order_block_importance(params: Mapping[str, torch.Tensor], samples: S
     generator = torch.Generator().manual_seed(seed)
     with bars.task("ecoflap: zeroth-order", len(samples)) as advance:
         for sample in samples:
-            z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype) for n in names}
+            z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype).to(params[n].device)
+                 for n in names}                             # drawn on the host: the same on any device
             losses = [loss(sample, {n: params[n] + sign * epsilon * z[n] for n in names}) for sign in (1.0, -1.0)]
             c = (losses[0] - losses[1]) / (2 * epsilon)
             dots = {b: 0.0 for b in blocks}

@@ -60,15 +60,20 @@ class Evaluation:
 
 
 def evaluate(model: str | Path, *, text: str | Path | None = None, vqa: bool | None = None, vqa_samples: int = 600,
-             seqlen: int = 512, max_windows: int | None = None, bars=None) -> Evaluation:
+             seqlen: int = 512, max_windows: int | None = None, bars=None, device: str | torch.device | None = None,
+             dtype: str | None = None) -> Evaluation:
     """VQA accuracy on the fixture's held-out split (``vqa``: None = when the model takes images)
-    and perplexity on ``text`` (when given). ``bars`` is a :class:`tamp_fx.progress.Bars`."""
-    from tamp_fx.model_io import load_model, load_processor, resolve_source
+    and perplexity on ``text`` (when given). ``bars`` is a :class:`tamp_fx.progress.Bars`.
+    ``device`` and ``dtype`` as for :func:`tamp_fx.plan` (:mod:`tamp_fx.placement`)."""
+    from tamp_fx.model_io import load_model, load_processor, resolve_source, stored_dtype
+    from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
     from tamp_fx.progress import Bars
     from tamp_fx.vqa import vqa_accuracy
 
     source = resolve_source(model)
-    net = load_model(source)
+    target = resolve_device(device)
+    check_dtype(dtype)
+    net = load_model(source, dtype=resolve_dtype(dtype, target, stored_dtype(source))).to(target)
     processor = load_processor(source, net.config)
     if vqa is None:
         vqa = takes_images(processor)

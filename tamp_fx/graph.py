@@ -199,9 +199,14 @@ def _structure_key(layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) 
 
 
 def _same_outputs(a: Any, b: Any) -> bool:
+    """Whether a reused graph computes what the eager layer does, up to rounding of the dtype."""
     fa, fb = pytree.tree_leaves(a), pytree.tree_leaves(b)
-    return len(fa) == len(fb) and all(
-        torch.allclose(x, y, rtol=1e-4, atol=1e-5) if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb))
+    return len(fa) == len(fb) and all(_close(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(fa, fb))
+
+
+def _close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    eps = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
+    return torch.allclose(x, y, rtol=max(1e-4, 8 * eps), atol=max(1e-5, 8 * eps))
 
 
 class LayerExporter:
@@ -210,19 +215,20 @@ class LayerExporter:
     Decoder layers of one model usually share their code and shapes; tracing costs far more
     than running a layer, so a later layer gets a copy of an earlier layer's graph bound to
     its own parameters, checked against the eager layer on the sample it was given. A layer
-    whose outputs differ (other control flow) is exported afresh.
+    whose outputs differ (other control flow) is exported afresh. Templates hold meta-device
+    stand-ins, never a layer's weights, so a layer's memory is freed when it is released.
     """
 
     def __init__(self) -> None:
-        self._templates: dict[tuple, tuple[torch.fx.GraphModule, torch.nn.Module]] = {}
+        self._templates: dict[tuple, tuple[torch.fx.GraphModule, dict[str, torch.Tensor]]] = {}
         self._verified: set[tuple[int, tuple]] = set()   # (id(layer), structure) already checked
         self.exports = 0
 
     def __call__(self, layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.fx.GraphModule:
         key = _structure_key(layer, args, kwargs)
         if key in self._templates:
-            template, template_layer = self._templates[key]
-            gm = _rebind(template, template_layer, layer)
+            template, stand_ins = self._templates[key]
+            gm = _rebind(template, stand_ins, _tensors(layer))
             if (id(layer), key) in self._verified:
                 return gm
             with torch.no_grad():
@@ -232,16 +238,20 @@ class LayerExporter:
             log.debug("reused graph of %s differs from the eager layer: exporting afresh", type(layer).__name__)
         gm = export_layer(layer, args, kwargs)
         self.exports += 1
-        self._templates[key] = (_rebind(gm, layer, layer), layer)
+        tensors = _tensors(layer)
+        stand_ins = {name: t.to("meta") for name, t in tensors.items()}
+        self._templates[key] = (_rebind(gm, tensors, stand_ins), stand_ins)
         self._verified.add((id(layer), key))
         return gm
 
 
-def _rebind(gm: torch.fx.GraphModule, source: torch.nn.Module, target: torch.nn.Module) -> torch.fx.GraphModule:
-    """A deep copy of ``gm`` (graph and modules) whose tensors of ``source`` are ``target``'s."""
-    src = dict([*source.named_parameters(remove_duplicate=False), *source.named_buffers(remove_duplicate=False)])
-    dst = dict([*target.named_parameters(remove_duplicate=False), *target.named_buffers(remove_duplicate=False)])
-    memo = {id(tensor): dst[name] for name, tensor in src.items()}
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+
+
+def _rebind(gm: torch.fx.GraphModule, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
+    """A deep copy of ``gm`` (graph and modules) whose tensors ``source`` (by name) are ``target``'s."""
+    memo = {id(tensor): target[name] for name, tensor in source.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's pytree spec pickling
         return copy.deepcopy(gm, memo)

@@ -24,7 +24,7 @@ class ObserverContext:
     """What the driver tells every observer of a layer about the sample being run."""
 
     def __init__(self) -> None:
-        self.labels: torch.Tensor | None = None  # (N,) int8 modality per token of the current sample
+        self.labels: torch.Tensor | None = None  # (N,) int8 modality per token of the current sample, on the layer's device
 
 
 class InputStats:
@@ -86,15 +86,15 @@ class LinearObserver(torch.nn.Module):
         self.importance_sum = 0.0
         self.diversity_samples = 0
         self.samples = 0
-        self.tokens_per_modality = torch.zeros(len(Modality), dtype=torch.float64)
-        self.selected_per_modality = torch.zeros(len(Modality), dtype=torch.float64)
+        self.tokens_per_modality = torch.zeros(len(Modality), dtype=torch.float64)   # moved to the layer's device
+        self.selected_per_modality = torch.zeros(len(Modality), dtype=torch.float64)  # on its first sample
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _labels(self, n: int) -> torch.Tensor:
+    def _labels(self, n: int, device: torch.device) -> torch.Tensor:
         labels = self.context.labels
         if labels is None or self.all_tokens_one_modality:
-            return torch.zeros(n, dtype=torch.long)
-        return labels.reshape(-1).long().cpu()
+            return torch.zeros(n, dtype=torch.long, device=device)
+        return labels.reshape(-1).long().to(device)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> None:
@@ -102,17 +102,22 @@ class LinearObserver(torch.nn.Module):
         z = z.detach().reshape(-1, z.shape[-1])              # (N, C_out)
         if self.selector is None and not self.track_diversity:
             self.stats.add(x)
-            self._count(torch.arange(x.shape[0]), self._labels(x.shape[0]))
+            self._count(None, self._labels(x.shape[0], x.device))
             return
         self._pending = (x, z)                               # finished once the sample's attention is known
 
-    def _count(self, chosen: torch.Tensor, labels: torch.Tensor) -> None:
+    def _count(self, chosen: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """Count the sample's tokens per modality and the share chosen (None: all), on the
+        device of ``labels`` without a host synchronisation."""
         n_mod = len(Modality)
-        per_sample_total = torch.bincount(labels, minlength=n_mod).double()
-        per_sample_chosen = torch.bincount(labels[chosen], minlength=n_mod).double()
-        present = per_sample_total > 0
+        self.tokens_per_modality = self.tokens_per_modality.to(labels.device)
+        self.selected_per_modality = self.selected_per_modality.to(labels.device)
+        per_sample_total = torch.bincount(labels, minlength=n_mod).double()                       # (M,)
+        picked = labels if chosen is None else labels[chosen.to(labels.device)]
+        per_sample_chosen = torch.bincount(picked, minlength=n_mod).double()                      # (M,)
+        present = per_sample_total > 0                                                            # (M,)
         self.tokens_per_modality += present.double()
-        self.selected_per_modality[present] += (per_sample_chosen[present] / per_sample_total[present])
+        self.selected_per_modality += torch.where(present, per_sample_chosen / per_sample_total.clamp_min(1), 0.0)
         self.samples += 1
 
     @torch.no_grad()
@@ -121,7 +126,7 @@ class LinearObserver(torch.nn.Module):
             return
         x, z = self._pending
         self._pending = None
-        labels = self._labels(x.shape[0])
+        labels = self._labels(x.shape[0], x.device)
         div = 0.0
         if self.track_diversity or self.selector is not None:
             terms = diversity_terms(z, labels)
@@ -135,9 +140,7 @@ class LinearObserver(torch.nn.Module):
         if not self.collect_inputs:
             return
         chosen = None if self.selector is None else self.selector(z, attention, labels, div)
-        if chosen is None:
-            chosen = torch.arange(x.shape[0])
-        self.stats.add(x[chosen])
+        self.stats.add(x if chosen is None else x[chosen.to(x.device)])
         self._count(chosen, labels)
 
     # summaries ------------------------------------------------------------------------
@@ -150,8 +153,8 @@ class LinearObserver(torch.nn.Module):
 
     def selected_fraction(self) -> dict[str, float]:
         """Mean share of each present modality's tokens that counted, over the samples it was in."""
-        return {Modality(m).name.lower(): float(self.selected_per_modality[m] / self.tokens_per_modality[m])
-                for m in range(len(Modality)) if self.tokens_per_modality[m] > 0}
+        selected, tokens = self.selected_per_modality.tolist(), self.tokens_per_modality.tolist()
+        return {Modality(m).name.lower(): selected[m] / tokens[m] for m in range(len(Modality)) if tokens[m] > 0}
 
 
 def last_row_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
@@ -180,20 +183,20 @@ class AttentionObserver(torch.nn.Module):
     def __init__(self, context: ObserverContext) -> None:
         super().__init__()
         self.context = context
-        self.current: torch.Tensor | None = None       # (N,) of the sample being run
+        self.current: torch.Tensor | None = None       # (N,) of the sample being run, on the layer's device
         self.samples = 0
-        self.mass_per_modality = torch.zeros(len(Modality), dtype=torch.float64)
+        self.mass_per_modality = torch.zeros(len(Modality), dtype=torch.float64)  # moved to the layer's device
 
     @torch.no_grad()
     def forward(self, q: torch.Tensor | None, k: torch.Tensor | None, mask: torch.Tensor | None = None,
                 scale: float | None = None, probs: torch.Tensor | None = None) -> None:
         """Either q, k (mask, scale) of an SDPA node, or ``probs`` (B, H, N_q, N) of an eager softmax."""
         if probs is not None:
-            row = probs[0, :, -1, :].float().mean(0).cpu()               # (N,)
+            row = probs[0, :, -1, :].float().mean(0)                     # (N,)
         else:
-            row = last_row_attention(q, k, mask, scale)[0].cpu()        # (N,)
+            row = last_row_attention(q, k, mask, scale)[0]              # (N,)
         self.current = row
         self.samples += 1
         if self.context.labels is not None:
-            labels = self.context.labels.long().flatten().cpu()
-            self.mass_per_modality.index_add_(0, labels, row.double())
+            labels = self.context.labels.long().flatten().to(row.device)
+            self.mass_per_modality = self.mass_per_modality.to(row.device).index_add_(0, labels, row.double())

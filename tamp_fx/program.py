@@ -6,8 +6,8 @@ sibling submodules with the same parameter shapes that hold ``aten.linear`` node
 called one after the other, each taking the output of the one before (the largest such run
 by parameters when there are several). Each layer is then one flat ATen graph
 (:func:`flat_layer`), called as ``layer(hidden, **other_inputs)`` like a Hugging Face layer,
-with parameter names relative to the layer; its full names (``layer_prefix(i) + "." + name``)
-are the program's state-dict names.
+with parameter names relative to the layer; its full names (``names[i] + "." + name``) are
+the program's state-dict names. :class:`ProgramLayers` hands them to the driver.
 
 :func:`capture_program_inputs` runs the program on every calibration sample up to the last
 layer, recording what each layer is called with, so the driver can plan the layers in order
@@ -15,9 +15,10 @@ on the pruned outputs of the one before.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch.export import ExportedProgram
 from tamp_fx.capture import Activations
 from tamp_fx.errors import TampError
 from tamp_fx.graph import is_linear
+from tamp_fx.model_io import fingerprint_sample
 
 LOOKED_FOR = ("a run of at least two sibling submodules with the same parameter shapes, holding aten.linear "
               "nodes, each called on the output of the one before")
@@ -77,18 +79,14 @@ def _call_sites(root: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, torch
 
 @dataclass(frozen=True)
 class ProgramLayout:
-    """The decoder layers of a program: duck-typed like :class:`tamp_fx.adapters.DecoderLayout`."""
+    """The decoder layers of a program and how they are called."""
 
     root: torch.nn.Module                  # the unflattened program
     names: tuple[str, ...]                 # full module name of every layer, in call order
     hidden_index: int                      # position of the hidden states among a layer's inputs
     output_index: int | None               # which of a layer's outputs is the hidden state (None: its only output)
     layers: tuple[torch.fx.GraphModule, ...]  # flat ATen graph of every layer (:func:`flat_layer`)
-    prefix: str
-    untouched: tuple[str, ...] = ()
-
-    def layer_prefix(self, index: int) -> str:
-        return self.names[index]
+    prefix: str                            # the module holding them (plan.json's "decoder")
 
 
 def _chain(names: list[str], sites: dict) -> tuple[int, int | None] | None:
@@ -175,6 +173,27 @@ def flat_layer(layer: torch.nn.Module, hidden_index: int, output_index: int | No
     return gm
 
 
+class ProgramLayers:
+    """The driver's :class:`tamp_fx.layers.DecoderLayers` over a program's layers: resident, on the CPU."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, layout: ProgramLayout) -> None:
+        self.layout = layout
+        self.fingerprints = {f"{name}.{w}": fingerprint_sample(p) for name, layer in zip(layout.names, layout.layers)
+                             for w, p in layer.named_parameters() if p.dim() == 2}
+
+    def __len__(self) -> int:
+        return len(self.layout.layers)
+
+    def prefix(self, index: int) -> str:
+        return self.layout.names[index]
+
+    @contextlib.contextmanager
+    def open(self, index: int) -> Iterator[torch.fx.GraphModule]:
+        yield self.layout.layers[index]
+
+
 class ProgramLayerExporter:
     """The driver's exporter for program layers: a fresh copy of the layer's flat graph
     (instrument and rewrite change the copy, the parameters are the program's)."""
@@ -234,12 +253,11 @@ def capture_program_inputs(layout: ProgramLayout, samples: Sequence, progress=No
             if sample.labels is not None and sample.labels.numel() != tokens:
                 raise TampError(f"calibration sample {j} has {sample.labels.numel()} labels but {tokens} tokens "
                                 "reach the decoder layers: give one label per token")
-            acts.hidden.append(hidden.detach())
-            acts.layer_kwargs.append([
-                dict(zip(layer.input_names, [a for k, a in enumerate(call) if k != layout.hidden_index]))
-                for layer, call in zip(layout.layers, calls)])
             labels = sample.labels if sample.labels is not None else torch.zeros(tokens, dtype=torch.int8)
-            acts.labels.append(labels.reshape(-1).to(torch.int8))
+            acts.add(hidden.detach(),
+                     [dict(zip(layer.input_names, [a for k, a in enumerate(call) if k != layout.hidden_index]))
+                      for layer, call in zip(layout.layers, calls)],
+                     labels.reshape(-1).to(torch.int8))
             if progress is not None:
                 progress()
     finally:

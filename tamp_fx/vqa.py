@@ -48,6 +48,7 @@ def answer(model, processor, samples: list[scenes.Sample], *, batch: int = 32, a
         part = samples[i:i + batch]
         inputs = processor(text=[_prompt(processor, s.question) for s in part],
                            images=[Image.fromarray(s.image) for s in part], return_tensors="pt", padding=True)
+        inputs = inputs.to(model.device, dtype=model.dtype)    # floating inputs (pixels) in the model's dtype
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         if advance is not None:

@@ -133,3 +133,14 @@ def test_export_then_plan_the_program_gives_the_hf_plans_masks(dense, tmp_path):
     pruned = load_program(tmp_path / "pruned.pt2").state_dict
     for name, mask in tamp_plan.masks.items():
         assert bool((pruned[name][~mask] == 0).all()), name
+
+
+def test_layer_by_layer_plans_equal_whole_model_plans_on_the_real_model(dense):
+    import tamp_fx
+    config = tamp_fx.PlanConfig(method="tamp", sparsity=0.5, nsamples=4, seqlen=64)
+    lazy = tamp_fx.plan(dense, CALIB_TEXT, config, device="cpu", layer_by_layer=True)
+    whole = tamp_fx.plan(dense, CALIB_TEXT, config, device="cpu", layer_by_layer=False)
+    assert lazy.masks.keys() == whole.masks.keys() and len(lazy.masks) == 30 * 7
+    for name, mask in lazy.masks.items():
+        assert torch.equal(mask, whole.masks[name]), name
+    assert lazy.model == whole.model

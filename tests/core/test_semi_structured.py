@@ -34,7 +34,12 @@ from tamp_fx.testing.models import checkpoint_tensors
 
 runner = CliRunner()
 NO_SPARSE_GPU = semi_structured.cuda_problem()
-needs_sparse_gpu = pytest.mark.skipif(NO_SPARSE_GPU is not None, reason=f"2:4 kernels need CUDA sm80+: {NO_SPARSE_GPU}")
+_skip_without_sparse_gpu = pytest.mark.skipif(NO_SPARSE_GPU is not None, reason=f"2:4 kernels need CUDA sm80+: {NO_SPARSE_GPU}")
+
+
+def needs_sparse_gpu(test):
+    """Skipped without a CUDA GPU that runs the 2:4 kernels; marked ``cuda`` (bench/gpu_check.sh runs ``-m cuda``)."""
+    return pytest.mark.cuda(_skip_without_sparse_gpu(test))
 
 
 def invoke(*args):

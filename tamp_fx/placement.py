@@ -1,0 +1,57 @@
+"""Where and in what precision a plan is computed: run options, never part of a plan's identity.
+
+``device``: ``cpu``, ``cuda`` or ``cuda:N`` (None: ``cuda`` when CUDA is available, else ``cpu``).
+``dtype`` of the forward passes: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or
+``float16`` (None: ``float32`` on the CPU, ``auto`` on CUDA). Statistics stay float32 / float64
+whatever the compute dtype (observers, Hessians and Gram matrices upcast their inputs).
+
+>>> resolve_device("cpu"), resolve_dtype("bfloat16", torch.device("cpu"), torch.float32)
+(device(type='cpu'), torch.bfloat16)
+>>> resolve_dtype(None, torch.device("cpu"), torch.bfloat16)
+torch.float32
+"""
+from __future__ import annotations
+
+import torch
+
+from tamp_fx.errors import TampError
+
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for ``device``, or a one-line error when it is not usable here."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise TampError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from error
+    if d.type == "cpu":
+        return torch.device("cpu")
+    if d.type != "cuda":
+        raise TampError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise TampError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                        f"{torch.cuda.device_count()} GPU(s)): use --device cpu")
+    index = torch.cuda.current_device() if d.index is None else d.index
+    if index >= torch.cuda.device_count():
+        raise TampError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
+
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise TampError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+
+
+def resolve_dtype(dtype: str | None, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype: ``dtype`` by name, ``auto`` = ``checkpoint_dtype``; None = float32 on the
+    CPU and the checkpoint's dtype on CUDA."""
+    check_dtype(dtype)
+    if dtype is None:
+        dtype = "float32" if device.type == "cpu" else "auto"
+    return DTYPES[dtype] or checkpoint_dtype
