@@ -1,10 +1,11 @@
 """The decoder layers of an exported program, for the layer-by-layer driver (DESIGN.md §3).
 
 ``torch.export.unflatten`` gives back the program's module hierarchy as InterpreterModules.
-The decoder layers are found by structure, not by name: the longest run (at least two) of
+The decoder layers are found by structure, not by name: a run (at least two) of consecutive
 sibling submodules with the same parameter shapes that hold ``aten.linear`` nodes and are
-called one after the other, each taking the output of the one before (the largest such run
-by parameters when there are several). Each layer is then one flat ATen graph
+called one after the other, each taking the output of the one before (of several such runs,
+the one holding the most parameters). Layers of different shapes in one decoder (alternating
+dense and mixture-of-experts layers, say) do not form one run and are not found. Each layer is then one flat ATen graph
 (:func:`flat_layer`), called as ``layer(hidden, **other_inputs)`` like a Hugging Face layer,
 with parameter names relative to the layer; its full names (``names[i] + "." + name``) are
 the program's state-dict names. :class:`ProgramLayers` hands them to the driver.
