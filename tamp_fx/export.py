@@ -103,6 +103,9 @@ def export_decoder(model: str | Path, calib: str | Path, out: str | Path, calib_
     if out.expanduser().absolute() == calib_out.expanduser().absolute():
         raise TampError("--out and --calib-out are the same file: choose two paths")
     protect = (source.path, Path(calib))
+    for path in (out, calib_out):
+        if source.kind == "hf" and path.expanduser().absolute().resolve().is_relative_to(source.path):
+            raise TampError(f"output {path} would sit inside the model directory {source.path}: choose a path outside it")
     for path in (out, calib_out):                   # refuse before the work, not after
         if path.exists() and not overwrite:
             raise TampError(f"output {path} already exists: choose another path or pass --overwrite")

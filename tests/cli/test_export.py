@@ -117,10 +117,13 @@ def test_export_errors_write_nothing_and_keep_inputs(tiny_models, tmp_path):
     cases = [
         (["--out", tmp_path / "m.onnx", "--calib-out", tmp_path / "i.safetensors"], "pass e.g. --out model.pt2"),
         (["--out", tmp_path / "m.pt2", "--calib-out", tmp_path / "i.json"], "--calib-out inputs.safetensors"),
+        (["--out", model_dir / "m.pt2", "--calib-out", tmp_path / "i.safetensors"], "inside the model directory"),
     ]
+    before = sorted(p.name for p in model_dir.iterdir())
     for extra, expected in cases:
         r = invoke("export", model_dir, "--calib", calib, *extra, "--quiet")
         assert r.exit_code == 1 and expected in r.output, r.output
+    assert sorted(p.name for p in model_dir.iterdir()) == before
     (tmp_path / "taken.pt2").write_text("keep me")
     r = invoke("export", model_dir, "--calib", calib, "--out", tmp_path / "taken.pt2", "--calib-out", tmp_path / "i.safetensors", "--quiet")
     assert r.exit_code == 1 and "already exists" in r.output, r.output
