@@ -29,8 +29,7 @@ def by_layer(plan: Plan) -> dict[tuple[int, str], str]:
     """(layer, name inside the layer) -> plan key: HF and program plans name their layers differently."""
     out = {}
     for key, lp in plan.linears.items():
-        inside = lp.module_name[len(lp.module_name.split(f".{lp.layer}.", 1)[0]) + len(f".{lp.layer}."):]
-        out[(lp.layer, inside)] = key
+        out[(lp.layer, lp.module_name.split(f".{lp.layer}.", 1)[1])] = key   # model.layers.3.mlp.up_proj.weight -> mlp.up_proj.weight
     return out
 
 
