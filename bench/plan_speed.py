@@ -1,11 +1,14 @@
 """Wall time and peak memory of planning SmolLM2-135M with several methods on the same data.
 
-Each method runs in a fresh process (so peak RSS is its own): the model is loaded from a
+Each (method, dtype) runs in a fresh process (so peak RSS is its own): the model is loaded from a
 Hugging Face directory (run `tamp-fx convert` first, or let this script do it), calibration
-windows are drawn from the given text file, and `tamp_fx.plan` is timed alone (model
-loading excluded, reported separately).
+windows are drawn from the first half of the given text file, and `tamp_fx.plan` is timed alone
+(model loading included, as layer-by-layer loading reads each layer when it is planned). With
+`--perplexity` each plan is applied and the pruned model's perplexity is measured in float32 over
+the second half (held out), so the cost of a faster dtype shows beside its time.
 
     python bench/plan_speed.py --data ../shared/data/wikitext2-valid.txt --nsamples 32 --seqlen 512
+    python bench/plan_speed.py --methods wanda tamp --dtypes float32 bfloat16 --nsamples 128 --perplexity
 """
 from __future__ import annotations
 
@@ -18,15 +21,27 @@ import time
 from pathlib import Path
 
 
-def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int) -> dict:
+def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, dtype: str, device: str | None,
+        held_out: Path | None) -> dict:
+    import tempfile
+
     import torch
 
     import tamp_fx
+    from tamp_fx.evaluate import evaluate
     start = time.perf_counter()
-    plan = tamp_fx.plan(model, calib, tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=nsamples, seqlen=seqlen))
+    plan = tamp_fx.plan(model, calib, tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=nsamples, seqlen=seqlen),
+                        dtype=dtype, device=device)
     seconds = time.perf_counter() - start
-    return {"method": method, "seconds": round(seconds, 1), "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "threads": torch.get_num_threads(), "sparsity": plan.summary()["sparsity"]}
+    row = {"method": method, "dtype": dtype, "seconds": round(seconds, 1),
+           "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+           "threads": torch.get_num_threads(), "sparsity": plan.summary()["sparsity"]}
+    if held_out is not None:
+        with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
+            pruned = tamp_fx.apply(model, plan, Path(tmp) / "pruned")
+            ppl = evaluate(pruned, text=held_out, vqa=False, seqlen=seqlen, device=device, dtype="float32").perplexity
+        row.update(perplexity=round(ppl.perplexity, 3), windows=ppl.windows)
+    return row
 
 
 def main() -> None:
@@ -36,33 +51,46 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["wanda", "das", "amia", "tamp"])
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], help="compute dtypes of the forward passes")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--perplexity", action="store_true", help="also the held-out perplexity of each result")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    calib = args.model.parent / "calib-first-half.txt"
+    calib, held_out = args.model.parent / "calib-first-half.txt", args.model.parent / "eval-second-half.txt"
     if args.one:
-        print(json.dumps(one(args.one, args.model, calib, args.nsamples, args.seqlen)))
+        print(json.dumps(one(args.one, args.model, calib, args.nsamples, args.seqlen, args.dtype, args.device,
+                             held_out if args.perplexity else None)))
         return
     if not (args.model / "config.json").is_file():
         from tamp_fx import convert
         from tamp_fx.demo import smollm2_gguf
         convert(smollm2_gguf(), args.model)
-    if not calib.is_file():
+    if not calib.is_file() or not held_out.is_file():
         text = args.data.read_text(encoding="utf-8")
-        calib.write_text(text[:text.find("\n", len(text) // 2) + 1], encoding="utf-8")
+        middle = text.find("\n", len(text) // 2) + 1
+        calib.write_text(text[:middle], encoding="utf-8")
+        held_out.write_text(text[middle:], encoding="utf-8")
     rows = []
-    for method in args.methods:
-        out = subprocess.run([sys.executable, __file__, "--one", method, "--model", str(args.model), "--nsamples",
-                              str(args.nsamples), "--seqlen", str(args.seqlen)], check=True, capture_output=True, text=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
-    base = next((r["seconds"] for r in rows if r["method"] == "wanda"), None)
+    for dtype in args.dtypes:
+        for method in args.methods:
+            command = [sys.executable, __file__, "--one", method, "--dtype", dtype, "--model", str(args.model),
+                       "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+            command += (["--device", args.device] if args.device else []) + (["--perplexity"] if args.perplexity else [])
+            out = subprocess.run(command, check=True, capture_output=True, text=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
     print(f"\nSmolLM2-135M, {args.nsamples} calibration windows of {args.seqlen} tokens (first half of {args.data.name}), "
-          f"sparsity 0.5, CPU threads {rows[0]['threads']}; time of tamp_fx.plan without model loading\n")
-    print("| method | plan wall time | vs wanda | peak RSS |")
-    print("|---|---|---|---|")
+          f"sparsity 0.5, CPU threads {rows[0]['threads']}; time of tamp_fx.plan (layer-by-layer loading included)"
+          + (f"; perplexity in float32 over {rows[0]['windows']} held-out windows of the second half" if args.perplexity else "")
+          + "\n")
+    print("| method | dtype | plan wall time | vs wanda (same dtype) | peak RSS | perplexity |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
+        base = next((b["seconds"] for b in rows if b["method"] == "wanda" and b["dtype"] == r["dtype"]), None)
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
-        print(f"| {r['method']} | {r['seconds']:.0f} s | {ratio} | {r['peak_rss_gib']:.2f} GiB |")
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+        print(f"| {r['method']} | {r['dtype']} | {r['seconds']:.0f} s | {ratio} | {r['peak_rss_gib']:.2f} GiB | {ppl} |")
 
 
 if __name__ == "__main__":

@@ -176,10 +176,9 @@ def _open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str |
     net = probe if compute == torch.float32 else meta_model(source, compute)
     layout = decoder_layout(net)
     output = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
-    skip = {id(t) for t in output.parameters()} if output is not None else set()
-    in_layers = layout.prefix + "."
-    capture = [n for n, t in net.state_dict(keep_vars=True).items()
-               if not n.startswith(in_layers) and id(t) not in skip and n in index.entries]
+    head = next((name + "." for name, m in net.named_modules() if m is output), None)  # the LM head: not run
+    capture = [n for n in net.state_dict() if not n.startswith(layout.prefix + ".")
+               and not (head and n.startswith(head)) and n in index.entries]
     materialise(net, index.read(capture, compute), compute, device, exclude=layout.prefix)
     return net, layout, CheckpointLayers(net, layout, index, device, compute)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
-from tamp_fx.masks import pack_mask, unpack_mask
+from tamp_fx.masks import PackedMask, PackedMasks
 from tamp_fx.model_io import atomic_directory
 
 SCHEMA_VERSION = 1
@@ -44,7 +45,8 @@ class LinearPlan:
 class Plan:
     """A saved pruning decision: config, model identity, per-linear decisions and masks.
 
-    ``masks`` maps checkpoint weight name -> bool keep-mask (C_out, C_in); ``weights`` holds the
+    ``masks`` maps checkpoint weight name -> bool keep-mask (C_out, C_in), held bit-packed
+    (:class:`~tamp_fx.masks.PackedMasks`; a plain dict given here is packed); ``weights`` holds the
     reconstructed values of methods that update kept weights (SparseGPT), already masked.
     """
 
@@ -52,9 +54,13 @@ class Plan:
     model: dict[str, Any]                     # fingerprint, model_type, architecture, source
     linears: dict[str, LinearPlan]
     layers: list[dict[str, Any]] = field(default_factory=list)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    masks: PackedMasks = field(default_factory=PackedMasks, compare=False, repr=False)
     weights: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.masks, PackedMasks):
+            object.__setattr__(self, "masks", PackedMasks(self.masks))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,8 +84,8 @@ class Plan:
         out = Path(out)
         with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp:
             (tmp / PLAN_FILE).write_text(json.dumps(self.to_json(), indent=1) + "\n")
-            packed = {name: pack_mask(mask.cpu()) for name, mask in self.masks.items()}
-            shapes = {name: ",".join(map(str, mask.shape)) for name, mask in self.masks.items()}
+            packed = {name: self.masks.packed(name).packed for name in self.masks}
+            shapes = {name: ",".join(map(str, self.masks.packed(name).shape)) for name in self.masks}
             save_file(packed, tmp / MASKS_FILE, metadata=shapes)
             if self.weights:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.weights.items()}, tmp / WEIGHTS_FILE)
@@ -98,12 +104,16 @@ class Plan:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise TampError(f"{plan_file} has schema_version {data.get('schema_version')!r}, this tamp-fx reads {SCHEMA_VERSION}")
         linears = {name: LinearPlan.from_dict(lp) for name, lp in data["linears"].items()}
-        masks = {}
+        masks = PackedMasks()
         with safe_open(masks_file, "pt") as f:
             for name, lp in linears.items():
                 if name not in f.keys():
                     raise TampError(f"{masks_file} has no mask for {name}: the plan directory is incomplete")
-                masks[name] = unpack_mask(f.get_tensor(name), lp.shape)
+                packed = f.get_tensor(name)
+                if packed.dtype != torch.uint8 or packed.shape != ((math.prod(lp.shape) + 7) // 8,):
+                    raise TampError(f"{masks_file} holds a mask for {name} that does not fit its shape {lp.shape}: "
+                                    "the plan directory is corrupt; re-run `tamp-fx plan`")
+                masks[name] = PackedMask(packed, tuple(lp.shape))
         weights = {}
         if (directory / WEIGHTS_FILE).is_file():
             with safe_open(directory / WEIGHTS_FILE, "pt") as f:

@@ -22,6 +22,7 @@ from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
 from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
 from tamp_fx.layers import DecoderLayers
+from tamp_fx.masks import PackedMask
 from tamp_fx.modality import Modality
 from tamp_fx.observers import LinearObserver, ObserverContext
 from tamp_fx.passes.instrument import InstrumentConfig, instrument
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LayerResult:
     index: int
-    decisions: dict[str, LinearDecision]       # weight name relative to the layer -> decision
+    decisions: dict[str, LinearDecision]       # weight name relative to the layer -> decision, mask a PackedMask
     linears: dict[str, LinearInfo]
     stats: dict[str, Any]
 
@@ -108,9 +109,10 @@ def _graph(exporter: LayerExporter, layers: DecoderLayers, layer: torch.nn.Modul
 
 
 def _on_host(decision: LinearDecision) -> LinearDecision:
-    """The decision with its mask and new weights in host memory (the layer's device is released)."""
+    """The decision kept after its layer is released: mask bit-packed in host memory
+    (:class:`~tamp_fx.masks.PackedMask`, 1 bit per weight), new weights in host memory."""
     new_weight = None if decision.new_weight is None else decision.new_weight.cpu()
-    return dataclasses.replace(decision, mask=decision.mask.cpu(), new_weight=new_weight)
+    return dataclasses.replace(decision, mask=PackedMask.of(decision.mask), new_weight=new_weight)
 
 
 def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars,

@@ -239,7 +239,7 @@ class LayerExporter:
         gm = export_layer(layer, args, kwargs)
         self.exports += 1
         tensors = _tensors(layer)
-        stand_ins = {name: t.to("meta") for name, t in tensors.items()}
+        stand_ins = {name: t.detach().to("meta") for name, t in tensors.items()}  # detached: no autograd edge to t
         self._templates[key] = (_rebind(gm, tensors, stand_ins), stand_ins)
         self._verified.add((id(layer), key))
         return gm

@@ -15,12 +15,14 @@ any cast to the compute dtype), keyed by in-memory name, for the plan's model fi
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 
 from tamp_fx.adapters import DecoderLayout
+from tamp_fx.errors import TampError
 from tamp_fx.model_io import CheckpointIndex, FingerprintSample, fingerprint_sample, materialise, release
 
 
@@ -81,9 +83,12 @@ class CheckpointLayers(_LayoutLayers):
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model, self.layout, self.index, self.device, self.dtype = model, layout, index, device, dtype
         self.fingerprints: dict[str, FingerprintSample] = {}
-        names = list(model.state_dict())
-        self._names = [[n for n in names if n.startswith(layout.layer_prefix(i) + ".") and n in index.entries]
-                       for i in range(len(self))]
+        names = [n for n in model.state_dict() if n.startswith(layout.prefix + ".")]
+        missing = [n for n in names if n not in index.entries]
+        if missing:
+            raise TampError(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing): "
+                            "is the model directory complete?")
+        self._names = [[n for n in names if n.startswith(layout.layer_prefix(i) + ".")] for i in range(len(self))]
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[torch.nn.Module]:
@@ -95,3 +100,4 @@ class CheckpointLayers(_LayoutLayers):
             yield layer
         finally:
             release(layer)
+            gc.collect()        # graphs of the layer (fx modules hold reference cycles) free its tensors now

@@ -11,6 +11,8 @@ they are pruned last. All functions are vectorised: no Python loop over rows or 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 
 import torch
 
@@ -162,6 +164,59 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     shifts = _BIT_SHIFTS.to(packed.device)  # (8,)
     bits = (packed.reshape(-1, 1) >> shifts) & 1  # (n_bytes, 8)
     return bits.reshape(-1)[:numel].to(torch.bool).reshape(shape)  # shape
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A bool keep-mask held bit-packed (1 bit per weight, as ``masks.safetensors`` stores it).
+
+    >>> m = PackedMask.of(torch.tensor([[True, False, True]]))
+    >>> m.shape, m.unpack().tolist()
+    ((1, 3), [[True, False, True]])
+    """
+
+    packed: torch.Tensor                 # (ceil(numel / 8),) uint8, on the host
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> PackedMask:
+        return cls(pack_mask(mask.cpu()), tuple(mask.shape))
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_mask(self.packed, self.shape)
+
+
+class PackedMasks(MutableMapping):
+    """Keep-masks by name, held bit-packed: a plan of an 8B model holds 0.9 GB of masks, not the
+    7 GB of bool tensors. Setting takes a bool tensor or a :class:`PackedMask`; getting unpacks.
+
+    >>> masks = PackedMasks({"w": torch.tensor([True, False])})
+    >>> masks["w"].tolist(), masks.packed("w").shape
+    ([True, False], (2,))
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor | PackedMask] | None = None) -> None:
+        self._packed: dict[str, PackedMask] = {}
+        for name, mask in (masks or {}).items():
+            self[name] = mask
+
+    def __setitem__(self, name: str, mask: torch.Tensor | PackedMask) -> None:
+        self._packed[name] = mask if isinstance(mask, PackedMask) else PackedMask.of(mask)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._packed[name].unpack()
+
+    def __delitem__(self, name: str) -> None:
+        del self._packed[name]
+
+    def __iter__(self):
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def packed(self, name: str) -> PackedMask:
+        return self._packed[name]
 
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -351,8 +351,8 @@ def release(model: torch.nn.Module, names: list[str] | None = None) -> None:
         for store in (module._parameters, module._buffers):
             for attr, t in store.items():
                 if t is not None and not t.is_meta and (wanted is None or prefix + attr in wanted):
-                    store[attr] = (torch.nn.Parameter(t.to("meta"), requires_grad=t.requires_grad)
-                                   if isinstance(t, torch.nn.Parameter) else t.to("meta"))
+                    store[attr] = (torch.nn.Parameter(t.detach().to("meta"), requires_grad=t.requires_grad)
+                                   if isinstance(t, torch.nn.Parameter) else t.detach().to("meta"))
 
 
 # --- fingerprint ------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 activation offload are run options (tamp_fx.placement, tamp_fx.layers)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import weakref
 
 import pytest
 import torch
@@ -77,17 +79,22 @@ def test_the_capture_parts_read_from_the_checkpoint_equal_from_pretrained(family
 
 
 def test_only_one_decoder_layer_is_in_memory_at_a_time(tiny_models, monkeypatch):
-    opened = []
+    opened, previous = [], []
     original = CheckpointLayers.open
 
+    @contextlib.contextmanager
     def open_(self, index):
         real = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()] if not t.is_meta]
-        opened.append((index, real))
-        return original(self, index)
+        alive = sum(r() is not None for r in previous)                       # the last layer's tensors, freed?
+        opened.append((index, real, alive))
+        with original(self, index) as layer:
+            previous[:] = [weakref.ref(t) for t in layer.parameters()]
+            yield layer
     monkeypatch.setattr(CheckpointLayers, "open", open_)
     _plan(tiny_models("llava"), device="cpu")
-    assert [i for i, _ in opened] == [0, 1, 0, 1]                            # DAS profile, then prune
-    assert all(real == [] for _, real in opened)                             # capture parts released, layers closed
+    assert [i for i, _, _ in opened] == [0, 1, 0, 1]                         # DAS profile, then prune
+    assert all(real == [] for _, real, _ in opened)                          # capture parts released, layers closed
+    assert all(alive == 0 for _, _, alive in opened)                         # nothing (graphs, templates) keeps them
 
 
 def test_the_plan_does_not_record_where_it_was_computed(tiny_models, tmp_path):
@@ -170,3 +177,29 @@ def test_chunked_checkpoint_reads_equal_the_stored_tensors_and_their_fingerprint
         expected = tensor.to(target) if tensor.is_floating_point() else tensor
         assert read[name].dtype == expected.dtype and torch.equal(read[name], expected), name
     assert samples == {"w": model_io.fingerprint_sample(tensors["w"])}         # of the stored values
+
+
+def test_a_checkpoint_missing_a_decoder_tensor_is_one_line(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    model = shutil.copytree(tiny_models("llama"), tmp_path / "m")
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    fails_cleanly(plan_args(model, model / "calib.jsonl", tmp_path / "p", "--device", "cpu"),
+                  "no tensor for model.layers.1.mlp.up_proj.weight", tmp_path / "p")
+
+
+def test_tied_embeddings_are_read_for_the_capture(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    model = shutil.copytree(tiny_models("llama"), tmp_path / "tied")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors = load_file(model / "model.safetensors")
+    del tensors["lm_head.weight"]                                            # as save_pretrained writes a tied model
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    assert_same_masks(_plan(model, "wanda", device="cpu", layer_by_layer=True),
+                      _plan(model, "wanda", device="cpu", layer_by_layer=False))
