@@ -210,15 +210,19 @@ class _Stop(Exception):
 
 
 class _Recorder(torch.nn.Module):
-    def __init__(self, layer: torch.nn.Module, calls: list, last: bool) -> None:
+    """Stands in for a layer: records its inputs; passes the hidden states through when they are
+    the layer's only output (the other inputs of later layers do not depend on them), else runs it."""
+
+    def __init__(self, layer: torch.nn.Module, calls: list, layout: ProgramLayout, last: bool) -> None:
         super().__init__()
         self.layer, self.calls, self.last = layer, calls, last
+        self.hidden_index, self.pass_through = layout.hidden_index, layout.output_index is None
 
     def forward(self, *args: Any) -> Any:
         self.calls.append(args)
         if self.last:
             raise _Stop
-        return self.layer(*args)
+        return args[self.hidden_index] if self.pass_through else self.layer(*args)
 
 
 @torch.no_grad()
@@ -236,7 +240,7 @@ def capture_program_inputs(layout: ProgramLayout, samples: Sequence, progress=No
 
     try:
         for i, name in enumerate(layout.names):
-            put(name, _Recorder(originals[i], calls, last=i + 1 == len(layout.names)))
+            put(name, _Recorder(originals[i], calls, layout, last=i + 1 == len(layout.names)))
         for j, sample in enumerate(samples):
             calls.clear()
             try:
