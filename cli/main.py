@@ -38,6 +38,9 @@ VqaSplit = Enum("VqaSplit", {k: k for k in ("llava", "next")}, type=str)  # the 
 
 
 Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
+NSamples = Annotated[int, typer.Option(help="Number of calibration samples.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")]
+Seed = Annotated[int, typer.Option(help="Seed for drawing calibration samples.")]
 Device = Annotated[Optional[str], typer.Option(
     help="Where to compute: cpu, cuda or cuda:N (default: cuda when available, else cpu). Not part of the plan: "
          "a plan is the same wherever it is computed.", show_default=False)]
@@ -117,7 +120,8 @@ def _process_group() -> Iterator:
 @app.command()
 def plan(
     model: Annotated[Path, typer.Argument(help="Hugging Face model directory, .gguf file, or .pt2 exported program.")],
-    calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations.")],
+    calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations; "
+                                             "for a .pt2 program its inputs (.safetensors, e.g. from `tamp-fx export`).")],
     out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
     method: Annotated[Method, typer.Option(help="Pruning method: a shortcut for allocation + score + tokens "
                                                 "(tamp = das + wanda + amia).")] = Method.wanda,
@@ -133,9 +137,9 @@ def plan(
     score: Annotated[Optional[Score], typer.Option(help="Override the method's weight score.")] = None,
     tokens: Annotated[Optional[Tokens], typer.Option(help="Override the method's token selection.")] = None,
     max_sparsity_delta: Annotated[float, typer.Option(help="DAS / ECoFLaP: no group sparser than sparsity + this.")] = 0.1,
-    nsamples: Annotated[int, typer.Option(help="Number of calibration samples.")] = 128,
-    seqlen: Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")] = 512,
-    seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 512,
+    seed: Seed = 0,
     device: Device = None,
     dtype: Dtype = None,
     offload_activations: Annotated[bool, typer.Option(
@@ -223,6 +227,33 @@ def apply(
             console.print(f"note: {out} is written, but its 2:4 kernels run only on a CUDA GPU (sm80+) via "
                           f"tamp_fx.semi_structured.load ({problem}); from_pretrained loads it dense",
                           highlight=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
+    calib: Annotated[Path, typer.Option(help="Calibration data, as for `tamp-fx plan`.")],
+    out: Annotated[Path, typer.Option(help="The .pt2 file to write the language decoder to.")],
+    calib_out: Annotated[Path, typer.Option(help="The .safetensors file to write its calibration inputs to.")],
+    nsamples: NSamples = 128,
+    seqlen: SeqLen = 512,
+    seed: Seed = 0,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write the language decoder of MODEL as an exported program (inputs_embeds -> logits) and the
+    inputs the full model gives it on --calib (image / audio tokens embedded, modality labels kept),
+    for `tamp-fx plan model.pt2 --calib inputs.safetensors`."""
+    _setup(verbose)
+
+    with _user_errors():
+        from tamp_fx.export import export_decoder
+        start = time.perf_counter()
+        result = export_decoder(model, calib, out, calib_out, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                overwrite=overwrite, progress=not quiet)
+        console.print(f"exported the language decoder to {result.program} and {result.samples} calibration inputs "
+                      f"to {result.calibration} in {time.perf_counter() - start:.1f} s", highlight=False)
 
 
 def _shorten(names: list[str]) -> list[str]:

@@ -1,4 +1,5 @@
-"""Instrument pass: an observer after every linear node and at every attention node."""
+"""Instrument pass: an observer after every linear node and at every attention node (SDPA: its q,
+k, mask and scale; an eager ``softmax(q k^T)``: the probabilities it computes)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 import torch.fx
 
 from tamp_fx.passes.base import OBSERVER_PREFIX, PassResult
-from tamp_fx.graph import is_attention, is_linear, weight_name
+from tamp_fx.graph import is_attention, is_eager_attention, is_linear, weight_name
 from tamp_fx.observers import AttentionObserver, LinearObserver, ObserverContext
 
 
@@ -37,8 +38,11 @@ def instrument(gm: torch.fx.GraphModule, config: InstrumentConfig) -> PassResult
             observer = AttentionObserver(config.context)
             name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"
             attention_observers.append(observer)
-            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-            args = (node.args[0], node.args[1], mask, _sdpa_scale(node))
+            if is_eager_attention(node):                     # the probabilities themselves
+                args = (None, None, None, None, node)
+            else:
+                mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+                args = (node.args[0], node.args[1], mask, _sdpa_scale(node))
         else:
             continue
         gm.add_submodule(name, observer)

@@ -1,6 +1,7 @@
 """The public verbs: ``plan`` (calibrate and decide) and ``apply`` (write a pruned model)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -15,11 +16,11 @@ from safetensors.torch import save_file
 from tamp_fx.adapters import decoder_layout, modality_token_ids
 from tamp_fx.artifact import LinearPlan, Plan
 from tamp_fx.calibration import calibration_inputs, load_calibration
-from tamp_fx.capture import capture_layer_inputs
+from tamp_fx.capture import Activations, capture_layer_inputs
 from tamp_fx.config import PlanConfig
 from tamp_fx.allocators import ALLOCATORS, Allocation
-from tamp_fx.driver import layer_structure, profile_layers, prune_layers
-from tamp_fx.ecoflap import zeroth_order_block_importance
+from tamp_fx.driver import LayerResult, layer_structure, profile_layers, prune_layers
+from tamp_fx.ecoflap import lm_loss, zeroth_order_block_importance
 from tamp_fx import distributed, semi_structured
 from tamp_fx.graph import LayerExporter
 from tamp_fx.errors import TampError
@@ -30,7 +31,8 @@ from tamp_fx.model_io import (ModelSource, atomic_directory, check_output, check
                               meta_model, release, resolve_source, temp_prefix)
 from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.progress import Bars
-from tamp_fx.exported import apply_program, load_program, plan_program, program_weights
+from tamp_fx.exported import apply_program, load_program, load_program_calibration, program_loss, program_weights
+from tamp_fx.program import ProgramLayerExporter, ProgramLayers, capture_program_inputs, program_layout
 from tamp_fx.quantize import QUANTIZERS, _require_torchao
 from tamp_fx.quantized_hf import save_int8_weight
 
@@ -42,6 +44,10 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
          layer_by_layer: bool | None = None) -> Plan:
     """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
 
+    A Hugging Face / GGUF model and an exported program (``.pt2``) go through the same
+    layer-by-layer driver: capture the inputs of the first decoder layer, then profile,
+    allocate and prune layer by layer (:mod:`tamp_fx.driver`, over :class:`tamp_fx.layers.DecoderLayers`).
+
     Where it runs is no part of the plan (:mod:`tamp_fx.placement`): ``device`` (``"cpu"``,
     ``"cuda"``, ``"cuda:N"``; None: CUDA when available), ``dtype`` of the forward passes
     (``"auto"`` = the checkpoint's, ``"float32"``, ``"bfloat16"``, ``"float16"``; None: float32
@@ -50,6 +56,7 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     Hugging Face directory) builds the model on the meta device, materialises only what computes
     the decoder's inputs, and reads each decoder layer from the checkpoint when it is planned; a
     GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
+    An exported program is planned on the CPU, as stored.
 
     Nothing is written: save the result with ``Plan.save``.
 
@@ -59,15 +66,17 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
     world = distributed.init_from_env()              # under torchrun: cuda:LOCAL_RANK is the current device
     with distributed.guarded():
         source = resolve_source(model)
+        if source.kind == "pt2" and world.distributed:
+            raise TampError("an exported program (.pt2) is planned in one process: run `tamp-fx plan` without torchrun")
+        if source.kind == "pt2":
+            if device is not None and torch.device(device).type != "cpu" or dtype not in (None, "auto"):
+                raise TampError("an exported program (.pt2) is planned on the CPU in its own dtype: drop --device and --dtype")
+            return _plan_program(source, calib, config, progress)
         target = resolve_device(device)
         if world.distributed and target.type == "cuda" and target != world.device:
             raise TampError(f"under torchrun rank {world.rank} computes on {world.device}, not {target}: "
                             "pass --device cuda (each rank takes cuda:LOCAL_RANK)")
         check_dtype(dtype)
-        if source.kind == "pt2" and world.distributed:
-            raise TampError("an exported program (.pt2) is planned in one process: run `tamp-fx plan` without torchrun")
-        if source.kind == "pt2":
-            return plan_program(source, calib, config, progress=progress)
         whole_only = source.kind == "gguf" or ALLOCATORS[config.allocation][1]
         if layer_by_layer and whole_only:
             raise TampError(f"layer-by-layer loading needs a Hugging Face directory and an allocation other than ecoflap "
@@ -89,26 +98,13 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
                                         offload=offload_activations)
         if layer_by_layer:
             release(net)                              # the capture parts are done with: keep one layer at a time
-        exporter = LayerExporter()
-        allocation = _allocate(net, layers, acts, samples, token_ids, config, bars, exporter)
-        targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
-                   else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
-        results = prune_layers(layers, acts, config, targets, bars, exporter)
-    full = {f"{layers.prefix(r.index)}.{w}": (r, w) for r in results for w in r.decisions}
+        zeroth_order = None
+        if ALLOCATORS[config.allocation][1]:
+            zeroth_order = functools.partial(zeroth_order_block_importance, dict(net.named_parameters()), samples,
+                                             lm_loss(net, token_ids))
+        results, allocation = _plan_layers(layers, acts, config, bars, LayerExporter(), zeroth_order)
     index = checkpoint_index(source, net)
-    linears, masks, weights = {}, {}, {}
-    for mem_name, (result, w) in full.items():
-        d, info = result.decisions[w], result.linears[w]
-        ckpt = index.key(mem_name)
-        extra = allocation.stats.get((result.index, w), {}) if allocation else {}
-        linears[ckpt] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
-                                   d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
-                                                         "feeds_attention": info.feeds_attention}, d.pattern)
-        masks[ckpt] = d.mask
-        if d.new_weight is not None:
-            weights[ckpt] = d.new_weight
     model_info = {
-        "fingerprint": fingerprint_of({index.key(n): layers.fingerprints[n] for n in full}),
         "model_type": net.config.model_type,
         "architecture": type(net).__name__,
         "source": source.path.name,
@@ -118,6 +114,62 @@ def plan(model: str | Path, calib: str | Path, config: PlanConfig = PlanConfig()
         "untouched": list(layout.untouched),
         "calibration": {"file": Path(calib).name, "samples": n_samples},
     }
+    return _assemble(config, model_info, layers, results, allocation, index.key)
+
+
+def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, progress: bool) -> Plan:
+    """Plan an exported program: its decoder layers found by structure (:mod:`tamp_fx.program`)."""
+    ep = load_program(source.path)
+    samples = load_program_calibration(calib, config.nsamples)
+    layout = program_layout(ep, str(source.path))
+    with Bars(progress) as bars:
+        with bars.task("capture decoder inputs", len(samples)) as advance:
+            acts = capture_program_inputs(layout, samples, advance)
+        zeroth_order = None
+        if ALLOCATORS[config.allocation][1]:
+            gm = ep.module()
+            zeroth_order = functools.partial(zeroth_order_block_importance, dict(gm.named_parameters()), samples,
+                                             program_loss(gm, samples))
+        results, allocation = _plan_layers(ProgramLayers(layout), acts, config, bars, ProgramLayerExporter(), zeroth_order)
+    model_info = {
+        "model_type": "exported_program",
+        "architecture": "ExportedProgram",
+        "source": source.path.name,
+        "decoder": layout.prefix,
+        "num_layers": len(layout.layers),
+        "modality_token_ids": {},
+        "untouched": [],
+        "calibration": {"file": Path(calib).name, "samples": len(samples)},
+    }
+    return _assemble(config, model_info, ProgramLayers(layout), results, allocation, lambda name: name)
+
+
+def _plan_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+                 zeroth_order: Callable | None) -> tuple[list[LayerResult], Allocation | None]:
+    """The sequential driver over ``layers``: allocate on the dense model, then prune."""
+    allocation = _allocate(layers, acts, config, bars, exporter, zeroth_order)
+    targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
+               else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
+    return prune_layers(layers, acts, config, targets, bars, exporter), allocation
+
+
+def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, results: list[LayerResult],
+              allocation: Allocation | None, key: Callable[[str], str]) -> Plan:
+    """The plan of the driver's results; ``key`` maps an in-memory parameter name to its plan key."""
+    linears, masks, weights, fingerprints = {}, {}, {}, {}
+    for result in results:
+        for w, d in result.decisions.items():
+            mem_name = f"{layers.prefix(result.index)}.{w}"
+            info, name = result.linears[w], key(mem_name)
+            extra = allocation.stats.get((result.index, w), {}) if allocation else {}
+            linears[name] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
+                                       d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
+                                                             "feeds_attention": info.feeds_attention}, d.pattern)
+            masks[name] = d.mask
+            fingerprints[name] = layers.fingerprints[mem_name]
+            if d.new_weight is not None:
+                weights[name] = d.new_weight
+    model_info = {"fingerprint": fingerprint_of(fingerprints), **model_info}
     layers_stats = [{"layer": r.index, **r.stats} for r in results]
     return Plan(config, model_info, linears, layers_stats, masks, weights)
 
@@ -164,9 +216,10 @@ def apply_inputs(model: str | Path, plan_: Plan | str | Path, calib: str | Path 
     return tuple(Path(p) for p in (resolve_source(model).path, plan_dir, calib) if p is not None)
 
 
-def _allocate(net, layers: DecoderLayers, acts, samples, token_ids, config: PlanConfig, bars: Bars,
-              exporter: LayerExporter) -> Allocation | None:
-    """Run what the allocation needs over the dense model and return its targets (None: uniform)."""
+def _allocate(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+              zeroth_order: Callable | None) -> Allocation | None:
+    """Run what the allocation needs over the dense model and return its targets (None: uniform).
+    ``zeroth_order(blocks, epsilon=, seed=, bars=)``: ECoFLaP's block importance over the whole model."""
     needs_profile, needs_zeroth_order, strategy = ALLOCATORS[config.allocation]
     if strategy is None:
         return None
@@ -182,8 +235,7 @@ def _allocate(net, layers: DecoderLayers, acts, samples, token_ids, config: Plan
         for p in profiles:
             for w, info in p.linears.items():
                 blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layers.prefix(p.index)}.{w}")
-        extra["block_importance"] = zeroth_order_block_importance(
-            net, samples, token_ids, blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
+        extra["block_importance"] = zeroth_order(blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
     return strategy(profiles, config, extra)
 
 

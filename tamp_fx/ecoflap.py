@@ -12,7 +12,8 @@ order, so K processes (:mod:`tamp_fx.distributed`, each on its share) find the s
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -23,7 +24,7 @@ from tamp_fx.observers import SampleSums
 from tamp_fx.progress import Bars
 
 
-def _lm_labels(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
+def lm_targets(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
     """Next-token targets on text tokens only (modality placeholders and padding ignored)."""
     ids = sample["input_ids"]
     labels = ids.clone()
@@ -33,14 +34,29 @@ def _lm_labels(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
     return labels
 
 
+#: The loss of one calibration sample with some parameters replaced: (sample, {name: tensor}) -> loss.
+Loss = Callable[[Any, Mapping[str, torch.Tensor]], float]
+
+
+def lm_loss(model: torch.nn.Module, token_ids) -> Loss:
+    """A Hugging Face model's next-token loss on a sample's text tokens."""
+    device = next(model.parameters()).device
+
+    def loss(sample: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> float:
+        labels = lm_targets(sample, token_ids).to(device)
+        sample = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+        kwargs = {**sample, "labels": labels, "use_cache": False}
+        return float(functional_call(model, dict(params), args=(), kwargs=kwargs).loss)
+    return loss
+
+
 @torch.no_grad()
-def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str, torch.Tensor]], token_ids,
+def zeroth_order_block_importance(params: Mapping[str, torch.Tensor], samples: Sequence, loss: Loss,
                                   blocks: Mapping[str, list[str]], *, epsilon: float, seed: int,
                                   bars: Bars) -> dict[str, float]:
-    """blocks: block name -> full parameter names of its weights. Returns block -> importance.
-    Under torchrun ``samples`` is this rank's share (:func:`tamp_fx.distributed.sample_indices`)."""
-    params = dict(model.named_parameters())
-    device = next(iter(params.values())).device
+    """blocks: block name -> full parameter names of its weights (keys of ``params``).
+    Returns block -> importance. Under torchrun ``samples`` is this rank's share
+    (:func:`tamp_fx.distributed.sample_indices`)."""
     names = [n for members in blocks.values() for n in members]
     block_of = {n: b for b, members in blocks.items() for n in members}
     terms = SampleSums()                                  # per sample: c * (theta_b . z_b) per block
@@ -49,13 +65,7 @@ def zeroth_order_block_importance(model: torch.nn.Module, samples: list[dict[str
             generator = torch.Generator().manual_seed(distributed.sample_seed(seed, index))
             z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype).to(params[n].device)
                  for n in names}                             # drawn on the host: the same on any device
-            labels = _lm_labels(sample, token_ids).to(device)
-            sample = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
-            losses = []
-            for sign in (1.0, -1.0):
-                perturbed = {n: params[n] + sign * epsilon * z[n] for n in names}
-                out = functional_call(model, perturbed, args=(), kwargs={**sample, "labels": labels, "use_cache": False})
-                losses.append(float(out.loss))
+            losses = [loss(sample, {n: params[n] + sign * epsilon * z[n] for n in names}) for sign in (1.0, -1.0)]
             c = (losses[0] - losses[1]) / (2 * epsilon)
             dots = {b: 0.0 for b in blocks}
             for n in names:

@@ -4,12 +4,11 @@ A program is any module whose linears are ``aten.linear`` nodes with parameter w
 as a language decoder exported with ``torch.export.export``. Plan keys are the program's
 parameter names (``ep.state_dict``), e.g. ``layers.0.self_attn.q_proj.weight``.
 
-Planning is ONE-SHOT, not layer-sequential as for Hugging Face models: every linear of the
-whole program is instrumented at once, all calibration samples run through the dense
-program, and every mask is decided from those dense activations (Wanda's and SparseGPT's
-statistics of a later linear do not see the pruning of earlier ones). The allocation is
-uniform and every token counts (methods ``magnitude``, ``wanda``, ``sparsegpt``, and N:M
-patterns).
+Planning a program goes through the same layer-by-layer driver as a Hugging Face model: its
+decoder layers are found by structure (:mod:`tamp_fx.program`), the inputs of the first are
+captured on every calibration sample, and each layer is profiled, allocated and pruned on the
+pruned outputs of the one before. Every method works; ECoFLaP's loss is the next-token loss of
+the program's logits (:func:`program_loss`).
 
 Calibration inputs (``--calib inputs.safetensors``), one safetensors file:
 
@@ -17,7 +16,10 @@ Calibration inputs (``--calib inputs.safetensors``), one safetensors file:
   has the same number of inputs, j = 0, 1, ...); keyword inputs are not supported;
 * ``sample.{i}.labels`` (optional): int8 modality label of every token (0 text, 1 image,
   2 video, 3 audio), shaped like the token dimensions of the inputs, e.g. (N,) or (B, N),
-  flattened in token order; missing means all text.
+  flattened in token order; missing means all text;
+* ``sample.{i}.targets`` (optional): int64 next-token target of every token (-100: none), for
+  ECoFLaP's loss when the program's first input is not the token ids (``tamp-fx export``
+  writes them).
 
 :func:`save_program_calibration` writes one. Loading never runs code from the file: the
 archive is refused if it holds pickled non-tensor objects, and every tensor pickle in it is
@@ -43,23 +45,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.export import Dim, ExportedProgram
 
-from tamp_fx.artifact import LinearPlan, Plan
-from tamp_fx.config import PlanConfig
+from tamp_fx.artifact import Plan
 from tamp_fx.errors import TampError
-from tamp_fx.graph import analyse_linears, linear_nodes, weight_name
-from tamp_fx.model_io import ModelSource, atomic_file, fingerprint
-from tamp_fx.observers import LinearObserver, ObserverContext
+from tamp_fx.graph import linear_nodes
+from tamp_fx.model_io import atomic_file
 from tamp_fx.passes.base import DECISION_KEY
-from tamp_fx.passes.instrument import InstrumentConfig, instrument
-from tamp_fx.passes.plan import LinearDecision, PlanPassConfig
-from tamp_fx.passes.plan import plan as plan_pass
+from tamp_fx.passes.plan import LinearDecision
 from tamp_fx.passes.rewrite import rewrite
-from tamp_fx.progress import Bars
-from tamp_fx.scores import SCORES
 
 log = logging.getLogger(__name__)
 
-_SAMPLE_KEY = re.compile(r"sample\.(\d+)\.(?:arg\.(\d+)|labels)")
+_SAMPLE_KEY = re.compile(r"sample\.(\d+)\.(?:arg\.(\d+)|(labels|targets))")
 
 
 # --- calibration inputs -------------------------------------------------------------------
@@ -70,6 +66,7 @@ class ProgramSample:
 
     args: tuple[torch.Tensor, ...]
     labels: torch.Tensor | None = None       # int8, one per token; None: every token is text
+    targets: torch.Tensor | None = None      # int64 next-token targets, one per token (-100: none)
 
 
 def save_program_calibration(path: str | Path, samples: Sequence[ProgramSample]) -> Path:
@@ -87,6 +84,8 @@ def save_program_calibration(path: str | Path, samples: Sequence[ProgramSample])
             tensors[f"sample.{i}.arg.{j}"] = arg.detach().cpu().clone()  # clone: safetensors refuses shared memory
         if sample.labels is not None:
             tensors[f"sample.{i}.labels"] = sample.labels.detach().cpu().to(torch.int8).clone()
+        if sample.targets is not None:
+            tensors[f"sample.{i}.targets"] = sample.targets.detach().cpu().long().clone()
     save_file(tensors, Path(path), metadata={"format": "tamp-fx program calibration v1"})
     return Path(path)
 
@@ -99,6 +98,7 @@ def load_program_calibration(path: str | Path, nsamples: int | None = None) -> l
         raise TampError(f"calibration for an exported program must be an existing .safetensors file, got {path}: {hint}")
     args: dict[int, dict[int, torch.Tensor]] = {}
     labels: dict[int, torch.Tensor] = {}
+    targets: dict[int, torch.Tensor] = {}
     try:
         with safe_open(path, "pt") as f:
             for key in f.keys():
@@ -106,8 +106,10 @@ def load_program_calibration(path: str | Path, nsamples: int | None = None) -> l
                 if match is None:
                     raise TampError(f"calibration file {path} has an unexpected tensor {key!r}: {hint}")
                 i = int(match[1])
-                if match[2] is None:
+                if match[3] == "labels":
                     labels[i] = f.get_tensor(key).to(torch.int8)
+                elif match[3] == "targets":
+                    targets[i] = f.get_tensor(key).long()
                 else:
                     args.setdefault(i, {})[int(match[2])] = f.get_tensor(key)
     except SafetensorError as error:
@@ -119,10 +121,11 @@ def load_program_calibration(path: str | Path, nsamples: int | None = None) -> l
         if i not in args or sorted(args[i]) != list(range(n_args)):
             raise TampError(f"calibration file {path}: sample {i} is missing or does not have arguments "
                             f"0..{n_args - 1} like the others: {hint}")
-    if set(labels) - set(args):
-        raise TampError(f"calibration file {path} has labels for sample {min(set(labels) - set(args))}, which has no arguments")
+    for kind, extra in (("labels", labels), ("targets", targets)):
+        if set(extra) - set(args):
+            raise TampError(f"calibration file {path} has {kind} for sample {min(set(extra) - set(args))}, which has no arguments")
     count = len(args) if nsamples is None else min(nsamples, len(args))
-    return [ProgramSample(tuple(args[i][j] for j in range(n_args)), labels.get(i)) for i in range(count)]
+    return [ProgramSample(tuple(args[i][j] for j in range(n_args)), labels.get(i), targets.get(i)) for i in range(count)]
 
 
 # --- safe loading -------------------------------------------------------------------------
@@ -196,88 +199,43 @@ def load_program(path: str | Path) -> ExportedProgram:
         export_log.setLevel(level)
 
 
-# --- plan ---------------------------------------------------------------------------------
+# --- ECoFLaP's loss ---------------------------------------------------------------------
 
-def _layer_of(name: str) -> int:
-    """The first integer component of a parameter name (its layer), or 0: ``layers.3.mlp.w`` -> 3."""
-    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return int(match[1]) if match else 0
-
-
-def _run(gm: torch.nn.Module, samples: Sequence[ProgramSample], context: ObserverContext,
-         observer: LinearObserver, bars: Bars) -> None:
-    """Run every sample through the instrumented program; ``observer`` (any linear's) counts
-    the tokens of each sample, which must match the number of its labels."""
-    with bars.task("calibrate (one shot)", len(samples)) as advance, torch.no_grad():
-        for i, sample in enumerate(samples):
-            context.labels = sample.labels
-            seen = observer.stats.n_tokens
-            try:
-                gm(*sample.args)
-            except TampError:
-                raise
-            except Exception as error:  # noqa: BLE001
-                raise TampError(f"the exported program failed on calibration sample {i} ({_short(error)}): "
-                                "do the sample's inputs (and labels, one per token) match what the program takes?") from error
-            tokens = observer.stats.n_tokens - seen
-            if sample.labels is not None and sample.labels.numel() != tokens:
-                raise TampError(f"calibration sample {i} has {sample.labels.numel()} labels but {tokens} tokens "
-                                "reach the program's linears: give one label per token")
-            advance()
+_LOSS_HINT = ("ecoflap on an exported program needs its next-token loss: a program returning logits (1, N, V) "
+              "whose first input is the token ids, or calibration targets sample.{i}.targets (tamp-fx export "
+              "writes them); use another method for this program")
 
 
-def plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, *, progress: bool = False) -> Plan:
-    """Plan the exported program at ``source`` one-shot (module docstring) on ``calib``."""
-    if config.allocation != "uniform" or config.tokens != "all":
-        raise TampError(f"method {config.method} ({config.allocation} allocation, {config.tokens} tokens) needs the "
-                        "layer-by-layer driver: an exported program is planned one-shot with uniform allocation and "
-                        "every token (methods magnitude, wanda, sparsegpt, or --score with --allocation uniform --tokens all)")
-    ep = load_program(source.path)
-    samples = load_program_calibration(calib, config.nsamples)
-    gm = ep.module()
-    params = dict(gm.named_parameters())
-    nodes = linear_nodes(gm)
-    if not nodes:
-        raise TampError(f"exported program {source.path} has no aten.linear node: nothing to prune")
-    for node in nodes:
-        if weight_name(node) not in params:
-            raise TampError(f"linear weight {weight_name(node)} of {source.path} is not a parameter of the program: "
-                            f"cannot prune {node.format_node()}")
-    info = analyse_linears(gm)
-    if config.nm is not None:
-        for w in info:
-            if params[w].shape[1] % config.nm[1]:
-                raise TampError(f"pattern {config.pattern} needs input widths that are multiples of {config.nm[1]}, "
-                                f"but {w} has {params[w].shape[1]} input columns")
-    score = SCORES[config.score]
-    context = ObserverContext()
-    observed = instrument(gm, InstrumentConfig(context, functools.partial(LinearObserver, hessian=score.needs_hessian))).info
-    with Bars(progress) as bars:
-        if score.needs_activations:
-            _run(gm, samples, context, next(iter(observed["linear"].values())), bars)
-        targets = {w: config.sparsity for w in info}
-        decisions = plan_pass(gm, PlanPassConfig(score=config.score, targets=targets, observers=observed["linear"],
-                                                 pattern=config.nm)).info["decisions"]
-    linears = {}
-    for w, d in decisions.items():
-        stats = {**d.stats, "shares_input_with": list(info[w].shares_input_with), "feeds_attention": info[w].feeds_attention}
-        linears[w] = LinearPlan(layer=_layer_of(w), module_name=w, shape=tuple(d.mask.shape), target_sparsity=d.target_sparsity,
-                                sparsity=round(d.sparsity, 8), group=d.group, block=info[w].block, stats=stats, pattern=d.pattern)
-    model_info = {
-        "fingerprint": fingerprint({w: params[w] for w in decisions}),
-        "model_type": "exported_program",
-        "architecture": "ExportedProgram",
-        "source": source.path.name,
-        "decoder": "",
-        "num_layers": len({lp.layer for lp in linears.values()}),
-        "one_shot": True,
-        "modality_token_ids": {},
-        "untouched": [],
-        "calibration": {"file": Path(calib).name, "samples": len(samples)},
-    }
-    return Plan(config=config, model=model_info, linears=linears, layers=[],
-                masks={w: d.mask for w, d in decisions.items()},
-                weights={w: d.new_weight for w, d in decisions.items() if d.new_weight is not None})
+def _targets(sample: ProgramSample) -> torch.Tensor | None:
+    """Next-token targets (N,) of a sample: its ``targets``, else its token ids on text tokens."""
+    if sample.targets is not None:
+        return sample.targets.reshape(-1).long()
+    ids = sample.args[0] if sample.args else None
+    if ids is None or ids.is_floating_point() or ids.dim() != 2 or ids.shape[0] != 1:
+        return None
+    targets = ids[0].long().clone()                                     # (N,)
+    if sample.labels is not None:
+        targets[sample.labels.reshape(-1) != 0] = -100                 # modality placeholders are no targets
+    return targets
+
+
+def program_loss(gm: torch.nn.Module, samples: Sequence[ProgramSample]):
+    """ECoFLaP's loss for a program (``ep.module()``): the next-token cross entropy of its output
+    taken as logits (1, N, V), on the targets of :func:`_targets` (as the Hugging Face loss:
+    logits in float32, position t predicts target t+1, -100 ignored). Refused in one line for
+    a program without targets or logits."""
+    if any(_targets(s) is None for s in samples):
+        raise TampError(_LOSS_HINT)
+
+    def loss(sample: ProgramSample, params) -> float:
+        out = torch.func.functional_call(gm, dict(params), args=tuple(sample.args))
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        targets = _targets(sample)
+        if not (isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.dim() == 3
+                and logits.shape[:2] == (1, targets.numel()) and int(targets.max()) < logits.shape[-1]):
+            raise TampError(_LOSS_HINT)
+        return float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), targets[1:], ignore_index=-100))
+    return loss
 
 
 # --- apply --------------------------------------------------------------------------------

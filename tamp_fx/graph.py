@@ -30,8 +30,59 @@ def is_linear(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in LINEAR_OPS
 
 
+SOFTMAX_OPS = frozenset({torch.ops.aten.softmax.int, torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default})
+MATMUL_OPS = frozenset({torch.ops.aten.matmul.default, torch.ops.aten.bmm.default})
+
+
 def is_attention(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in ATTENTION_OPS
+    """An attention node: ``aten.scaled_dot_product_attention``, or the softmax of an eager
+    ``softmax(q k^T)`` (:func:`is_eager_attention`)."""
+    return (node.op == "call_function" and node.target in ATTENTION_OPS) or is_eager_attention(node)
+
+
+def _is_matmul(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in MATMUL_OPS
+
+
+def _nearest(start: torch.fx.Node, step, found, stop) -> torch.fx.Node | None:
+    """The first node ``found`` accepts, searching from ``start`` along ``step`` (node -> nodes)
+    without passing a node ``stop`` accepts."""
+    frontier, seen = list(step(start)), set()
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if found(node):
+            return node
+        if not stop(node):
+            frontier.extend(step(node))
+    return None
+
+
+def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _from_linear(node: torch.fx.Node) -> bool:
+    return is_linear(node) or _nearest(node, _inputs, is_linear, lambda n: False) is not None
+
+
+def is_eager_attention(node: torch.fx.Node) -> bool:
+    """A softmax whose input derives (through no other matmul or softmax) from a matmul of two
+    tensors that both come from linears: the scores ``q k^T`` of eager attention."""
+    if not (node.op == "call_function" and node.target in SOFTMAX_OPS):
+        return False
+    scores = _nearest(node, _inputs, _is_matmul, lambda n: n.target in SOFTMAX_OPS or is_linear(n))
+    return scores is not None and all(_from_linear(a) for a in scores.args[:2] if isinstance(a, torch.fx.Node))
+
+
+def attention_output(node: torch.fx.Node) -> torch.fx.Node:
+    """Where an attention node's result leaves it: the node itself for SDPA; for an eager softmax
+    the matmul of the probabilities with the values (the softmax itself if there is none)."""
+    if node.target in ATTENTION_OPS:
+        return node
+    return _nearest(node, lambda n: list(n.users), _is_matmul, lambda n: is_linear(n) or n.target in SOFTMAX_OPS) or node
 
 
 def _dynamic_spec(x: Any) -> Any:
@@ -102,12 +153,13 @@ class LinearInfo:
 def analyse_linears(gm: torch.fx.GraphModule) -> dict[str, LinearInfo]:
     """Answer the graph questions about every linear of a layer, keyed by weight name.
 
-    q/k/v are the linears upstream of an attention node; the output projection is a linear
-    reached from an attention node without passing another linear; the rest is the MLP.
+    q/k/v are the linears upstream of an attention node's output (SDPA, or the probabilities-
+    times-values matmul of an eager softmax); the output projection is a linear reached from it
+    without passing another linear; the rest is the MLP.
     """
     g = to_networkx(gm.graph)
     linears = linear_nodes(gm)
-    attentions = [n for n in gm.graph.nodes if is_attention(n)]
+    attentions = [attention_output(n) for n in gm.graph.nodes if is_attention(n)]
     upstream = set().union(*(nx.ancestors(g, a) for a in attentions)) if attentions else set()
     linear_set = set(linears)
     out_projections: set[torch.fx.Node] = set()

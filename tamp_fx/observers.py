@@ -234,7 +234,7 @@ def last_row_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
 
 
 class AttentionObserver(torch.nn.Module):
-    """Sees (q, k, mask) of one attention node; keeps the current sample's head-averaged
+    """Sees (q, k, mask) of an SDPA node or the probabilities of an eager softmax; keeps the current sample's head-averaged
     last-row attention and the attention mass each modality received over all samples."""
 
     def __init__(self, context: ObserverContext) -> None:
@@ -244,9 +244,13 @@ class AttentionObserver(torch.nn.Module):
         self.mass_sums = SampleSums()                  # per sample: attention mass per modality (M,)
 
     @torch.no_grad()
-    def forward(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
-                scale: float | None = None) -> None:
-        row = last_row_attention(q, k, mask, scale)[0]                  # (N,)
+    def forward(self, q: torch.Tensor | None, k: torch.Tensor | None, mask: torch.Tensor | None = None,
+                scale: float | None = None, probs: torch.Tensor | None = None) -> None:
+        """Either q, k (mask, scale) of an SDPA node, or ``probs`` (B, H, N_q, N) of an eager softmax."""
+        if probs is not None:
+            row = probs[0, :, -1, :].float().mean(0)                     # (N,)
+        else:
+            row = last_row_attention(q, k, mask, scale)[0]              # (N,)
         self.current = row
         mass = torch.zeros(len(Modality), dtype=torch.float64, device=row.device)  # (M,)
         if self.context.labels is not None:

@@ -110,7 +110,7 @@ def test_plan_keys_are_the_programs_parameter_names(program):
     assert set(plan.linears) <= set(ep.state_dict)
     assert plan.linears["m.layers.1.mlp.up_proj.weight"].layer == 1
     info = json.loads((plan_dir / "plan.json").read_text())["model"]
-    assert info["model_type"] == "exported_program" and info["one_shot"] is True
+    assert info["model_type"] == "exported_program" and info["decoder"] == "m.layers" and info["num_layers"] == 2
     for name, mask in plan.masks.items():
         assert torch.all((~mask).sum(1) == mask.shape[1] // 2), name  # wanda: exactly half of every row
 
@@ -219,8 +219,16 @@ def test_apply_errors(program, tmp_path, extra, expected):
 
 def test_plan_errors(program, tmp_path):
     model, calib, _, _, _ = program
-    r = invoke("plan", model, "--calib", calib, "--method", "tamp", "--out", tmp_path / "p", "--quiet")
-    assert r.exit_code == 1 and "planned one-shot with uniform allocation" in r.output, r.output
+    r = invoke("plan", model, "--calib", calib, "--method", "ecoflap", "--out", tmp_path / "p", "--quiet")
+    assert r.exit_code == 1 and "ecoflap on an exported program needs its next-token loss" in r.output, r.output
+    flat = tmp_path / "flat.pt2"                                      # one linear after another: no repeated layers
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    torch.export.save(torch.export.export(mlp, (torch.randn(1, 3, 8),), strict=False), flat)
+    save_program_calibration(tmp_path / "flat.safetensors", [ProgramSample((torch.randn(1, 3, 8),))])
+    r = invoke("plan", flat, "--calib", tmp_path / "flat.safetensors", "--out", tmp_path / "p", "--quiet")
+    assert r.exit_code == 1 and "found no decoder layers" in r.output and "looked for" in r.output, r.output
+    r = invoke("plan", model, "--calib", calib, "--dtype", "bfloat16", "--out", tmp_path / "p", "--quiet")
+    assert r.exit_code == 1 and "planned on the CPU" in r.output, r.output
     bad = tmp_path / "bad.safetensors"
     from safetensors.torch import save_file
     save_file({"sample.0.arg.0": torch.zeros(1, 4, dtype=torch.long), "sample.1.arg.1": torch.zeros(1, 4)}, bad)
@@ -228,7 +236,7 @@ def test_plan_errors(program, tmp_path):
     assert r.exit_code == 1 and "sample 1" in r.output, r.output
     save_file({"sample.0.arg.0": torch.zeros(1, 4, dtype=torch.long), "sample.0.labels": torch.zeros(7, dtype=torch.int8)}, bad)
     r = invoke("plan", model, "--calib", bad, "--out", tmp_path / "p", "--quiet")
-    assert r.exit_code == 1 and "calibration sample 0" in r.output, r.output  # 7 labels for 4 tokens
+    assert r.exit_code == 1 and "calibration sample 0 has 7 labels but 4 tokens" in r.output, r.output
     assert not (tmp_path / "p").exists()
 
 
@@ -241,3 +249,28 @@ def test_calibration_round_trip(tmp_path):
         assert all(torch.equal(x, y) for x, y in zip(a.args, b.args))
     assert torch.equal(loaded[0].labels, samples[0].labels)
     assert len(load_program_calibration(tmp_path / "c.safetensors", nsamples=1)) == 1
+
+
+def test_a_program_exported_with_eager_attention_plans_like_the_sdpa_program(program, tmp_path):
+    """The eager export has a softmax(q k^T) and no SDPA node: AMIA observes its probabilities.
+    Its attention rows equal the SDPA observer's to float32 rounding (1e-6, tests/passes), so
+    on these samples the token choice and the masks come out the same."""
+    from tamp_fx.graph import ATTENTION_OPS, SOFTMAX_OPS
+    model, calib, _, samples, _ = program
+    eager_model = tiny_llama(0)
+    eager_model.config._attn_implementation = "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(Decoder(eager_model.model).eval(), samples[0].args, dynamic_shapes=({1: Dim.AUTO},),
+                                 strict=False)
+    assert not any(n.target in ATTENTION_OPS for n in ep.graph.nodes)
+    assert sum(n.target in SOFTMAX_OPS for n in ep.graph.nodes) == 2
+    torch.export.save(ep, tmp_path / "eager.pt2")
+    config = tamp_fx.PlanConfig(method="tamp")
+    sdpa, eager = tamp_fx.plan(model, calib, config), tamp_fx.plan(tmp_path / "eager.pt2", calib, config)
+    assert sdpa.masks.keys() == eager.masks.keys()
+    for name, mask in sdpa.masks.items():
+        assert torch.equal(mask, eager.masks[name]), name
+    for a, b in zip(sdpa.layers, eager.layers):
+        mass_a, mass_b = a["last_token_attention_per_modality"], b["last_token_attention_per_modality"]
+        assert mass_a["image"] > 0 and all(abs(mass_a[m] - mass_b[m]) < 1e-5 for m in mass_a)

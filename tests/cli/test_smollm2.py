@@ -108,6 +108,33 @@ def test_sparsegpt_reconstructs_real_layers_better_than_wanda_at_equal_sparsity(
             assert err(w_sgpt) < err(apply_mask(w, mask_wanda)), (index, name)
 
 
+def test_export_then_plan_the_program_gives_the_hf_plans_masks(dense, tmp_path):
+    """`tamp-fx export` of SmolLM2 then `tamp-fx plan model.pt2` (tamp, sparsegpt, owl) then
+    `apply`: bit-identical masks to planning the Hugging Face directory on the same text."""
+    import tamp_fx
+    from tamp_fx.exported import load_program
+    from test_export import assert_same_masks
+    r = runner.invoke(app, ["export", str(dense), "--calib", str(CALIB_TEXT), "--nsamples", "4", "--seqlen", "64",
+                            "--out", str(tmp_path / "model.pt2"), "--calib-out", str(tmp_path / "inputs.safetensors"),
+                            "--quiet"])
+    assert r.exit_code == 0, r.output
+    for method in ("tamp", "sparsegpt", "owl"):
+        config = tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=4, seqlen=64)
+        hf = tamp_fx.plan(dense, CALIB_TEXT, config, layer_by_layer=False)
+        program = tamp_fx.plan(tmp_path / "model.pt2", tmp_path / "inputs.safetensors", config)
+        assert len(program.linears) == 30 * 7
+        assert_same_masks(hf, program)
+        if method == "tamp":
+            program.save(tmp_path / "plan")
+            tamp_plan = program
+    r = runner.invoke(app, ["apply", str(tmp_path / "model.pt2"), str(tmp_path / "plan"), "--out",
+                            str(tmp_path / "pruned.pt2"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    pruned = load_program(tmp_path / "pruned.pt2").state_dict
+    for name, mask in tamp_plan.masks.items():
+        assert bool((pruned[name][~mask] == 0).all()), name
+
+
 def test_layer_by_layer_plans_equal_whole_model_plans_on_the_real_model(dense):
     import tamp_fx
     config = tamp_fx.PlanConfig(method="tamp", sparsity=0.5, nsamples=4, seqlen=64)

@@ -153,3 +153,61 @@ def test_layers_of_one_structure_are_traced_once_and_bound_to_their_own_weights(
                 assert torch.equal(gm(acts.hidden[j], **acts.layer_kwargs[j][i]), fresh(acts.hidden[j], **acts.layer_kwargs[j][i]))
     assert exporter.exports == 1
 
+
+
+def _exported_eager_and_sdpa(seed: int, seq_lens: list[int]):
+    """Layer 0 of one tiny model exported with SDPA and with eager attention, and the observers' rows."""
+    model = tiny_llama(seed)
+    acts = random_activations(model, seq_lens, seed)
+    layer = model.model.layers[0]
+    out = {}
+    for implementation in ("sdpa", "eager"):
+        model.config._attn_implementation = implementation
+        gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+        context = ObserverContext()
+        observed = instrument(gm, InstrumentConfig(context)).info
+        rows = []
+        with torch.no_grad():
+            for j in range(len(acts)):
+                context.labels = acts.labels[j]
+                gm(acts.hidden[j], **acts.layer_kwargs[j][0])
+                rows.append(observed["attention"][0].current)
+        out[implementation] = (gm, observed, rows)
+    return out
+
+
+def test_eager_softmax_attention_is_found_by_graph_structure_and_observed():
+    """An eager export has no SDPA node: the softmax of q k^T is the attention node, its linears
+    are classified as with SDPA (v_proj included, through the probabilities-times-values matmul),
+    and its observer's last-row attention equals the SDPA observer's."""
+    from tamp_fx.graph import ATTENTION_OPS, SOFTMAX_OPS, is_attention
+    runs = _exported_eager_and_sdpa(3, [7, 11])
+    eager_gm, eager_observed, eager_rows = runs["eager"]
+    sdpa_gm, _, sdpa_rows = runs["sdpa"]
+    attention = [n for n in eager_gm.graph.nodes if is_attention(n)]
+    assert len(attention) == 1 and attention[0].target in SOFTMAX_OPS
+    assert not any(n.target in ATTENTION_OPS for n in eager_gm.graph.nodes)
+    assert analyse_linears(eager_gm) == analyse_linears(sdpa_gm) != {}
+    for a, b in zip(eager_rows, sdpa_rows):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_softmax_that_is_not_q_k_attention_is_not_attention():
+    """softmax over a linear's output (a router, say) or over a product with a constant is no attention."""
+    from tamp_fx.graph import is_attention
+
+    class Router(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Linear(8, 4, bias=False)
+            self.proj = torch.nn.Linear(8, 8, bias=False)
+            self.register_buffer("table", torch.randn(8, 5))
+
+        def forward(self, x):
+            routed = torch.softmax(self.gate(x), -1)                 # no matmul of two linears
+            mixed = torch.softmax(self.proj(x) @ self.table, -1)     # one side is no linear's output
+            return routed.sum() + mixed.sum()
+
+    gm = torch.export.export(Router(), (torch.randn(1, 3, 8),), strict=False).module()
+    softmaxes = [n for n in gm.graph.nodes if "softmax" in str(n.target)]
+    assert len(softmaxes) == 2 and not any(is_attention(n) for n in gm.graph.nodes)
