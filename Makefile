@@ -8,7 +8,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tamp-fx-installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-slow test-all install clean
 
 install: $(STAMP)
 
@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/tamp-fx demo
 
+# the default run (under 15 minutes on 2 cores): everything but the tests marked slow
 test: $(STAMP)
-	$(PY) -m pytest
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# the real SmolLM2-135M and the trained fixtures, minutes each (CI runs them after `test`)
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .hypothesis

@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, dtype: str, device: str | None,
-        held_out: Path | None) -> dict:
+        held_out: Path | None, max_windows: int | None = None) -> dict:
     import tempfile
 
     import torch
@@ -51,7 +51,8 @@ def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, dtype
     if held_out is not None:
         with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
             pruned = tamp_fx.apply(model, plan, Path(tmp) / "pruned")
-            ppl = evaluate(pruned, text=held_out, vqa=False, seqlen=seqlen, device=device, dtype="float32").perplexity
+            ppl = evaluate(pruned, text=held_out, vqa=False, seqlen=seqlen, max_windows=max_windows, device=device,
+                           dtype="float32").perplexity
         row.update(perplexity=round(ppl.perplexity, 3), windows=ppl.windows)
     return row
 
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], help="compute dtypes of the forward passes")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--perplexity", action="store_true", help="also the held-out perplexity of each result")
+    parser.add_argument("--max-windows", type=int, help="perplexity over the first N held-out windows (default: all)")
     parser.add_argument("--nproc", type=int, help="compare 1 process x NPROC threads with NPROC processes x 1 thread "
                                                   "(with --device cuda: 1 GPU with NPROC)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -103,7 +105,7 @@ def main() -> None:
     calib, held_out = args.model.parent / "calib-first-half.txt", args.model.parent / "eval-second-half.txt"
     if args.one:
         row = one(args.one, args.model, calib, args.nsamples, args.seqlen, args.dtype, args.device,
-                  held_out if args.perplexity else None)
+                  held_out if args.perplexity else None, args.max_windows)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row))
         return
@@ -125,6 +127,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--one", method, "--dtype", dtype, "--model", str(args.model),
                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
             command += (["--device", args.device] if args.device else []) + (["--perplexity"] if args.perplexity else [])
+            command += ["--max-windows", str(args.max_windows)] if args.max_windows else []
             out = subprocess.run(command, check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)

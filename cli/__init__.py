@@ -1,4 +1,4 @@
-"""The tamp-fx command line. :func:`main` is the console entry point; it lives here, not in
+"""The tamp-fx command line. :func:`run` is the console entry point; it lives here, not in
 ``main.py``, so that Ctrl-C is taken over before anything heavy (typer, torch, transformers)
 is imported: however early it comes, the user sees one line and exit status 130."""
 import os
@@ -8,7 +8,7 @@ import sys
 
 class Interrupted(BaseException):
     """Ctrl-C or SIGTERM. Not a KeyboardInterrupt, which typer turns into a silent exit: this
-    one unwinds through every ``finally`` (temporary outputs are removed) up to :func:`main`."""
+    one unwinds through every ``finally`` (temporary outputs are removed) up to :func:`run`."""
 
 
 def _interrupt(signum, frame) -> None:
@@ -17,7 +17,7 @@ def _interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
 
-def main() -> int:
+def run() -> int:
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

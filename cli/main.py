@@ -280,6 +280,8 @@ def inspect(
 
     with _user_errors():
         from tamp_fx import report
+        from tamp_fx.artifact import Plan
+        Plan.load(plan_dir)                           # the whole plan checked against itself first (one line if damaged)
         data = report.read_plan_json(plan_dir)
         grid = report.Grid.of(data)
         s = data["summary"]
@@ -494,8 +496,8 @@ def _half_blocks(image, step: int = 2):
 
 
 def main() -> int:
-    from tamp_fx.cli import main as entry       # the console entry point, which takes over Ctrl-C first
-    return entry()
+    from tamp_fx.cli import run                 # the console entry point, which takes over Ctrl-C first
+    return run()
 
 
 if __name__ == "__main__":

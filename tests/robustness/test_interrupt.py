@@ -22,10 +22,10 @@ class Interrupt:                                  # Ctrl-C the moment {target} s
             sys.meta_path.remove(self)
             os.kill(os.getpid(), {signal})
         return None
-from tamp_fx.cli import main
+from tamp_fx.cli import run
 sys.meta_path.insert(0, Interrupt())
 sys.argv = ["tamp-fx", *{args!r}]
-sys.exit(main())
+sys.exit(run())
 """
 
 _INTERRUPT_AT_CALL = """
@@ -37,9 +37,9 @@ def interrupted(*args, **kwargs):
     os.kill(os.getpid(), {signal})
     return original(*args, **kwargs)
 setattr(module, name, interrupted)
-from tamp_fx.cli import main
+from tamp_fx.cli import run
 sys.argv = ["tamp-fx", *{args!r}]
-sys.exit(main())
+sys.exit(run())
 """
 
 
@@ -98,8 +98,8 @@ def test_apply_while_writing_shards(tmp_path, llama, saved_plan):
 
 def test_a_real_ctrl_c_one_second_in(tmp_path, llama):
     before = snapshot(tmp_path, llama)
-    process = subprocess.Popen([sys.executable, "-c", "import sys; from tamp_fx.cli import main; sys.argv[0] = 'tamp-fx';"
-                                " sys.exit(main())", *map(str, _commands(tmp_path, llama, tmp_path)["plan"])],
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from tamp_fx.cli import run; sys.argv[0] = 'tamp-fx';"
+                                " sys.exit(run())", *map(str, _commands(tmp_path, llama, tmp_path)["plan"])],
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
