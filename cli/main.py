@@ -281,8 +281,7 @@ def inspect(
     with _user_errors():
         from tamp_fx import report
         from tamp_fx.artifact import Plan
-        Plan.load(plan_dir)                           # the whole plan checked against itself first (one line if damaged)
-        data = report.read_plan_json(plan_dir)
+        data = Plan.load(plan_dir).to_json()          # the whole plan checked against itself (one line if damaged)
         grid = report.Grid.of(data)
         s = data["summary"]
         pattern = f" ({data['config']['pattern']})" if data["config"].get("pattern") else ""

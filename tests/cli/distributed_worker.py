@@ -50,7 +50,7 @@ def cli(state: Path, fault: str, args: list[str]) -> None:
     sys.argv = ["tamp-fx", *args]
     code: object = 0
     try:
-        main()
+        code = main()                                               # 130 after Ctrl-C (tamp_fx.cli.run)
     except SystemExit as exit_:
         code = exit_.code
         raise
