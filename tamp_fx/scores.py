@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from tamp_fx.masks import keep_mask, nm_keep_mask
-from tamp_fx.observers import InputStats
 from tamp_fx.sparsegpt import sparsegpt_prune
 
 #: (weight (C_out, C_in), input statistics or None, sparsity, (N, M) or None) -> (keep-mask, new weight or None)

@@ -24,8 +24,6 @@ Command line: ``python -m tamp_fx.testing.tiny FAMILY OUT_DIR``.
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import json
 import logging
 import sys
