@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _ignore_more_interrupts() -> None:
 def _reason(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     return text if isinstance(error, TampError) else f"{type(error).__name__}: {text}"
 
 

@@ -20,7 +20,7 @@ import torch
 from tamp_fx.distributed import guarded, sample_indices
 from tamp_fx.capture import Activations
 from tamp_fx.config import PlanConfig
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 from tamp_fx.graph import LayerExporter, LinearInfo, analyse_linears
 from tamp_fx.layers import DecoderLayers
 from tamp_fx.masks import PackedMask
@@ -71,7 +71,7 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
             except TampError:
                 raise
             except Exception as error:  # noqa: BLE001
-                raise TampError(f"decoder layer {layer} failed on calibration sample {sample}: {str(error).splitlines()[0]}") from error
+                raise TampError(f"decoder layer {layer} failed on calibration sample {sample}: {first_line(error)}") from error
             attention = attention_observers[0].current if attention_observers else None
             for observer in linear_observers:
                 observer.finish_sample(attention)

@@ -9,4 +9,4 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none), for the
     ``(why)`` part of a one-line TampError that wraps it."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return text.splitlines()[0].strip() if text else type(error).__name__

@@ -24,7 +24,7 @@ from torch.export import Dim
 from tamp_fx.adapters import modality_token_ids
 from tamp_fx.calibration import load_calibration
 from tamp_fx.ecoflap import lm_targets
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 from tamp_fx.exported import ProgramSample, save_program_calibration
 from tamp_fx.modality import modality_labels
 from tamp_fx.model_io import atomic_file, load_model, load_processor, resolve_source
@@ -130,7 +130,7 @@ def export_decoder(model: str | Path, calib: str | Path, out: str | Path, calib_
             ep = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
         except Exception as error:  # noqa: BLE001
             raise TampError(f"torch.export could not export the language decoder of {source.path}: "
-                            f"{str(error).splitlines()[0]}") from error
+                            f"{first_line(error)}") from error
     with atomic_file(out, overwrite=overwrite, protect=protect) as tmp_program, \
             atomic_file(calib_out, overwrite=overwrite, protect=protect) as tmp_calib:
         torch.export.save(ep, tmp_program)

@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from torch.export import Dim, ExportedProgram
 
 from tamp_fx.artifact import Plan
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 from tamp_fx.graph import linear_nodes
 from tamp_fx.model_io import atomic_file
 from tamp_fx.passes.base import DECISION_KEY
@@ -167,7 +167,7 @@ def _weights_only_torch_load() -> Iterator[None]:
 
 
 def _short(error: BaseException, limit: int = 200) -> str:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = first_line(error)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

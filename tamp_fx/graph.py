@@ -18,7 +18,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def export_layer(layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
                 ep = torch.export.export(layer, args, kwargs, strict=False)
             except Exception as error:  # noqa: BLE001
                 raise TampError(f"torch.export could not trace decoder layer {type(layer).__name__}: "
-                                f"{str(error).splitlines()[0]}") from error
+                                f"{first_line(error)}") from error
     gm = ep.module()
     if not any(is_linear(n) for n in gm.graph.nodes):
         raise TampError(f"decoder layer {type(layer).__name__} exported without any aten.linear node: nothing to prune")

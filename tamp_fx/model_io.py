@@ -198,7 +198,7 @@ class CheckpointIndex:
                 self._headers[shard] = (8 + size, header)
             except (OSError, ValueError, MemoryError) as error:
                 raise TampError(f"could not load model {shard.parent}: weights file {shard.name} is unreadable "
-                                f"({str(error).splitlines()[0]}): re-download or re-save the model") from error
+                                f"({first_line(error)}): re-download or re-save the model") from error
         return self._headers[shard]
 
     def read(self, names: list[str], dtype: torch.dtype,
@@ -306,7 +306,7 @@ def meta_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
         with torch.device("meta"):
             model = _model_class(config)._from_config(config, dtype=dtype)
     except Exception as error:  # noqa: BLE001
-        raise TampError(f"could not build model {source.path} from its config: {str(error).splitlines()[0]}") from error
+        raise TampError(f"could not build model {source.path} from its config: {first_line(error)}") from error
     return model.eval()
 
 

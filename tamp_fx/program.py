@@ -28,7 +28,7 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from tamp_fx.capture import Activations
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 from tamp_fx.graph import is_linear
 from tamp_fx.model_io import fingerprint_sample
 
@@ -248,7 +248,7 @@ def capture_program_inputs(layout: ProgramLayout, samples: Sequence, progress=No
             except _Stop:
                 pass
             except Exception as error:  # noqa: BLE001
-                raise TampError(f"the exported program failed on calibration sample {j} ({str(error).splitlines()[0]}): "
+                raise TampError(f"the exported program failed on calibration sample {j} ({first_line(error)}): "
                                 "do the sample's inputs match what the program takes?") from error
             if len(calls) != len(layout.names):
                 raise TampError(f"calibration sample {j} called {len(calls)} of the {len(layout.names)} decoder layers "

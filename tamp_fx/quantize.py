@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def quantize_graph_pt2e(gm_or_module: nn.Module, example_args: tuple,
                 gm = torch.export.export(gm_or_module, tuple(example_args), kwargs, strict=False).module()
             except Exception as error:  # noqa: BLE001 - one line for the user, the cause chained
                 raise TampError(f"torch.export could not trace {type(gm_or_module).__name__} for pt2e "
-                                f"quantization: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+                                f"quantization: {first_line(error)}"
                                 ) from error
         quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(gm, quantizer)

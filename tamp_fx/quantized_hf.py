@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 from tamp_fx.model_io import ModelSource, _model_class, load_config
 from tamp_fx.quantize import _require_torchao, dequantized_weight
 
@@ -76,7 +76,7 @@ def save_int8_weight(pruned: Path, out: Path, masks: Mapping[str, torch.Tensor])
         net = cls.from_pretrained(pruned, quantization_config=quantization, dtype="auto", use_safetensors=True)
     except Exception as error:  # noqa: BLE001 - one line for the user, the cause chained
         raise TampError(f"transformers could not quantize {cls.__name__} with torchao int8-weight: "
-                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+                        f"{first_line(error)}") from error
     quantized = {n for n, m in net.named_modules()
                  if isinstance(m, torch.nn.Linear) and isinstance(m.weight, TorchAOBaseTensor)}
     if quantized != modules:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 
 MAX_FRAMES = 8  # frames per calibration video: enough tokens for the statistics, a bounded cost
 _DECODERS = ("pyav", "torchcodec", "decord", "opencv")  # transformers.video_utils.load_video backends
@@ -72,7 +72,7 @@ def _decode(path: Path) -> np.ndarray:
         frames, _ = hf_load_video(str(path), backend=backend,
                                   sample_indices_fn=lambda metadata, **_: _uniform(metadata.total_num_frames))
     except Exception as error:  # noqa: BLE001 - any decoder failure is a bad input file
-        raise TampError(f"calibration video {path} cannot be decoded with {backend} ({str(error).splitlines()[0]}): "
+        raise TampError(f"calibration video {path} cannot be decoded with {backend} ({first_line(error)}): "
                         "pass an .mp4 / .webm / .avi file or a list of frame images") from error
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[0] == 0:

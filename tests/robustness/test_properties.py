@@ -85,3 +85,14 @@ def test_damaged_calibration_records(llava, llava_processor, data):
                 step()
             except TampError:
                 pass
+
+
+@given(st.text())
+def test_a_wrapped_error_gives_one_nonempty_line_whatever_its_message(message):
+    """Every TampError that wraps another error quotes ``first_line`` of it: one non-empty
+    line, even for an empty or whitespace-only message (``splitlines()[0]`` raised there)."""
+    from tamp_fx.errors import first_line
+
+    line = first_line(ValueError(message))
+    assert line and line == line.strip() and len(line.splitlines()) == 1
+    assert line in message or line == "ValueError"
