@@ -149,8 +149,9 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     header = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---|" + "---:|" * len(sparsities)]
     lines = ["# Quality v2: every method on fixture 2 (LLaVA-NeXT, 88 image tokens per image)", "",
              f"Dense: VQA {dense['vqa']:.1%} on {meta['vqa_samples']} held-out questions; perplexity "
-             f"{dense['ppl_desc']:.2f} on held-out scene descriptions, {dense['ppl_wiki']:.2f} on WikiText-2 "
-             "(second half of validation).", "",
+             f"{dense['ppl_desc']:.2f} on held-out scene descriptions ({dense['windows_desc']} windows of 512 tokens), "
+             f"{dense['ppl_wiki']:.2f} on WikiText-2 (second half of validation, {dense['windows_wiki']} windows).", "",
+             *_missing(pruned), "",
              "## Rel. (mean over tasks of pruned / dense VQA accuracy, 95% paired bootstrap interval; "
              "at 60% the mean over calibration seeds and their range; the plot `quality-v2.png` draws the same "
              "as error bars)", "", *header]
@@ -178,6 +179,17 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     (docs / "quality-v2.md").write_text("\n".join(lines) + "\n")
     (docs / "quality-v2.json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
     _plot(pruned, methods, sparsities, docs / "quality-v2.png")
+
+
+def _missing(pruned: list[dict]) -> list[str]:
+    """A sentence naming the runs of the full grid (every method, :data:`SEEDS`) not in ``pruned``."""
+    have = {(r["method"], r["target"], r["seed"]) for r in pruned}
+    missing = [f"{m} {s:.0%} seed {seed}" for s, seeds in SEEDS.items() for seed in seeds for m in METHODS
+               if (m, s, seed) not in have]
+    if not missing:
+        return [f"Every run of the grid ({len(METHODS)} methods; 50% and 70% with one calibration seed, 60% with three) is here."]
+    return [f"**Not run yet** ({len(missing)} of {len(missing) + len(have)} runs; a '-' below): " + ", ".join(missing)
+            + ". The benchmark resumes from this report's rows (see the commands at the end)."]
 
 
 def _plot(pruned: list[dict], methods: list[str], sparsities: list[float], path: Path) -> None:
@@ -234,7 +246,19 @@ def main() -> None:
 
     w = args.workdir
     state = Results(w, args.docs / "quality-v2.json")
-    rows, log, record = state.rows, state.log, state.record
+    rows, log = state.rows, state.log
+    # what makes rows comparable: a resumed run (here or from the committed report on a fresh
+    # clone) must measure with the same settings, or its rows would be mixed silently
+    settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows}
+    if not args.report_only:
+        for r in rows:
+            if r.get("settings", settings) != settings:
+                sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
+                         "pass the same --conversations/--vqa-samples/--max-windows, or use another --workdir")
+
+    def record(row: dict) -> None:
+        state.record(row | {"settings": settings})
+
     if not args.report_only:
         from tamp_fx.fixture2.data import write_descriptions
         state.invoked()
@@ -279,7 +303,7 @@ def main() -> None:
                            "plan_seconds": plan_seconds, **evaluate(out)}
                     shutil.rmtree(out)
                     record(row)
-    meta = state.meta() | {"note": args.note, "vqa_samples": args.vqa_samples, "conversations": args.conversations}
+    meta = state.meta() | {"note": args.note, **(rows[0].get("settings", settings) if rows else settings)}
     write_outputs(rows, args.docs, meta)
     print(f"wrote {args.docs}/quality-v2.md, .csv, .json and .png")
 

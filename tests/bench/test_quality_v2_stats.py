@@ -44,3 +44,34 @@ def test_the_interval_narrows_with_more_questions():
 def test_a_task_the_dense_model_never_answers_leaves_rel_undefined():
     rel, lo, hi = quality_v2.rel_with_interval(_row(a="1010", b="11"), _row(a="1111", b="00"), np.random.default_rng(3))
     assert np.isnan(rel) and np.isnan(lo) and np.isnan(hi)
+
+
+def test_a_partial_report_names_every_run_it_lacks(tmp_path):
+    rng = np.random.default_rng(4)
+    hits = lambda p: {t: "".join(rng.choice(["0", "1"], size=20, p=[1 - p, p])) for t in ("colour", "text")}  # noqa: E731
+    dense = {"method": "dense", "target": 0.0, "seed": None, "sparsity": 0.0, "vqa": 0.9, "hits": hits(0.9),
+             "ppl_desc": 3.0, "ppl_wiki": 30.0, "windows_desc": 4, "windows_wiki": 8, "plan_seconds": None}
+    done = dense | {"method": "wanda", "target": 0.6, "seed": 0, "sparsity": 0.6, "vqa": 0.7, "hits": hits(0.7),
+                    "plan_seconds": 12.0}
+    meta = {"machine": "test", "total_seconds": 60.0, "invocations": ["python bench/quality_v2.py"], "note": "",
+            "vqa_samples": 40}
+    quality_v2.write_outputs([dense, done], tmp_path, meta)
+    report = (tmp_path / "quality-v2.md").read_text()
+    grid = sum(len(seeds) for seeds in quality_v2.SEEDS.values()) * len(quality_v2.METHODS)
+    assert f"**Not run yet** ({grid - 1} of {grid} runs" in report
+    assert "wanda 60% seed 0," not in report and "tamp 60% seed 0," in report and "tamp 70% seed 0" in report
+    assert "(4 windows of 512 tokens)" in report and (tmp_path / "quality-v2.csv").read_text().count("\n") == 3
+
+
+def test_resuming_with_other_settings_is_refused_before_any_work(tmp_path):
+    import json
+    import subprocess
+
+    work = tmp_path / "work"
+    work.mkdir()
+    row = {"method": "dense", "settings": {"conversations": 128, "vqa_samples": 600, "max_windows": None}}
+    (work / "results.jsonl").write_text(json.dumps(row) + "\n")
+    done = subprocess.run([sys.executable, str(Path(quality_v2.__file__)), "--workdir", str(work), "--docs",
+                           str(tmp_path / "docs"), "--vqa-samples", "1200"], capture_output=True, text=True)
+    assert done.returncode == 1 and "not {'conversations': 128, 'vqa_samples': 1200" in done.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["results.jsonl"] and not (tmp_path / "docs").exists()
