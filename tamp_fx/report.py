@@ -23,26 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tamp_fx.artifact import PLAN_FILE, SCHEMA_VERSION
 from tamp_fx.errors import TampError
 from tamp_fx.model_io import atomic_directory, atomic_file
 
 PLOT_HINT = "drawing figures needs matplotlib: pip install 'tamp-fx[plot]' (or pip install matplotlib)"
-
-
-def read_plan_json(directory: str | Path) -> dict[str, Any]:
-    """The parsed ``plan.json`` of a plan directory, or a one-line error."""
-    path = Path(directory) / PLAN_FILE
-    if not path.is_file():
-        raise TampError(f"{directory} is not a plan directory (it has no {PLAN_FILE}): run `tamp-fx plan` first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise TampError(f"{path} is not valid JSON ({error}): re-run `tamp-fx plan`") from error
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        version = data.get("schema_version") if isinstance(data, dict) else None
-        raise TampError(f"{path} has schema_version {version!r}, this tamp-fx reads {SCHEMA_VERSION}")
-    return data
 
 
 def projection_names(data: dict[str, Any]) -> dict[str, str]:

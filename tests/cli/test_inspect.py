@@ -14,7 +14,8 @@ import tamp_fx
 from tamp_fx.cli.main import app
 from tamp_fx.compare import diff_plans
 from tamp_fx.config import METHODS
-from tamp_fx.report import Grid, projection_names, read_plan_json
+from tamp_fx.artifact import Plan
+from tamp_fx.report import Grid, projection_names
 
 pytest.importorskip("matplotlib")
 from PIL import Image  # noqa: E402
@@ -70,7 +71,7 @@ def test_inspect_draws_what_the_plan_holds(method, plans, tmp_path):
 
 
 def test_grid_places_every_linear_once(plans):
-    data = read_plan_json(plans("tamp"))
+    data = Plan.load(plans("tamp")).to_json()   # what `inspect` draws from
     grid = Grid.of(data)
     assert len(grid.cells) == len(data["linears"])  # no two linears share a cell
     assert grid.projections == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
