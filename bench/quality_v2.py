@@ -77,6 +77,28 @@ def evaluate_one(model: Path, descriptions: Path, wiki: Path, vqa_samples: int, 
 
 # ----------------------------------------------------------------------------- statistics
 
+def plan_statistics(data: dict) -> dict:
+    """What a plan decided, in brief, for the report: the mean sparsity of each projection type
+    over the layers (the allocation), and the mean over linears of each modality's diversity and
+    of the share of its tokens the token selection kept (AMIA; absent for methods without it)."""
+    from tamp_fx.report import projection_names
+
+    names = projection_names(data)
+    by_projection: dict[str, list[float]] = {}
+    selected: dict[str, list[float]] = {}
+    diversity: dict[str, list[float]] = {}
+    for name, lp in data["linears"].items():
+        by_projection.setdefault(names[name], []).append(lp["sparsity"])
+        stats = lp.get("stats") or {}
+        for into, key in ((selected, "selected_fraction"), (diversity, "diversity")):
+            for modality, value in (stats.get(key) or {}).items():
+                if value is not None:
+                    into.setdefault(modality, []).append(value)
+    mean = lambda d: {k: float(np.mean(v)) for k, v in d.items()}  # noqa: E731
+    return {"sparsity_by_projection": mean(by_projection), "selected_fraction": mean(selected),
+            "diversity": mean(diversity)}
+
+
 def _hits(row: dict) -> dict[str, np.ndarray]:
     return {t: np.frombuffer(h.encode(), dtype=np.uint8) - ord("0") for t, h in row["hits"].items()}
 
@@ -162,6 +184,7 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
                             ("Plan wall time (s)", "plan_seconds", "{:.0f}")):
         lines += ["", f"## {title}", "", *header]
         lines += [f"| {m} | " + " | ".join(mean_cell(m, s, key, fmt) for s in sparsities) + " |" for m in methods]
+    lines += _plan_lines(pruned)
     lines += ["", "## VQA accuracy per task (95% bootstrap interval)", "",
               "| method | sparsity | seed | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
     for r in [dense] + sorted(pruned, key=lambda r: (r["target"], list(METHODS).index(r["method"]), r["seed"])):
@@ -179,6 +202,32 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     (docs / "quality-v2.md").write_text("\n".join(lines) + "\n")
     (docs / "quality-v2.json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
     _plot(pruned, methods, sparsities, docs / "quality-v2.png")
+
+
+def _plan_lines(pruned: list[dict]) -> list[str]:
+    """What the plans decided (seed 0 of each method and sparsity): the allocation by projection
+    type and, where there is a token selection, the share of text and image tokens it kept."""
+    rows = sorted((r for r in pruned if r.get("seed") == 0 and r.get("plan_stats")),
+                  key=lambda r: (r["target"], list(METHODS).index(r["method"])))
+    if not rows:
+        return []
+    projections = list(dict.fromkeys(p for r in rows for p in r["plan_stats"]["sparsity_by_projection"]))
+    modalities = list(dict.fromkeys(m for r in rows for m in r["plan_stats"]["selected_fraction"]))
+    lines = ["", "## What the plans decided (seed 0)", "",
+             "Mean sparsity of each projection over the layers (the allocation), and the mean over linears of the "
+             "share of each modality's calibration tokens that the token selection kept (AMIA; '-' without one).", "",
+             "| method | sparsity | " + " | ".join(projections) + " | " + " | ".join(f"kept {m} tokens" for m in modalities)
+             + " |", "|---|---:|" + "---:|" * (len(projections) + len(modalities))]
+    for r in rows:
+        st = r["plan_stats"]
+        cells = [f"{st['sparsity_by_projection'].get(p, float('nan')):.1%}" for p in projections]
+        cells += [f"{st['selected_fraction'][m]:.1%}" if m in st["selected_fraction"] else "-" for m in modalities]
+        lines.append(f"| {r['method']} | {r['target']:.0%} | " + " | ".join(cells) + " |")
+    diversity = next((r["plan_stats"]["diversity"] for r in rows if r["plan_stats"]["diversity"]), None)
+    if diversity:
+        lines += ["", "Mean diversity of the calibration activations over linears (DAS's measure; from the first "
+                  "plan that has it): " + ", ".join(f"{m} {v:.3f}" for m, v in diversity.items()) + "."]
+    return lines
 
 
 def _missing(pruned: list[dict]) -> list[str]:
@@ -298,9 +347,9 @@ def main() -> None:
                          "--out", str(plan_dir), "--overwrite", "-q"], log)
                     plan_seconds = log[-1]["seconds"]
                     run(["apply", str(fixture), str(plan_dir), "--out", str(out), "--overwrite", "-q"], log)
-                    summary = json.loads((plan_dir / "plan.json").read_text())["summary"]
-                    row = {"method": method, "target": sparsity, "seed": seed, "sparsity": summary["sparsity"],
-                           "plan_seconds": plan_seconds, **evaluate(out)}
+                    data = json.loads((plan_dir / "plan.json").read_text())
+                    row = {"method": method, "target": sparsity, "seed": seed, "sparsity": data["summary"]["sparsity"],
+                           "plan_seconds": plan_seconds, "plan_stats": plan_statistics(data), **evaluate(out)}
                     shutil.rmtree(out)
                     record(row)
     meta = state.meta() | {"note": args.note, **(rows[0].get("settings", settings) if rows else settings)}

@@ -75,3 +75,18 @@ def test_resuming_with_other_settings_is_refused_before_any_work(tmp_path):
                            str(tmp_path / "docs"), "--vqa-samples", "1200"], capture_output=True, text=True)
     assert done.returncode == 1 and "not {'conversations': 128, 'vqa_samples': 1200" in done.stderr
     assert sorted(p.name for p in work.iterdir()) == ["results.jsonl"] and not (tmp_path / "docs").exists()
+
+
+def test_plan_statistics_average_each_projection_and_modality_over_layers():
+    def linear(layer, proj, sparsity, kept_image):
+        return f"lm.layers.{layer}.{proj}.weight", {
+            "layer": layer, "sparsity": sparsity,
+            "stats": {"selected_fraction": {"text": 0.5, "image": kept_image}, "diversity": {"image": 0.25, "text": None}}}
+    data = {"linears": dict([linear(0, "attn.q_proj", 0.4, 0.1), linear(1, "attn.q_proj", 0.6, 0.3),
+                             linear(0, "mlp.up_proj", 0.7, 0.2)])}
+    stats = quality_v2.plan_statistics(data)
+    assert stats["sparsity_by_projection"] == {"q_proj": 0.5, "up_proj": 0.7}
+    assert np.isclose(stats["selected_fraction"]["image"], 0.2) and stats["selected_fraction"]["text"] == 0.5
+    assert stats["diversity"] == {"image": 0.25}          # a null diversity is left out, not averaged as 0
+    lines = quality_v2._plan_lines([{"method": "tamp", "target": 0.6, "seed": 0, "plan_stats": stats}])
+    assert "| tamp | 60% | 50.0% | 70.0% | 50.0% | 20.0% |" in lines
