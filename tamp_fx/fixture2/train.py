@@ -325,7 +325,12 @@ def main(argv=None) -> None:
             write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
                   steps=args.steps, batch=args.batch, turns=args.turns, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
                   image_tokens=fixture2.IMAGE_TOKENS)
-        outcome = run.run()
+        try:
+            outcome = run.run()
+        except KeyboardInterrupt:
+            write(event="interrupted", stage=STAGES[min(run.stage, len(STAGES) - 1)], step=run.step,
+                  note="Ctrl-C: nothing more was saved; --resume continues from the last checkpoint")
+            raise SystemExit(130) from None
         if outcome == "done":
             run.save_checkpoint()     # at the end: a --resume only rewrites the weights
         run.save_weights()
