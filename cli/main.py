@@ -37,7 +37,7 @@ Format = Enum("Format", {f: f for f in FORMATS}, type=str)
 VqaSplit = Enum("VqaSplit", {k: k for k in ("llava", "next")}, type=str)  # the keys of tamp_fx.vqa.SPLITS
 
 
-Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists (a directory only if tamp-fx wrote it or it is empty).")]
 NSamples = Annotated[int, typer.Option(help="Number of calibration samples.")]
 SeqLen = Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")]
 Seed = Annotated[int, typer.Option(help="Seed for drawing calibration samples.")]

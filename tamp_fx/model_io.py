@@ -396,6 +396,11 @@ def fingerprint(tensors: Mapping[str, torch.Tensor], samples: int = 4096) -> str
 #: Outputs committed by this process (the CLI's Ctrl-C message says whether any exist).
 WRITTEN: list[Path] = []
 
+#: The file every output directory gets: ``--overwrite`` replaces a directory only when it has
+#: one (or is empty), so a mistyped ``--out`` (a home directory, a dataset) is never deleted.
+OUTPUT_MARKER = ".tamp-fx-output"
+_MARKER_TEXT = "written by tamp-fx: `--overwrite` may replace this directory as a whole\n"
+
 _FS_IOC_GETFLAGS = 0x80086601                # ioctl: a file's ext2-style attribute flags (Linux)
 _IMMUTABLE_OR_APPEND_ONLY = 0x10 | 0x20      # FS_IMMUTABLE_FL | FS_APPEND_FL (chattr +i / +a)
 
@@ -431,8 +436,28 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path
             raise TampError(f"output {out} is a directory: pass a file name such as pruned{out.suffix or '.pt2'}")
         if _immutable(out):
             raise TampError(f"output {out} is immutable or append-only (chattr): it cannot be replaced, choose another --out")
+        if not file and not out.is_symlink() and not out.is_dir():
+            raise TampError(f"output {out} is a file and tamp-fx writes a directory there: --overwrite replaces only "
+                            "tamp-fx output directories; choose another --out or remove the file yourself")
+        if not file and not out.is_symlink() and not _replaceable(out):
+            raise TampError(f"output {out} is a directory tamp-fx did not write (no {OUTPUT_MARKER} in it): --overwrite "
+                            "replaces only tamp-fx output directories; choose another --out or remove it yourself")
     _check_writable(out)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replaceable(directory: Path) -> bool:
+    """Whether ``--overwrite`` may replace ``directory``: it is empty or tamp-fx wrote it."""
+    try:
+        return (directory / OUTPUT_MARKER).is_file() or next(directory.iterdir(), None) is None
+    except OSError:
+        return False
 
 
 def _absolute(path: str | os.PathLike) -> Path:
@@ -555,8 +580,13 @@ def _atomic(out: Path, overwrite: bool, protect: tuple[Path, ...], file: bool) -
         tmp = Path(name)
     else:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    # mkstemp / mkdtemp make 0600 / 0700 paths; an output gets the modes any other file would
+    # (the umask's), so a checkpoint can be read by the services and people it is made for
+    os.chmod(tmp, (0o666 if file else 0o777) & ~_umask())
     try:
         yield tmp
+        if not file:
+            (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT)
         _commit(tmp, out, overwrite)
     except OSError as error:
         raise TampError(f"could not write {out} ({error.strerror or error}): nothing was written") from error

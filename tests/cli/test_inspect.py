@@ -14,6 +14,7 @@ import tamp_fx
 from tamp_fx.cli.main import app
 from tamp_fx.compare import diff_plans
 from tamp_fx.config import METHODS
+from tamp_fx.model_io import OUTPUT_MARKER
 from tamp_fx.artifact import Plan
 from tamp_fx.report import Grid, projection_names
 
@@ -55,7 +56,7 @@ def test_inspect_draws_what_the_plan_holds(method, plans, tmp_path):
     plan_dir = plans(method)
     r = runner.invoke(app, ["inspect", str(plan_dir), "--plot", str(tmp_path / "fig"), "--html", str(tmp_path / "r.html")])
     assert r.exit_code == 0, r.output
-    pngs = {p.stem: p for p in (tmp_path / "fig").iterdir()}
+    pngs = {p.stem: p for p in (tmp_path / "fig").iterdir() if p.name != OUTPUT_MARKER}
     assert set(pngs) == _expected_figures(method)
     for path in pngs.values():
         with Image.open(path) as image:

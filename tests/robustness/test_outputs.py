@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import tamp_fx.api
+from tamp_fx.model_io import OUTPUT_MARKER
 from tamp_fx.testing.cli import fails_cleanly, invoke
 
 
@@ -83,20 +84,31 @@ def test_a_read_only_parent_is_refused_before_any_work(tmp_path, llama, no_work)
         (tmp_path / "ro").chmod(0o755)
 
 
-def test_overwrite_replaces_a_file_and_leaves_nothing_beside_it(tmp_path, llama):
-    (tmp_path / "p").write_text("an old file")
+def test_overwrite_never_replaces_a_file_with_a_directory_output(tmp_path, llama, no_work):
+    (tmp_path / "p").write_text("a file tamp-fx did not write")
+    fails_cleanly(_plan(llama, tmp_path / "p", "--overwrite"), "is a file and tamp-fx writes a directory",
+                  unchanged=[tmp_path, llama])
+
+
+def test_overwrite_never_replaces_a_directory_tamp_fx_did_not_write(tmp_path, llama, no_work):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("months of work")
+    fails_cleanly(_plan(llama, tmp_path / "data", "--overwrite"), "did not write", unchanged=[tmp_path, llama])
+
+
+def test_overwrite_replaces_an_empty_directory(tmp_path, llama):
+    (tmp_path / "p").mkdir()
     result = invoke(_plan(llama, tmp_path / "p", "--overwrite"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p" / "plan.json").is_file()
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["p"]
 
 
-def test_overwrite_replaces_a_directory_and_leaves_nothing_beside_it(tmp_path, llama):
-    (tmp_path / "p").mkdir()
+def test_overwrite_replaces_a_tamp_fx_output_and_leaves_nothing_beside_it(tmp_path, llama):
+    assert invoke(_plan(llama, tmp_path / "p")).exit_code == 0
     (tmp_path / "p" / "stale").write_text("from before")
     result = invoke(_plan(llama, tmp_path / "p", "--overwrite"))
     assert result.exit_code == 0, result.output
-    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == ["masks.safetensors", "plan.json"]
+    assert sorted(x.name for x in (tmp_path / "p").iterdir()) == [OUTPUT_MARKER, "masks.safetensors", "plan.json"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["p"]
 
 
@@ -125,3 +137,16 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run_and_only_those(tm
     said = "".join(result.output.split())                         # rich wraps long lines
     assert "leftbyaninterruptedrun" in said and left[0].name in said
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted([".q.tmp-1-another-output", alive.name, "p"])
+
+
+def test_outputs_get_the_umasks_modes_not_private_temporary_ones(tmp_path, llama):
+    old = os.umask(0o022)
+    try:
+        assert invoke(_plan(llama, tmp_path / "p")).exit_code == 0
+        pytest.importorskip("matplotlib")
+        assert invoke(["inspect", tmp_path / "p", "--html", tmp_path / "r.html"]).exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o755      # mkdtemp alone gives 0700
+    assert (tmp_path / "p" / "plan.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "r.html").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0600
