@@ -580,10 +580,10 @@ def _atomic(out: Path, overwrite: bool, protect: tuple[Path, ...], file: bool) -
         tmp = Path(name)
     else:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
-    # mkstemp / mkdtemp make 0600 / 0700 paths; an output gets the modes any other file would
-    # (the umask's), so a checkpoint can be read by the services and people it is made for
-    os.chmod(tmp, (0o666 if file else 0o777) & ~_umask())
     try:
+        # mkstemp / mkdtemp make 0600 / 0700 paths; an output gets the modes any other file
+        # would (the umask's), so a checkpoint can be read by the services and people it is for
+        os.chmod(tmp, (0o666 if file else 0o777) & ~_umask())
         yield tmp
         if not file:
             (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT)
