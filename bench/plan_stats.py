@@ -12,30 +12,40 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import mean
+
+
+def stat_means(linears: Iterable[dict], key: str) -> dict[str, float]:
+    """Mean over ``linears`` (plan.json entries) of each entry of their ``stats[key]``: the
+    diversity terms, or the share of each modality's tokens AMIA selected. Null entries (NaN
+    statistics) are left out."""
+    values = defaultdict(list)
+    for lp in linears:
+        for name, value in ((lp.get("stats") or {}).get(key) or {}).items():
+            if value is not None:
+                values[name].append(value)
+    return {name: mean(v) for name, v in values.items()}
 
 
 def summarise(plan_dir: Path) -> dict:
     plan = json.loads((plan_dir / "plan.json").read_text())
     by_layer = defaultdict(lambda: [0, 0])  # layer -> [pruned, total]
     by_block = defaultdict(lambda: [0, 0])
-    diversity = defaultdict(list)  # (block, term) -> values
-    selected = defaultdict(list)  # (block, modality) -> values
+    block_linears = defaultdict(list)       # block -> its linears
     for lp in plan["linears"].values():
         size = lp["shape"][0] * lp["shape"][1]
         for key, table in ((lp["layer"], by_layer), (lp["block"], by_block)):
             table[key][0] += lp["sparsity"] * size
             table[key][1] += size
-        for term, value in lp["stats"].get("diversity", {}).items():
-            diversity[(lp["block"], term)].append(value)
-        for modality, value in lp["stats"].get("selected_fraction", {}).items():
-            selected[(lp["block"], modality)].append(value)
+        block_linears[lp["block"]].append(lp)
     layers = [by_layer[i][0] / by_layer[i][1] for i in sorted(by_layer)]
     return {"method": plan["method"], "sparsity": plan["summary"]["sparsity"], "layers": layers,
             "blocks": {b: v[0] / v[1] for b, v in by_block.items()},
-            "diversity": {k: mean(v) for k, v in diversity.items()},
-            "selected": {k: mean(v) for k, v in selected.items()}}
+            "diversity": {(b, t): v for b, ls in block_linears.items() for t, v in stat_means(ls, "diversity").items()},
+            "selected": {(b, m): v for b, ls in block_linears.items()
+                         for m, v in stat_means(ls, "selected_fraction").items()}}
 
 
 def main() -> None:

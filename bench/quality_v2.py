@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from plan_stats import stat_means  # noqa: E402
 from quality import Results, pyplot, run  # noqa: E402
 from smollm2_perplexity import split_halves  # noqa: E402
 
@@ -85,18 +86,11 @@ def plan_statistics(data: dict) -> dict:
 
     names = projection_names(data)
     by_projection: dict[str, list[float]] = {}
-    selected: dict[str, list[float]] = {}
-    diversity: dict[str, list[float]] = {}
     for name, lp in data["linears"].items():
         by_projection.setdefault(names[name], []).append(lp["sparsity"])
-        stats = lp.get("stats") or {}
-        for into, key in ((selected, "selected_fraction"), (diversity, "diversity")):
-            for modality, value in (stats.get(key) or {}).items():
-                if value is not None:
-                    into.setdefault(modality, []).append(value)
-    mean = lambda d: {k: float(np.mean(v)) for k, v in d.items()}  # noqa: E731
-    return {"sparsity_by_projection": mean(by_projection), "selected_fraction": mean(selected),
-            "diversity": mean(diversity)}
+    linears = data["linears"].values()
+    return {"sparsity_by_projection": {p: float(np.mean(v)) for p, v in by_projection.items()},
+            "selected_fraction": stat_means(linears, "selected_fraction"), "diversity": stat_means(linears, "diversity")}
 
 
 def _hits(row: dict) -> dict[str, np.ndarray]:
@@ -299,16 +293,15 @@ def main() -> None:
     # what makes rows comparable: a resumed run (here or from the committed report on a fresh
     # clone) must measure with the same settings, or its rows would be mixed silently
     settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows}
-    if not args.report_only:
-        for r in rows:
-            if r.get("settings", settings) != settings:
-                sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
-                         "pass the same --conversations/--vqa-samples/--max-windows, or use another --workdir")
 
     def record(row: dict) -> None:
         state.record(row | {"settings": settings})
 
     if not args.report_only:
+        for r in rows:
+            if r.get("settings", settings) != settings:
+                sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
+                         "pass the same --conversations/--vqa-samples/--max-windows, or use another --workdir")
         from tamp_fx.fixture2.data import write_descriptions
         state.invoked()
         _, wiki = split_halves(args.data, w)

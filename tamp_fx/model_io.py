@@ -436,12 +436,14 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path
             raise TampError(f"output {out} is a directory: pass a file name such as pruned{out.suffix or '.pt2'}")
         if _immutable(out):
             raise TampError(f"output {out} is immutable or append-only (chattr): it cannot be replaced, choose another --out")
-        if not file and not out.is_symlink() and not out.is_dir():
-            raise TampError(f"output {out} is a file and tamp-fx writes a directory there: --overwrite replaces only "
-                            "tamp-fx output directories; choose another --out or remove the file yourself")
-        if not file and not out.is_symlink() and not _replaceable(out):
-            raise TampError(f"output {out} is a directory tamp-fx did not write (no {OUTPUT_MARKER} in it): --overwrite "
-                            "replaces only tamp-fx output directories; choose another --out or remove it yourself")
+        if not file and not out.is_symlink():       # a symbolic link is replaced, never what it points to
+            if not out.is_dir():
+                raise TampError(f"output {out} is a file and tamp-fx writes a directory there: --overwrite replaces "
+                                "only tamp-fx output directories; choose another --out or remove the file yourself")
+            if not _replaceable(out):
+                raise TampError(f"output {out} is a directory tamp-fx did not write (no {OUTPUT_MARKER} in it): "
+                                "--overwrite replaces only tamp-fx output directories; choose another --out or "
+                                "remove it yourself")
     _check_writable(out)
     return out
 
