@@ -45,6 +45,9 @@ QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-ri
 MAX_OBJECTS = 8
 HELD_OUT_SEED = 101          # tamp-fx's held-out split for fixture 2 (1,200 questions)
 HELD_OUT_N = 1200
+LIGHT = 48                   # the background's brightening from corner to centre (levels of 255)
+ROW_WORDS = ("top", "upper", "lower", "bottom")   # what an image token says of its cell's row ...
+COLUMN_WORDS = ("west", "left", "right", "east")  # ... and column (single SmolLM2 tokens)
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,16 @@ def key(s: Sample) -> tuple:
 
 # ----------------------------------------------------------------------------- drawing
 
+def _lit_from_the_middle() -> np.ndarray:
+    """(SIZE, SIZE, 1): the light falling on the background, :data:`LIGHT` levels brighter at
+    the image's centre than at its corners. Anyres encodes every tile alone, so this is how a
+    tile token can tell where its tile lies: the background brightens towards the image's centre."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5 - SIZE / 2                        # pixel centres from the middle
+    return np.rint(LIGHT * (1 - np.hypot(x, y) / np.hypot(SIZE / 2, SIZE / 2)))[..., None].astype(np.int16)
+
+
 def _draw(rng: np.random.Generator, objects: list[Obj], text: Text | None) -> np.ndarray:
-    image = background(rng, SIZE)
+    image = background(rng, SIZE) + _LIGHT                                  # (128, 128, 3): at most 116
     for obj in objects:
         r = rng.uniform(*RADII[obj.size])
         cx = obj.col * CELL + rng.uniform(r + 1, CELL - r - 1)
@@ -135,6 +146,9 @@ def _scene(rng: np.random.Generator, with_text: bool) -> tuple[list[Obj], Text |
     picks = rng.permutation(len(kinds))[:count]
     sizes = rng.integers(len(SIZES), size=count)
     return [Obj(kinds[p][0], kinds[p][1], SIZES[z], int(cell)) for p, cell, z in zip(picks, cells, sizes)], text
+
+
+_LIGHT = _lit_from_the_middle()
 
 
 # ----------------------------------------------------------------------------- questions
@@ -274,3 +288,9 @@ def describing_words(s: Sample) -> tuple[list[str], list[str]]:
             else:
                 tiles.append("empty")
     return base, tiles
+
+
+def token_cells() -> list[int]:
+    """The cell (0..15) each of the 80 content tokens lies in, in :func:`describing_words`'
+    order: the base view's 16 (one per cell), then the tiles' 64 (reading order over the image)."""
+    return list(range(GRID * GRID)) + [(srow // 2) * GRID + scol // 2 for srow in range(2 * GRID) for scol in range(2 * GRID)]

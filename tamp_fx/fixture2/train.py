@@ -124,14 +124,25 @@ class Batcher(train1.Batcher):
 # ----------------------------------------------------------------------------- stage align
 
 class Aligner:
-    """The describing words' ids and the alignment loss and accuracy."""
+    """The describing words' ids and the alignment loss and accuracy.
+
+    Each image token is aligned to the sum of three word embeddings: what it sees
+    (:func:`scenes.describing_words`) and where its cell is (:data:`scenes.ROW_WORDS`,
+    :data:`scenes.COLUMN_WORDS`), so a positional question ("what is in row 2, column 3?",
+    "is the red circle above the blue square?") can find its tokens by what they say rather
+    than by counting sequence positions across the anyres tiles."""
 
     def __init__(self, model, tokenizer):
         self.words = list(dict.fromkeys([*scenes.COLOURS, *scenes.SHAPES, *scenes.RADII, "text", "empty",
                                          *scenes.CHARACTERS]))
         self.index = {w: i for i, w in enumerate(self.words)}
         embed = model.model.language_model.embed_tokens.weight.detach()           # (V, D)
-        self.targets = embed[[train1._word_id(tokenizer, w) for w in self.words]]  # (W, D)
+        ids = lambda words: [train1._word_id(tokenizer, w) for w in words]         # noqa: E731
+        self.targets = embed[ids(self.words)]                                      # (W, D)
+        self.rows, self.columns = embed[ids(scenes.ROW_WORDS)], embed[ids(scenes.COLUMN_WORDS)]  # (4, D) each
+        cells = torch.tensor(scenes.token_cells())                                 # (80,)
+        self.row_of, self.column_of = cells // scenes.GRID, cells % scenes.GRID     # (80,) each
+        self.where = self.rows[self.row_of] + self.columns[self.column_of]         # (80, D)
         self.scale = embed.var()                                                   # the MSE is relative to the spread
 
     def labels(self, samples) -> torch.Tensor:
@@ -142,14 +153,26 @@ class Aligner:
         feats = model.model.get_image_features(**batcher.pixel_inputs(samples)).pooler_output  # B x (88, D)
         return torch.stack(feats)[:, CONTENT]                                      # (B, 80, D)
 
-    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        flat, want = out.flatten(0, 1), labels.flatten()                            # (B * 80, D), (B * 80,)
-        cosine = F.normalize(flat, dim=1) @ F.normalize(self.targets, dim=1).T      # (B * 80, W)
-        return F.mse_loss(flat, self.targets[want]) / self.scale + F.cross_entropy(10 * cosine, want)
+    def _logits(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        unit = F.normalize(out, dim=-1)                                            # (B, 80, D)
+        return tuple(10 * unit @ F.normalize(words, dim=1).T for words in (self.targets, self.rows, self.columns))
 
-    def accuracy(self, out: torch.Tensor, labels: torch.Tensor) -> float:
-        cosine = F.normalize(out.flatten(0, 1), dim=1) @ F.normalize(self.targets, dim=1).T
-        return float((cosine.argmax(1) == labels.flatten()).float().mean())
+    def loss(self, out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        want = self.targets[labels] + self.where                                   # (B, 80, D)
+        what, row, column = self._logits(out)                                      # (B, 80, W), (B, 80, 4) x 2
+        B = out.shape[0]
+        return (F.mse_loss(out, want) / self.scale + F.cross_entropy(what.flatten(0, 1), labels.flatten())
+                + F.cross_entropy(row.flatten(0, 1), self.row_of.repeat(B))
+                + F.cross_entropy(column.flatten(0, 1), self.column_of.repeat(B)))
+
+    def accuracy(self, out: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Share of tokens whose nearest word is right: what they see; their cell (row and
+        column both right) in the base view and in the tiles."""
+        what, row, column = self._logits(out)
+        cell = (row.argmax(-1) == self.row_of) & (column.argmax(-1) == self.column_of)   # (B, 80)
+        base = fixture2.BASE_TOKENS
+        return {"val_token_word": float((what.argmax(-1) == labels).float().mean()),
+                "val_base_cell": float(cell[:, :base].float().mean()), "val_tile_cell": float(cell[:, base:].float().mean())}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -239,7 +262,7 @@ class Run:
         with torch.no_grad():
             if STAGES[self.stage] == "align":
                 out = self.aligner.outputs(self.model, self.batcher, val)
-                return {"val_token_word": self.aligner.accuracy(out, self.aligner.labels(val))}
+                return self.aligner.accuracy(out, self.aligner.labels(val))
             return {"val_accuracy": train1.exact_match(self.model, self.batcher, val, chunk=self.args.batch)}
 
     def run(self) -> str:
