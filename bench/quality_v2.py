@@ -50,15 +50,18 @@ BOOTSTRAP = 2000
 
 # ----------------------------------------------------------------------------- one evaluation
 
-def evaluate_one(model: Path, descriptions: Path, wiki: Path, vqa_samples: int, max_windows: int | None) -> dict:
-    """VQA hits per question (by task) and both perplexities of one model directory."""
+def evaluate_one(model: Path, descriptions: Path, wiki: Path, vqa_samples: int, max_windows: int | None,
+                 dtype: str = "float32") -> dict:
+    """VQA hits per question (by task) and both perplexities of one model directory, its
+    forward passes in ``dtype``."""
+    import torch
     from tamp_fx.evaluate import perplexity
     from tamp_fx.fixture2 import scenes
     from tamp_fx.model_io import load_model, load_processor, resolve_source
     from tamp_fx.vqa import vqa_accuracy
 
     source = resolve_source(model)
-    net = load_model(source)
+    net = load_model(source, dtype=getattr(torch, dtype))
     processor = load_processor(source, net.config)
     start = time.perf_counter()
     result = vqa_accuracy(net, processor, vqa_samples, split="next")
@@ -189,7 +192,8 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
         seed = "-" if r.get("seed") is None else r["seed"]
         lines.append(f"| {r['method']} | {r['target']:.0%} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "## How this was measured", "",
-              f"Machine: {meta['machine']}. Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
+              f"Machine: {meta['machine']}. Forward passes in {meta.get('dtype', 'float32')}. "
+              f"Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
               "The benchmark runs (resumable: each skips what `results.jsonl` already has):", "",
               "```", *meta["invocations"], "```", "",
               "Every `tamp-fx` command they ran, with its wall time, is in `quality-v2.json`. " + meta["note"]]
@@ -277,6 +281,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=128)
     parser.add_argument("--vqa-samples", type=int, default=1200)
     parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows per text (default: all)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of the plans' and evaluations' forward passes (bfloat16 planned 1.5x faster on "
+                             "the 2-core AVX-512 BF16 development machine; statistics stay float32/float64)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs from results.jsonl")
     parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     parser.add_argument("--eval-one", type=Path, help=argparse.SUPPRESS)   # internal: one evaluation, JSON on stdout
@@ -284,7 +291,8 @@ def main() -> None:
     parser.add_argument("--wiki", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.eval_one:
-        print(json.dumps(evaluate_one(args.eval_one, args.descriptions, args.wiki, args.vqa_samples, args.max_windows)))
+        print(json.dumps(evaluate_one(args.eval_one, args.descriptions, args.wiki, args.vqa_samples, args.max_windows,
+                                      args.dtype)))
         return
 
     w = args.workdir
@@ -292,7 +300,8 @@ def main() -> None:
     rows, log = state.rows, state.log
     # what makes rows comparable: a resumed run (here or from the committed report on a fresh
     # clone) must measure with the same settings, or its rows would be mixed silently
-    settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows}
+    settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows,
+                "dtype": args.dtype}
 
     def record(row: dict) -> None:
         state.record(row | {"settings": settings})
@@ -301,7 +310,7 @@ def main() -> None:
         for r in rows:
             if r.get("settings", settings) != settings:
                 sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
-                         "pass the same --conversations/--vqa-samples/--max-windows, or use another --workdir")
+                         "pass the same --conversations/--vqa-samples/--max-windows/--dtype, or use another --workdir")
         from tamp_fx.fixture2.data import write_descriptions
         state.invoked()
         _, wiki = split_halves(args.data, w)
@@ -315,7 +324,7 @@ def main() -> None:
 
         def evaluate(model: Path) -> dict:
             cmd = [sys.executable, __file__, "--eval-one", str(model), "--descriptions", str(descriptions), "--wiki",
-                   str(wiki), "--vqa-samples", str(args.vqa_samples)]
+                   str(wiki), "--vqa-samples", str(args.vqa_samples), "--dtype", args.dtype]
             cmd += ["--max-windows", str(args.max_windows)] if args.max_windows else []
             start = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -336,7 +345,7 @@ def main() -> None:
                         continue
                     plan_dir, out = w / f"plan-{method}-{sparsity}-{seed}", w / "pruned"
                     run(["plan", str(fixture), "--calib", str(calib / "calib.jsonl"), *METHODS[method], "--sparsity",
-                         str(sparsity), "--nsamples", str(args.conversations), "--seed", str(seed),
+                         str(sparsity), "--nsamples", str(args.conversations), "--seed", str(seed), "--dtype", args.dtype,
                          "--out", str(plan_dir), "--overwrite", "-q"], log)
                     plan_seconds = log[-1]["seconds"]
                     run(["apply", str(fixture), str(plan_dir), "--out", str(out), "--overwrite", "-q"], log)
