@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import time
 
 import torch
 from timing import median_seconds

@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.5)
     args = parser.parse_args()
     plans = sorted(args.workdir.glob(f"plan-*-{args.sparsity}"))
-    print(f"| plan | overall | attention | mlp | per-layer min | per-layer max | first 3 layers | last 3 layers |")
+    print("| plan | overall | attention | mlp | per-layer min | per-layer max | first 3 layers | last 3 layers |")
     print("|---|---:|---:|---:|---:|---:|---|---|")
     stats = [summarise(p) for p in plans]
     for s in stats:

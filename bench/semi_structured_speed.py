@@ -139,7 +139,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.backend}; one Llama decoder layer "
           f"(hidden {args.hidden}, intermediate {args.intermediate}, {args.heads} heads, bfloat16, sdpa, eager), "
           f"7 linears 2:4 by magnitude; median of {args.repeats} CUDA-event timings after {args.warmup} warm-up calls")
-    print(f"| case | timed | dense bf16 (ms) | 2:4 (ms) | speedup | relative difference |")
+    print("| case | timed | dense bf16 (ms) | 2:4 (ms) | speedup | relative difference |")
     print("|---|---|---:|---:|---:|---:|")
     for name, what, t_dense, t_sparse, error in rows:
         print(f"| {name} | {what} | {t_dense:.3f} | {t_sparse:.3f} | {t_dense / t_sparse:.2f}x | {error:.1e} |")
