@@ -265,28 +265,39 @@ def held_out(n: int = HELD_OUT_N) -> list[Sample]:
     return split(HELD_OUT_SEED, n, balanced=True)
 
 
-def describing_words(s: Sample) -> tuple[list[str], list[str]]:
-    """One word per image token that says what it sees, for the projector's alignment.
+def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """The words each image token is aligned to: what its cell holds and where the cell is.
 
-    Base view (4x4 tokens, one per cell): the object's colour, "text" or "empty". Tiles (8x8
-    tokens, reading order over the whole image, 2x2 per cell): an object's cell says colour,
-    shape / size, shape; a text cell says each character in its slot and "text" elsewhere; an
-    empty cell says "empty"."""
+    Every token says all of its cell (a bag of words, summed embeddings), so a question that
+    names one attribute finds the others in the same token: attention looks up "the small
+    triangle" and reads its colour, or "row 2, column 3" and reads its shape, without binding
+    neighbouring tokens by their places in the sequence. Base view (4x4 tokens, one per cell;
+    small shapes are a few pixels there, characters unreadable): the object's colour, or
+    "text", or "empty". Tiles (8x8 tokens, reading order over the whole image, 2x2 per cell):
+    an object's colour, shape and size; a text cell's character in its slot (or "text" in an
+    empty slot); "empty". Each token also says its cell's row (:data:`ROW_WORDS`) and column
+    (:data:`COLUMN_WORDS`)."""
     by_cell = {o.cell: o for o in s.objects}
     text_cells = set(s.text.cells) if s.text is not None else set()
     chars = {(r, c): ch for r, c, ch in s.text.slots()} if s.text is not None else {}
-    base = [by_cell[c].colour if c in by_cell else "text" if c in text_cells else "empty" for c in range(GRID * GRID)]
+
+    def where(cell: int) -> tuple[str, str]:
+        return ROW_WORDS[cell // GRID], COLUMN_WORDS[cell % GRID]
+
+    base = [((by_cell[c].colour,) if c in by_cell else ("text",) if c in text_cells else ("empty",)) + where(c)
+            for c in range(GRID * GRID)]
     tiles = []
     for srow in range(2 * GRID):
         for scol in range(2 * GRID):
             cell = (srow // 2) * GRID + scol // 2
             o = by_cell.get(cell)
             if o is not None:
-                tiles.append([o.colour, o.shape, o.size, o.shape][(srow % 2) * 2 + scol % 2])
+                what = (o.colour, o.shape, o.size)
             elif cell in text_cells:
-                tiles.append(chars.get((srow, scol), "text"))
+                what = (chars.get((srow, scol), "text"),)
             else:
-                tiles.append("empty")
+                what = ("empty",)
+            tiles.append(what + where(cell))
     return base, tiles
 
 
