@@ -30,12 +30,12 @@ def describe(objects, text: scenes.Text | None) -> str:
     parts = [f"The image is a dark, slightly noisy square divided into a four by four grid of cells. "
              f"It shows {_NUMBERS[n]} object{'s' * (n != 1)}{' and a line of text' if text else ''}."]
     for o in sorted(objects, key=lambda o: o.cell):
-        parts.append(f"In row {o.row + 1}, column {o.col + 1}, in the {o.quadrant} quadrant, there is a {o.size} "
+        parts.append(f"In {scenes.cell_name(o.cell)}, in the {o.quadrant} quadrant, there is a {o.size} "
                      f"{o.colour} {o.shape}.")
     if text is not None:
-        where = " and ".join(str(c % scenes.GRID + 1) for c in text.cells)
-        parts.append(f"In row {text.row + 1}, column{'s' * (len(text.cells) > 1)} {where}, white characters "
-                     f"spell \"{text.string}\".")
+        where = " and ".join(scenes.COLUMN_NAMES[c % scenes.GRID] for c in text.cells)
+        parts.append(f"In column{'s' * (len(text.cells) > 1)} {where} of row {scenes.ROW_NAMES[text.row]}, white "
+                     f"characters spell \"{text.string}\".")
     counts = [f"{_NUMBERS[sum(o.colour == c for o in objects)]} {c}" for c in scenes.COLOURS]
     parts.append(f"By colour there are {', '.join(counts[:-1])} and {counts[-1]} objects.")
     empty = scenes.GRID * scenes.GRID - n - (len(text.cells) if text else 0)

@@ -12,7 +12,8 @@ tile.
 Six tasks, each needing the image:
 
 * colour: the colour of a named small (or large) shape;
-* cell: what is in a given row and column (a shape, "text" or "nothing");
+* cell: what is in a given cell, named by column and row ("column b, row three"): a shape,
+  "text" or "nothing";
 * count: how many objects of a colour;
 * quadrant: which quadrant an object is in ("top-left" ...);
 * text: the string the image shows;
@@ -46,8 +47,13 @@ MAX_OBJECTS = 8
 HELD_OUT_SEED = 101          # tamp-fx's held-out split for fixture 2 (1,200 questions)
 HELD_OUT_N = 1200
 LIGHT = 48                   # the background's brightening from corner to centre (levels of 255)
-ROW_WORDS = ("top", "upper", "lower", "bottom")   # what an image token says of its cell's row ...
-COLUMN_WORDS = ("west", "left", "right", "east")  # ... and column (single SmolLM2 tokens)
+# a cell is named like a spreadsheet's, by column letter and row word ("column b, row three"),
+# so that the words a question uses for it are single tokens that no other word shares
+# (not digits: counts and characters are digits) and that each image token can say of itself
+COLUMN_NAMES = ("a", "b", "c", "d")
+ROW_NAMES = ("one", "two", "three", "four")
+COLUMN_WORDS = tuple(" " + n for n in COLUMN_NAMES)   # as the question's tokens spell them
+ROW_WORDS = tuple(" " + n for n in ROW_NAMES)
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,11 @@ _LIGHT = _lit_from_the_middle()
 
 # ----------------------------------------------------------------------------- questions
 
+def cell_name(cell: int) -> str:
+    """"column b, row three" for cell 9 (row = cell // 4, column = cell % 4)."""
+    return f"column {COLUMN_NAMES[cell % GRID]}, row {ROW_NAMES[cell // GRID]}"
+
+
 def _name(o: Obj) -> str:
     return f"{o.colour} {o.shape}"
 
@@ -184,7 +195,7 @@ def _cell(rng, objects, text):
         cell = text.cells[int(rng.integers(len(text.cells)))]
     else:
         cell = empty[int(rng.integers(len(empty)))]
-    return f"What is in row {cell // GRID + 1}, column {cell % GRID + 1}?", by_cell.get(cell, "nothing")
+    return f"What is in {cell_name(cell)}?", by_cell.get(cell, "nothing")
 
 
 def _count(rng, objects, text):

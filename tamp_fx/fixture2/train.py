@@ -15,10 +15,12 @@ The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its train
 * init: the tower, the projector and the LoRA come from fixture 1's committed weights (same
   tower, same language model; fixture 2's tiles have fixture 1's 32-px cells);
 * stage "align": the tower (every layer) and the projector learn to put each image token on
-  the language model's embedding of a word describing it (:func:`scenes.describing_words`:
-  the base view's tokens say the colour in their cell, the tiles' say colour, shape, size, a
-  character or "empty"); loss: MSE relative to the embeddings' variance plus cross entropy
-  over the describing words by cosine. No language-model pass, so steps are cheap;
+  the sum of the language model's embeddings of the words that describe its cell
+  (:func:`scenes.describing_words`: what the cell holds, and its column and row as the
+  questions name them, " b" and " three"); loss: MSE relative to the embeddings' variance
+  plus cross entropy of the token's cosines against its words. No language-model pass, so
+  steps are cheap. The background is lit from the middle (:mod:`scenes`), so a tile token,
+  which the tower sees with its tile only, can tell where its tile lies;
 * stage "answer": end to end through the frozen SmolLM2 (bfloat16 autocast), training the
   projector, the newline vector, the tower's last layer and the rank-8 LoRA on the answer
   tokens only. Each item is a conversation of ``--turns`` questions (different tasks) about
@@ -43,6 +45,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -192,6 +195,32 @@ class Run:
         self.held = {scenes.key(s) for s in scenes.held_out()}
         self.stage, self.step, self.seconds = 0, 0, 0.0
         self.opt = self.sched = None
+        if args.ideal_tokens:
+            self._use_ideal_tokens()
+
+    def _use_ideal_tokens(self) -> None:
+        """Diagnostic (``--ideal-tokens``): the language model gets perfect image tokens (each
+        content token the sum of its words' embeddings, the newline vector after each tile row)
+        instead of the tower's, and training starts at stage "answer". What it then fails to
+        learn, the language model and its LoRA cannot learn from such tokens, whatever the tower does."""
+        m, aligner, seen = self.model.model, self.aligner, {}
+        pixel_inputs = self.batcher.pixel_inputs
+
+        def remember(items):
+            seen["samples"] = [item[0] if isinstance(item, list) else item for item in items]
+            return pixel_inputs(items)
+
+        def ideal_features(pixel_values=None, image_sizes=None, **kwargs):
+            content = aligner.labels(seen["samples"]) @ aligner.embeddings        # (B, 80, D)
+            newline = m.image_newline[None].to(content.dtype)                     # (1, D)
+            base = fixture2.BASE_TOKENS
+            rows = lambda c: [part for r in range(HIGH_RES)                        # noqa: E731
+                              for part in (c[base + HIGH_RES * r:base + HIGH_RES * (r + 1)], newline)]
+            return SimpleNamespace(pooler_output=[torch.cat([c[:base], *rows(c)]) for c in content])  # B x (88, D)
+
+        self.batcher.pixel_inputs = remember
+        m.get_image_features = ideal_features
+        self.stage = STAGES.index("answer")
 
     # -- parameters and optimisers per stage
     def _groups(self, stage: int) -> list[dict]:
@@ -200,7 +229,7 @@ class Run:
             return [{"params": list(m.vision_tower.parameters()), "lr": 5e-4},
                     {"params": list(m.multi_modal_projector.parameters()), "lr": 1e-3}]
         return [{"params": list(m.multi_modal_projector.parameters()) + [m.image_newline], "lr": 1e-3},
-                {"params": [p for a in self.adapters.values() for p in (a.A, a.B)], "lr": 1e-3},
+                {"params": [p for a in self.adapters.values() for p in (a.A, a.B)], "lr": self.args.lora_lr},
                 {"params": list(m.vision_tower.encoder.layers[-1].parameters()), "lr": 2e-4}]
 
     def _start_stage(self, stage: int) -> None:
@@ -319,11 +348,17 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-samples", type=int, default=240)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA in stage answer")
+    parser.add_argument("--ideal-tokens", action="store_true",
+                        help="diagnostic: train stage answer on perfect image tokens (the sums of their describing "
+                             "words' embeddings) to see what the language model can learn; needs another --out")
     args = parser.parse_args(argv)
     for name in ("align_steps", "steps", "batch", "turns", "align_batch", "eval_every", "val_samples", "log_every",
                  "checkpoint_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.ideal_tokens and args.out == fixture2.WEIGHTS:
+        parser.error("--ideal-tokens trains no fixture: give it another --out (and --log, --checkpoint)")
     if args.resume and not args.checkpoint.is_file():
         parser.error(f"--resume: no checkpoint at {args.checkpoint}")
     return args
@@ -347,7 +382,8 @@ def main(argv=None) -> None:
             if str(args.init) != "none":
                 run.init_from(args.init)
             write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
-                  steps=args.steps, batch=args.batch, turns=args.turns, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
+                  steps=args.steps, batch=args.batch, turns=args.turns, lora_lr=args.lora_lr,
+                  ideal_tokens=args.ideal_tokens, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
                   image_tokens=fixture2.IMAGE_TOKENS)
         try:
             outcome = run.run()
