@@ -74,7 +74,7 @@ def load_trained(model, path: Path = WEIGHTS) -> None:
     fixture1.load_trained(model, path, trained=TRAINED, train=TRAIN_COMMAND)
 
 
-def build_fixture(out: str | Path, *, overwrite: bool = False, weights: Path = WEIGHTS) -> Path:
+def build_fixture(out: str | Path, *, overwrite: bool = False, weights: str | Path = WEIGHTS) -> Path:
     """Assemble the trained fixture 2 and save it as a transformers directory at ``out``."""
     if not Path(weights).is_file():  # before the 30 s of loading SmolLM2
         raise TampError(f"fixture 2 weights {weights} are missing: train them with `{TRAIN_COMMAND}` "
