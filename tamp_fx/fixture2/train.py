@@ -6,8 +6,10 @@
 
 run alone on the 2-core machine. The defaults (1,000 "align" and 1,500 "answer" steps) fill the
 90 minutes at the rates measured there (0.25 s and about 3 s a step). No run has reached the
-85% bar yet: two attempts learnt the content questions but not the positional ones (the README
-says what was tried; their logs are ``docs/fixture2-training-attempt{1,2}.jsonl``). A run that
+85% bar yet: four attempts learnt the content questions but not the positional ones, and
+``--ideal-tokens`` (perfect image tokens, no tower) shows the block is in the language model
+and its LoRA (the README says what was tried; logs ``docs/fixture2-training-attempt*.jsonl``,
+``docs/fixture2-ideal-token-probes.jsonl``). A run that
 stops (``--max-minutes`` reached, or interrupted) continues with ``--resume``.
 
 The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its trained weights:
