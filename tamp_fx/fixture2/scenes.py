@@ -120,6 +120,9 @@ def _lit_from_the_middle() -> np.ndarray:
     return np.rint(LIGHT * (1 - np.hypot(x, y) / np.hypot(SIZE / 2, SIZE / 2)))[..., None].astype(np.int16)
 
 
+_LIGHT = _lit_from_the_middle()
+
+
 def _draw(rng: np.random.Generator, objects: list[Obj], text: Text | None) -> np.ndarray:
     image = background(rng, SIZE) + _LIGHT                                  # (128, 128, 3): at most 116
     for obj in objects:
@@ -152,9 +155,6 @@ def _scene(rng: np.random.Generator, with_text: bool) -> tuple[list[Obj], Text |
     picks = rng.permutation(len(kinds))[:count]
     sizes = rng.integers(len(SIZES), size=count)
     return [Obj(kinds[p][0], kinds[p][1], SIZES[z], int(cell)) for p, cell, z in zip(picks, cells, sizes)], text
-
-
-_LIGHT = _lit_from_the_middle()
 
 
 # ----------------------------------------------------------------------------- questions
@@ -281,7 +281,7 @@ def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, 
 
     Every token says all of its cell (a bag of words, summed embeddings), so a question that
     names one attribute finds the others in the same token: attention looks up "the small
-    triangle" and reads its colour, or "row 2, column 3" and reads its shape, without binding
+    triangle" and reads its colour, or "column b, row three" and reads its shape, without binding
     neighbouring tokens by their places in the sequence. Base view (4x4 tokens, one per cell;
     small shapes are a few pixels there, characters unreadable): the object's colour, or
     "text", or "empty". Tiles (8x8 tokens, reading order over the whole image, 2x2 per cell):
@@ -298,17 +298,15 @@ def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, 
     base = [((by_cell[c].colour,) if c in by_cell else ("text",) if c in text_cells else ("empty",)) + where(c)
             for c in range(GRID * GRID)]
     tiles = []
-    for srow in range(2 * GRID):
-        for scol in range(2 * GRID):
-            cell = (srow // 2) * GRID + scol // 2
-            o = by_cell.get(cell)
-            if o is not None:
-                what = (o.colour, o.shape, o.size)
-            elif cell in text_cells:
-                what = (chars.get((srow, scol), "text"),)
-            else:
-                what = ("empty",)
-            tiles.append(what + where(cell))
+    for slot, cell in enumerate(token_cells()[GRID * GRID:]):      # slot = srow * 8 + scol
+        o = by_cell.get(cell)
+        if o is not None:
+            what = (o.colour, o.shape, o.size)
+        elif cell in text_cells:
+            what = (chars.get(divmod(slot, 2 * GRID), "text"),)
+        else:
+            what = ("empty",)
+        tiles.append(what + where(cell))
     return base, tiles
 
 
