@@ -12,9 +12,14 @@ torch.float32
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 from tamp_fx.errors import TampError
+
+log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -54,4 +59,31 @@ def resolve_dtype(dtype: str | None, device: torch.device, checkpoint_dtype: tor
     check_dtype(dtype)
     if dtype is None:
         dtype = "float32" if device.type == "cpu" else "auto"
-    return DTYPES[dtype] or checkpoint_dtype
+    resolved = DTYPES[dtype] or checkpoint_dtype
+    if device.type == "cpu" and not cpu_multiplies_natively(resolved):
+        log.warning("computing in %s on a CPU that has no native %s matrix products (%s): they are emulated, "
+                    "several times slower than in float32; --dtype float32 is faster here",
+                    _name(resolved), _name(resolved), torch.backends.cpu.get_cpu_capability())
+    return resolved
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices natively (for bfloat16 and float16: the
+    AVX-512 or AMX instructions oneDNN needs). Without them (an AVX2-only CPU) half-precision
+    matrix products are emulated, and slower than float32 ones (the README has a measurement)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+def cpu_autocast():
+    """bfloat16 autocast on a CPU that multiplies bfloat16 natively, else nothing (float32):
+    the fixtures' training and validation use it, so an AVX2-only machine is not slowed down."""
+    native = cpu_multiplies_natively(torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16) if native else contextlib.nullcontext()

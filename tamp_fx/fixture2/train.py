@@ -23,7 +23,8 @@ The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its train
   plus cross entropy of the token's cosines against its words. No language-model pass, so
   steps are cheap. The background is lit from the middle (:mod:`scenes`), so a tile token,
   which the tower sees with its tile only, can tell where its tile lies;
-* stage "answer": end to end through the frozen SmolLM2 (bfloat16 autocast), training the
+* stage "answer": end to end through the frozen SmolLM2 (bfloat16 autocast where the CPU
+  multiplies bfloat16 natively, else float32), training the
   projector, the newline vector, the tower's last layer and the rank-8 LoRA on the answer
   tokens only. Each item is a conversation of ``--turns`` questions (different tasks) about
   one image, so the 88 image tokens are paid once for several answers; its first turn is the
@@ -60,6 +61,7 @@ from tamp_fx.fixture import train as train1
 from tamp_fx.fixture2 import model as fixture2
 from tamp_fx.fixture2 import scenes
 from tamp_fx.model_io import atomic_file
+from tamp_fx.placement import cpu_autocast, cpu_multiplies_natively
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +278,7 @@ class Run:
 
     def _answer_step(self, samples) -> float:
         self.model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu_autocast():
             logits, target, _ = train1.answer_logits(self.model, self.batcher, samples)
         loss = F.cross_entropy(logits.float(), target)
         train1._step(self.opt, self.sched, loss)
@@ -383,6 +385,7 @@ def main(argv=None) -> None:
             write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
                   steps=args.steps, batch=args.batch, turns=args.turns, lora_lr=args.lora_lr,
                   ideal_tokens=args.ideal_tokens, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
+                  compute="bfloat16 autocast" if cpu_multiplies_natively(torch.bfloat16) else "float32",
                   image_tokens=fixture2.IMAGE_TOKENS)
         try:
             outcome = run.run()

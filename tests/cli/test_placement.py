@@ -15,7 +15,7 @@ from tamp_fx.api import _open_layer_by_layer
 from tamp_fx.cli.main import app
 from tamp_fx.layers import CheckpointLayers
 from tamp_fx.model_io import load_model, resolve_source
-from tamp_fx.testing.tiny import FAMILIES
+from tamp_fx.testing.tiny import FAMILIES, slow_except
 
 runner = CliRunner()
 
@@ -50,7 +50,7 @@ def assert_same_masks(a: tamp_fx.Plan, b: tamp_fx.Plan) -> None:
     assert a.model["fingerprint"] == b.model["fingerprint"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", slow_except(FAMILIES, "llava_next", "qwen2_vl"))
 def test_layer_by_layer_loading_plans_exactly_what_the_whole_model_does(family, tiny_models):
     model = tiny_models(family)
     assert_same_masks(_plan(model, device="cpu", layer_by_layer=True), _plan(model, device="cpu", layer_by_layer=False))
@@ -203,3 +203,21 @@ def test_tied_embeddings_are_read_for_the_capture(tiny_models, tmp_path):
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     assert_same_masks(_plan(model, "wanda", device="cpu", layer_by_layer=True),
                       _plan(model, "wanda", device="cpu", layer_by_layer=False))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_half_precision_on_a_cpu_without_native_products_warns_and_training_stays_float32(native, monkeypatch, caplog):
+    from tamp_fx import placement
+
+    monkeypatch.setattr(placement, "cpu_multiplies_natively", lambda dtype: native or dtype == torch.float32)
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="tamp_fx.placement"):
+        assert placement.resolve_dtype("bfloat16", cpu, torch.float32) == torch.bfloat16
+        assert placement.resolve_dtype("auto", cpu, torch.float16) == torch.float16
+        assert placement.resolve_dtype(None, cpu, torch.bfloat16) == torch.float32   # the CPU default: no warning
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == (0 if native else 2) and all("--dtype float32" in m for m in warned), warned
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with placement.cpu_autocast():
+        product = a @ b
+    assert product.dtype == (torch.bfloat16 if native else torch.float32)
