@@ -49,6 +49,13 @@ FAMILIES: tuple[str, ...] = (
     "llama",
 )
 
+
+def slow_except(values, *kept):
+    """Parameters for a test that runs on ``kept`` by default and on the rest of ``values`` only
+    with ``-m slow``: the default suite stays under 15 minutes on two cores, CI runs both."""
+    import pytest
+    return [v if v in kept else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
 # Text placeholders of calib.jsonl: where the sample's image / audio goes in the human turn.
 IMAGE_PLACEHOLDER = "<image>"
 AUDIO_PLACEHOLDER = "<audio>"

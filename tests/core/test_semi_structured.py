@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import doctest
 import json
-from pathlib import Path
 
 import pytest
 import torch

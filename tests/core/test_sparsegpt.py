@@ -4,7 +4,6 @@ untouched inputs, errors, and the streaming Hessian."""
 from __future__ import annotations
 
 import doctest
-import math
 
 import pytest
 import torch
