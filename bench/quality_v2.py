@@ -283,7 +283,8 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows per text (default: all)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the plans' and evaluations' forward passes (bfloat16 planned 1.5x faster on "
-                             "the 2-core AVX-512 BF16 development machine; statistics stay float32/float64)")
+                             "the 2-core AVX-512 BF16 development machine, emulated and slower than float32 on an AVX2-only "
+                             "CPU; statistics stay float32/float64)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the docs from results.jsonl")
     parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     parser.add_argument("--eval-one", type=Path, help=argparse.SUPPRESS)   # internal: one evaluation, JSON on stdout
