@@ -33,9 +33,8 @@ def describe(objects, text: scenes.Text | None) -> str:
         parts.append(f"In {scenes.cell_name(o.cell)}, in the {o.quadrant} quadrant, there is a {o.size} "
                      f"{o.colour} {o.shape}.")
     if text is not None:
-        where = " and ".join(scenes.COLUMN_NAMES[c % scenes.GRID] for c in text.cells)
-        parts.append(f"In column{'s' * (len(text.cells) > 1)} {where} of row {scenes.ROW_NAMES[text.row]}, white "
-                     f"characters spell \"{text.string}\".")
+        where = " and ".join(scenes.cell_name(c) for c in text.cells)
+        parts.append(f"In {where}, in the {scenes.ROW_NAMES[text.row]} row, white characters spell \"{text.string}\".")
     counts = [f"{_NUMBERS[sum(o.colour == c for o in objects)]} {c}" for c in scenes.COLOURS]
     parts.append(f"By colour there are {', '.join(counts[:-1])} and {counts[-1]} objects.")
     empty = scenes.GRID * scenes.GRID - n - (len(text.cells) if text else 0)

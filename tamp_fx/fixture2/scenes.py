@@ -12,8 +12,8 @@ tile.
 Six tasks, each needing the image:
 
 * colour: the colour of a named small (or large) shape;
-* cell: what is in a given cell, named by column and row ("column b, row three"): a shape,
-  "text" or "nothing";
+* cell: what is in a given cell, named by its number in reading order ("cell ten"): a
+  shape, "text" or "nothing";
 * count: how many objects of a colour;
 * quadrant: which quadrant an object is in ("top-left" ...);
 * text: the string the image shows;
@@ -47,13 +47,18 @@ MAX_OBJECTS = 8
 HELD_OUT_SEED = 101          # tamp-fx's held-out split for fixture 2 (1,200 questions)
 HELD_OUT_N = 1200
 LIGHT = 48                   # the background's brightening from corner to centre (levels of 255)
-# a cell is named like a spreadsheet's, by column letter and row word ("column b, row three"),
-# so that the words a question uses for it are single tokens that no other word shares
-# (not digits: counts and characters are digits) and that each image token can say of itself
-COLUMN_NAMES = ("a", "b", "c", "d")
-ROW_NAMES = ("one", "two", "three", "four")
-COLUMN_WORDS = tuple(" " + n for n in COLUMN_NAMES)   # as the question's tokens spell them
-ROW_WORDS = tuple(" " + n for n in ROW_NAMES)
+# A cell is named by one number word in reading order ("cell ten" is the third row's second
+# cell), so that a question about a cell names it with one token, as the content questions name
+# a shape, and each image token can say which cell it lies in with that very token. With
+# perfect image tokens and cell questions only, SmolLM2 and its LoRA answered 83% of them after
+# 50 steps with this one-word key, 31% with the earlier two-word one ("column b, row three";
+# docs/fixture2-ideal-token-probes.jsonl, probes 7 and 9).
+CELL_NAMES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+              "thirteen", "fourteen", "fifteen", "sixteen")
+CELL_WORDS = tuple(" " + n for n in CELL_NAMES)       # as the question's tokens spell them
+ROW_NAMES = ("first", "second", "third", "fourth")     # for the descriptions
+# the halves the quadrant's answer names, as it spells them ("top-left" is "top", "-", "left")
+HALF_WORDS = ("top", "bottom", "left", "right")
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,8 @@ def _scene(rng: np.random.Generator, with_text: bool) -> tuple[list[Obj], Text |
 # ----------------------------------------------------------------------------- questions
 
 def cell_name(cell: int) -> str:
-    """"column b, row three" for cell 9 (row = cell // 4, column = cell % 4)."""
-    return f"column {COLUMN_NAMES[cell % GRID]}, row {ROW_NAMES[cell // GRID]}"
+    """"cell ten" for cell 9 (row = cell // 4 = 2, column = cell % 4 = 1; numbered from one)."""
+    return f"cell {CELL_NAMES[cell]}"
 
 
 def _name(o: Obj) -> str:
@@ -279,23 +284,26 @@ def held_out(n: int = HELD_OUT_N) -> list[Sample]:
 def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """The words each image token is aligned to: what its cell holds and where the cell is.
 
-    Every token says all of its cell (a bag of words, summed embeddings), so a question that
-    names one attribute finds the others in the same token: attention looks up "the small
-    triangle" and reads its colour, or "column b, row three" and reads its shape, without binding
-    neighbouring tokens by their places in the sequence. Base view (4x4 tokens, one per cell;
-    small shapes are a few pixels there, characters unreadable): the object's colour, or
-    "text", or "empty". Tiles (8x8 tokens, reading order over the whole image, 2x2 per cell):
-    an object's colour, shape and size; a text cell's character in its slot (or "text" in an
-    empty slot); "empty". Each token also says its cell's row (:data:`ROW_WORDS`) and column
-    (:data:`COLUMN_WORDS`)."""
+    Every token says all of its cell (a bag of words, summed embeddings), and every answer
+    but a relation's is among the words of the token a question points to, so such a question
+    is one lookup and a copy: "the small triangle" finds the tokens saying "small" and
+    "triangle" and reads their colour; "cell ten" finds those saying " ten" and reads the
+    shape (or "text", or "nothing"); "the red circle" reads "top" and "left" for its quadrant.
+    A relation compares two cells' numbers. Base view (4x4 tokens, one per cell; small shapes
+    are a few pixels there, characters unreadable): the object's colour, or "text", or
+    "nothing". Tiles (8x8 tokens, reading order over the whole image, 2x2 per cell): an
+    object's colour, shape and size; a text cell's character in its slot (or "text" in an empty
+    slot); "nothing". Then where: the cell's number word (:data:`CELL_WORDS`) and its halves
+    (:data:`HALF_WORDS`)."""
     by_cell = {o.cell: o for o in s.objects}
     text_cells = set(s.text.cells) if s.text is not None else set()
     chars = {(r, c): ch for r, c, ch in s.text.slots()} if s.text is not None else {}
 
-    def where(cell: int) -> tuple[str, str]:
-        return ROW_WORDS[cell // GRID], COLUMN_WORDS[cell % GRID]
+    def where(cell: int) -> tuple[str, str, str]:
+        row, col = divmod(cell, GRID)
+        return CELL_WORDS[cell], HALF_WORDS[row >= GRID // 2], HALF_WORDS[2 + (col >= GRID // 2)]
 
-    base = [((by_cell[c].colour,) if c in by_cell else ("text",) if c in text_cells else ("empty",)) + where(c)
+    base = [((by_cell[c].colour,) if c in by_cell else ("text",) if c in text_cells else ("nothing",)) + where(c)
             for c in range(GRID * GRID)]
     tiles = []
     for slot, cell in enumerate(token_cells()[GRID * GRID:]):      # slot = srow * 8 + scol
@@ -305,7 +313,7 @@ def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, 
         elif cell in text_cells:
             what = (chars.get(divmod(slot, 2 * GRID), "text"),)
         else:
-            what = ("empty",)
+            what = ("nothing",)
         tiles.append(what + where(cell))
     return base, tiles
 
