@@ -57,8 +57,6 @@ CELL_NAMES = ("one", "two", "three", "four", "five", "six", "seven", "eight", "n
               "thirteen", "fourteen", "fifteen", "sixteen")
 CELL_WORDS = tuple(" " + n for n in CELL_NAMES)       # as the question's tokens spell them
 ROW_NAMES = ("first", "second", "third", "fourth")     # for the descriptions
-# the halves the quadrant's answer names, as it spells them ("top-left" is "top", "-", "left")
-HALF_WORDS = ("top", "bottom", "left", "right")
 
 
 @dataclass(frozen=True)
@@ -284,24 +282,22 @@ def held_out(n: int = HELD_OUT_N) -> list[Sample]:
 def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
     """The words each image token is aligned to: what its cell holds and where the cell is.
 
-    Every token says all of its cell (a bag of words, summed embeddings), and every answer
-    but a relation's is among the words of the token a question points to, so such a question
-    is one lookup and a copy: "the small triangle" finds the tokens saying "small" and
-    "triangle" and reads their colour; "cell ten" finds those saying " ten" and reads the
-    shape (or "text", or "nothing"); "the red circle" reads "top" and "left" for its quadrant.
-    A relation compares two cells' numbers. Base view (4x4 tokens, one per cell; small shapes
-    are a few pixels there, characters unreadable): the object's colour, or "text", or
-    "nothing". Tiles (8x8 tokens, reading order over the whole image, 2x2 per cell): an
-    object's colour, shape and size; a text cell's character in its slot (or "text" in an empty
-    slot); "nothing". Then where: the cell's number word (:data:`CELL_WORDS`) and its halves
-    (:data:`HALF_WORDS`)."""
+    Every token says all of its cell (a bag of words, summed embeddings), so that a question
+    about one object or cell is one lookup and a copy: "the small triangle" finds the tokens
+    saying "small" and "triangle" and reads their colour; "cell ten" finds those saying " ten"
+    and reads the shape (or "text", or "nothing"). A quadrant or a relation is read off a
+    cell's number (tokens that also said their halves, "top" and "left", were looked up
+    worse: probes 7 and 10 in docs/fixture2-ideal-token-probes.jsonl). Base view (4x4 tokens,
+    one per cell; small shapes are a few pixels there, characters unreadable): the object's
+    colour, or "text", or "nothing". Tiles (8x8 tokens, reading order over the whole image,
+    2x2 per cell): an object's colour, shape and size; a text cell's character in its slot (or
+    "text" in an empty slot); "nothing". Then where: the cell's number word (:data:`CELL_WORDS`)."""
     by_cell = {o.cell: o for o in s.objects}
     text_cells = set(s.text.cells) if s.text is not None else set()
     chars = {(r, c): ch for r, c, ch in s.text.slots()} if s.text is not None else {}
 
-    def where(cell: int) -> tuple[str, str, str]:
-        row, col = divmod(cell, GRID)
-        return CELL_WORDS[cell], HALF_WORDS[row >= GRID // 2], HALF_WORDS[2 + (col >= GRID // 2)]
+    def where(cell: int) -> tuple[str]:
+        return (CELL_WORDS[cell],)
 
     base = [((by_cell[c].colour,) if c in by_cell else ("text",) if c in text_cells else ("nothing",)) + where(c)
             for c in range(GRID * GRID)]

@@ -18,8 +18,8 @@ The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its train
   tower, same language model; fixture 2's tiles have fixture 1's 32-px cells);
 * stage "align": the tower (every layer) and the projector learn to put each image token on
   the sum of the language model's embeddings of the words that describe its cell
-  (:func:`scenes.describing_words`: what the cell holds, and its number and halves, so
-  that a question is a lookup and a copy); loss: MSE relative to the embeddings' variance
+  (:func:`scenes.describing_words`: what the cell holds, and its number, so that a
+  question about a cell is a lookup and a copy); loss: MSE relative to the embeddings' variance
   plus cross entropy of the token's cosines against its words. No language-model pass, so
   steps are cheap. The background is lit from the middle (:mod:`scenes`), so a tile token,
   which the tower sees with its tile only, can tell where its tile lies;
@@ -139,7 +139,7 @@ class Aligner:
 
     def __init__(self, model, tokenizer):
         self.words = list(dict.fromkeys([*scenes.COLOURS, *scenes.SHAPES, *scenes.RADII, "text", "nothing",
-                                         *scenes.CHARACTERS, *scenes.CELL_WORDS, *scenes.HALF_WORDS]))
+                                         *scenes.CHARACTERS, *scenes.CELL_WORDS]))
         self.index = {w: i for i, w in enumerate(self.words)}
         embed = model.model.language_model.embed_tokens.weight.detach()           # (V, D)
         self.embeddings = embed[[train1._word_id(tokenizer, w) for w in self.words]]  # (W, D)
