@@ -27,7 +27,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
-# the real SmolLM2-135M and the trained fixtures, minutes each (CI runs them after `test`)
+# the real SmolLM2-135M, the trained fixtures and the repeats of default tests on more families
+# and method combinations (CI runs them after `test`)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 

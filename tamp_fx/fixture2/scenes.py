@@ -287,7 +287,7 @@ def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, 
     saying "small" and "triangle" and reads their colour; "cell ten" finds those saying " ten"
     and reads the shape (or "text", or "nothing"). A quadrant or a relation is read off a
     cell's number (tokens that also said their halves, "top" and "left", were looked up
-    worse: probes 7 and 10 in docs/fixture2-ideal-token-probes.jsonl). Base view (4x4 tokens,
+    worse: probes 10 and 11 in docs/fixture2-ideal-token-probes.jsonl). Base view (4x4 tokens,
     one per cell; small shapes are a few pixels there, characters unreadable): the object's
     colour, or "text", or "nothing". Tiles (8x8 tokens, reading order over the whole image,
     2x2 per cell): an object's colour, shape and size; a text cell's character in its slot (or
@@ -296,10 +296,7 @@ def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, 
     text_cells = set(s.text.cells) if s.text is not None else set()
     chars = {(r, c): ch for r, c, ch in s.text.slots()} if s.text is not None else {}
 
-    def where(cell: int) -> tuple[str]:
-        return (CELL_WORDS[cell],)
-
-    base = [((by_cell[c].colour,) if c in by_cell else ("text",) if c in text_cells else ("nothing",)) + where(c)
+    base = [((by_cell[c].colour,) if c in by_cell else ("text",) if c in text_cells else ("nothing",)) + (CELL_WORDS[c],)
             for c in range(GRID * GRID)]
     tiles = []
     for slot, cell in enumerate(token_cells()[GRID * GRID:]):      # slot = srow * 8 + scol
@@ -310,7 +307,7 @@ def describing_words(s: Sample) -> tuple[list[tuple[str, ...]], list[tuple[str, 
             what = (chars.get(divmod(slot, 2 * GRID), "text"),)
         else:
             what = ("nothing",)
-        tiles.append(what + where(cell))
+        tiles.append(what + (CELL_WORDS[cell],))
     return base, tiles
 
 
