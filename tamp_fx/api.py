@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from tamp_fx.errors import TampError
 from tamp_fx.masks import apply_mask
 from tamp_fx.layers import CheckpointLayers, DecoderLayers, ResidentLayers
 from tamp_fx.model_io import (ModelSource, atomic_directory, check_output, checkpoint_dtype, checkpoint_index,
-                              checkpoint_keys, fingerprint, fingerprint_of, load_model, load_processor, materialise,
+                              checkpoint_keys, copy_companions, fingerprint, fingerprint_of, load_model, load_processor, materialise,
                               meta_model, release, resolve_source, temp_prefix)
 from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.progress import Bars
@@ -298,9 +297,9 @@ def apply(model: str | Path, plan_: Plan | str | Path, out: str | Path, *, overw
     _check_plan_matches(plan_, tensors, source)
     shards = sorted(set(keys.values()))
     with atomic_directory(Path(out), overwrite=overwrite, protect=protect) as tmp, Bars(progress) as bars:
-        for item in source.path.iterdir():
-            if item.suffix != ".safetensors" and item.name != semi_structured.MANIFEST:
-                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        left = copy_companions(source.path, tmp, skip=(semi_structured.MANIFEST,))
+        if left:
+            log.warning("not copied to %s (unpruned weights in another format): %s", out, ", ".join(left))
         with bars.task("write shards", len(shards)) as advance:
             for shard in shards:
                 with safe_open(shard, "pt") as f:
