@@ -241,18 +241,20 @@ def ask(rng: np.random.Generator, task: str, objects, text: Text | None) -> tupl
     return _QUESTIONS[task](rng, list(objects), text)
 
 
-def conversation(rng: np.random.Generator, turns: int, text_share: float = 0.5) -> list[Sample]:
-    """Up to ``turns`` questions of different tasks about one scene (the same image), the
-    tasks in random order; a scene that cannot pose a task skips it. ``text_share`` of the
-    scenes show text."""
+def conversation(rng: np.random.Generator, turns: int, text_share: float = 0.5,
+                 tasks: tuple[str, ...] = TASKS) -> list[Sample]:
+    """Up to ``turns`` questions about one scene (the same image), one per entry of ``tasks``
+    in random order (a task listed twice is asked twice, a different question each time); a
+    scene that cannot pose a question skips it. ``text_share`` of the scenes show text."""
     objects, text = _scene(rng, with_text=rng.random() < text_share)
     image = _draw(rng, objects, text)
-    out = []
-    for task in rng.permutation(TASKS):
+    out, asked = [], set()
+    for task in rng.permutation(tasks):
         if len(out) == turns:
             break
         qa = ask(rng, str(task), objects, text)
-        if qa is not None:
+        if qa is not None and qa[0] not in asked:
+            asked.add(qa[0])
             out.append(Sample(image, qa[0], qa[1], str(task), tuple(objects), text))
     return out
 

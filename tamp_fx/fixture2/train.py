@@ -86,15 +86,18 @@ def batch_samples(stage: int, step: int, n: int, held: set) -> list[scenes.Sampl
     return out
 
 
-def batch_conversations(stage: int, step: int, n: int, turns: int, held: set) -> list[list[scenes.Sample]]:
-    """``n`` conversations of up to ``turns`` questions about one image each, seeded by
-    ``stage`` and ``step``, without a held-out question. One image serves several answers,
-    so its 88 tokens are paid once; the first turn is exactly the evaluation's prompt. Three
-    scenes in four show text (reading strings is the hardest task)."""
+def batch_conversations(stage: int, step: int, n: int, turns: int, held: set,
+                        tasks: tuple[str, ...] = scenes.TASKS) -> list[list[scenes.Sample]]:
+    """``n`` conversations of up to ``turns`` questions about one image each (one per entry
+    of ``tasks``, so a task listed twice is asked twice), seeded by ``stage`` and ``step``,
+    without a held-out question. One image serves several answers, so its 88 tokens are paid
+    once; the first turn is exactly the evaluation's prompt. Three scenes in four show text
+    (reading strings is the hardest task)."""
     rng = np.random.default_rng([TRAIN_SEED, stage, step])
     out = []
     while len(out) < n:
-        turns_left = [s for s in scenes.conversation(rng, turns, text_share=0.75) if scenes.key(s) not in held]
+        turns_left = [s for s in scenes.conversation(rng, turns, text_share=0.75, tasks=tasks)
+                      if scenes.key(s) not in held]
         if turns_left:
             out.append(turns_left)
     return out
@@ -314,7 +317,7 @@ class Run:
                     return "budget"
                 self.step += 1
                 samples = (batch_samples(self.stage, self.step, batch, self.held) if name == "align" else
-                           batch_conversations(self.stage, self.step, batch, a.turns, self.held))
+                           batch_conversations(self.stage, self.step, batch, a.turns, self.held, a.tasks))
                 t = time.perf_counter()
                 running.append((self._align_step if name == "align" else self._answer_step)(samples))
                 if self.step == 1 or self.step % a.log_every == 0:
@@ -344,6 +347,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=12, help="images per step of stage answer")
     parser.add_argument("--turns", type=int, default=4, help="questions per image in stage answer")
+    parser.add_argument("--tasks", default=",".join(scenes.TASKS),
+                        help="the tasks a conversation of stage answer asks, comma-separated, in random order and "
+                             "at most --turns of them; a task listed twice is asked twice (oversampled)")
     parser.add_argument("--max-minutes", type=float, default=90.0)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--val-samples", type=int, default=240)
@@ -358,6 +364,11 @@ def parse(argv=None) -> argparse.Namespace:
                  "checkpoint_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    unknown = sorted(set(args.tasks) - set(scenes.TASKS))
+    if unknown or not args.tasks:
+        parser.error(f"--tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(scenes.TASKS)}")
     if args.ideal_tokens and args.out == fixture2.WEIGHTS:
         parser.error("--ideal-tokens trains no fixture: give it another --out (and --log, --checkpoint)")
     if args.resume and not args.checkpoint.is_file():
@@ -383,7 +394,7 @@ def main(argv=None) -> None:
             if str(args.init) != "none":
                 run.init_from(args.init)
             write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
-                  steps=args.steps, batch=args.batch, turns=args.turns, lora_lr=args.lora_lr,
+                  steps=args.steps, batch=args.batch, turns=args.turns, tasks=",".join(args.tasks), lora_lr=args.lora_lr,
                   ideal_tokens=args.ideal_tokens, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
                   compute="bfloat16 autocast" if cpu_multiplies_natively(torch.bfloat16) else "float32",
                   image_tokens=fixture2.IMAGE_TOKENS)
