@@ -4,11 +4,13 @@
 
     python -m tamp_fx.fixture2.train --max-minutes 90
 
-run alone on the 2-core machine. The defaults (1,000 "align" and 1,500 "answer" steps) fill the
-90 minutes at the rates measured there (0.25 s and about 3 s a step). No run has reached the
-85% bar yet: four attempts learnt the content questions but not the positional ones, and
-``--ideal-tokens`` (perfect image tokens, no tower) shows the block is in the language model
-and its LoRA (the README says what was tried; logs ``docs/fixture2-training-attempt*.jsonl``,
+run alone on the 2-core machine. The defaults (1,000 "align" and 1,500 "answer" steps) were sized
+from an earlier machine's rates (0.25 s and about 3 s a step); on the 2-core Xeon of 2026-12-02
+an answer step takes 3.85 s, so ``--max-minutes`` cuts them. No run has reached the 85% bar yet.
+With perfect image tokens (``--ideal-tokens``) the language model and its LoRA learn all six
+tasks in a 600-step schedule (79% at step 300, probe 13); with the tower's tokens (attempts 5
+and 6) they stall near 50%, since the tower's tile tokens carry their cell and character words
+too rarely (the README says what was tried; logs ``docs/fixture2-training-attempt*.jsonl``,
 ``docs/fixture2-ideal-token-probes.jsonl``). A run that
 stops (``--max-minutes`` reached, or interrupted) continues with ``--resume``.
 
