@@ -146,8 +146,10 @@ class Aligner:
     with each word's embedding is trained to rank its own words first."""
 
     def __init__(self, model, tokenizer):
-        self.words = list(dict.fromkeys([*scenes.COLOURS, *scenes.SHAPES, *scenes.RADII, "text", "nothing",
-                                         *scenes.CHARACTERS, *scenes.CELL_WORDS]))
+        kinds = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "size": scenes.RADII, "text": ("text",),
+                 "nothing": ("nothing",), "character": scenes.CHARACTERS, "cell": scenes.CELL_WORDS}
+        self.kind = {w: k for k, words in kinds.items() for w in words}
+        self.words = list(self.kind)
         self.index = {w: i for i, w in enumerate(self.words)}
         embed = model.model.language_model.embed_tokens.weight.detach()           # (V, D)
         self.embeddings = embed[[train1._word_id(tokenizer, w) for w in self.words]]  # (W, D)
@@ -176,13 +178,26 @@ class Aligner:
         ce = -(share * F.log_softmax(self._logits(out), dim=-1)).sum(-1).mean()
         return F.mse_loss(out, want) / self.scale + ce
 
-    def accuracy(self, out: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def accuracy(self, out: torch.Tensor, labels: torch.Tensor, by_word: bool = False) -> dict[str, float]:
         """Share of tokens whose k nearest words (k = how many it says) are exactly its words
-        (each of its words nearer than every other word), in the base view and in the tiles."""
+        (each of its words nearer than every other word), in the base view and in the tiles;
+        ``by_word`` adds, per kind of word and view, the share of the words a token says that
+        are among its k nearest (``val_tile_cell``: tile tokens that place their cell)."""
         logits, own = self._logits(out), labels.bool()                              # (B, 80, W) each
         right = logits.masked_fill(~own, float("inf")).amin(-1) > logits.masked_fill(own, -float("inf")).amax(-1)  # (B, 80)
         base = fixture2.BASE_TOKENS
-        return {"val_base_words": float(right[:, :base].float().mean()), "val_tile_words": float(right[:, base:].float().mean())}
+        result = {"val_base_words": float(right[:, :base].float().mean()), "val_tile_words": float(right[:, base:].float().mean())}
+        if by_word:
+            k = own.sum(-1, keepdim=True)                                           # (B, 80, 1)
+            kth = logits.sort(-1, descending=True).values.gather(-1, k - 1)         # (B, 80, 1): the k-th nearest
+            near = own & (logits >= kth)                                            # (B, 80, W)
+            for view, part in (("base", slice(None, base)), ("tile", slice(base, None))):
+                for kind in dict.fromkeys(self.kind.values()):
+                    cols = [self.index[w] for w, k_ in self.kind.items() if k_ == kind]
+                    said = own[:, part][..., cols]
+                    if said.any():
+                        result[f"val_{view}_{kind}"] = round(float(near[:, part][..., cols].sum() / said.sum()), 4)
+        return result
 
 
 # ----------------------------------------------------------------------------- the run
@@ -298,7 +313,7 @@ class Run:
         with torch.no_grad():
             if STAGES[self.stage] == "align":
                 out = self.aligner.outputs(self.model, self.batcher, val)
-                return self.aligner.accuracy(out, self.aligner.labels(val))
+                return self.aligner.accuracy(out, self.aligner.labels(val), by_word=True)
             return {"val_accuracy": train1.exact_match(self.model, self.batcher, val, chunk=self.args.batch)}
 
     def run(self) -> str:
@@ -349,7 +364,7 @@ def parse(argv=None) -> argparse.Namespace:
                         help="start from these trained parts (fixture 1's); 'none' starts from scratch")
     parser.add_argument("--align-steps", type=int, default=1000)
     parser.add_argument("--align-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1500, help="steps of stage answer (0: the alignment only)")
     parser.add_argument("--batch", type=int, default=12, help="images per step of stage answer")
     parser.add_argument("--turns", type=int, default=4, help="questions per image in stage answer")
     parser.add_argument("--tasks", default=",".join(scenes.TASKS),
@@ -365,10 +380,12 @@ def parse(argv=None) -> argparse.Namespace:
                         help="diagnostic: train stage answer on perfect image tokens (the sums of their describing "
                              "words' embeddings) to see what the language model can learn; needs another --out")
     args = parser.parse_args(argv)
-    for name in ("align_steps", "steps", "batch", "turns", "align_batch", "eval_every", "val_samples", "log_every",
+    for name in ("align_steps", "batch", "turns", "align_batch", "eval_every", "val_samples", "log_every",
                  "checkpoint_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.steps < 0 or (args.steps == 0 and args.ideal_tokens):
+        parser.error("--steps must be at least 0 (0: the alignment only), and at least 1 with --ideal-tokens")
     args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     unknown = sorted(set(args.tasks) - set(scenes.TASKS))
     if unknown or not args.tasks:
