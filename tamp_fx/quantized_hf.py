@@ -17,7 +17,6 @@ exactly 0.0; :func:`save_int8_weight` checks that before writing.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import transformers
 
 from tamp_fx.errors import TampError, first_line
-from tamp_fx.model_io import ModelSource, _model_class, load_config
+from tamp_fx.model_io import ModelSource, _model_class, copy_companions, load_config
 from tamp_fx.quantize import _require_torchao, dequantized_weight
 
 log = logging.getLogger(__name__)
@@ -87,8 +86,5 @@ def save_int8_weight(pruned: Path, out: Path, masks: Mapping[str, torch.Tensor])
         if bool((weight[~mask.to(weight.device)] != 0).any()):
             raise TampError(f"int8-weight quantization made pruned weights of {name} nonzero: please report this")
     net.save_pretrained(out)
-    for item in pruned.iterdir():
-        if item.suffix == ".safetensors" or item.name in _MODEL_FILES or (out / item.name).exists():
-            continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+    copy_companions(pruned, out, skip={*_MODEL_FILES, *(p.name for p in out.iterdir())})
     log.info("int8-weight: quantized %d linears, kept %d in float", len(modules), len(linears) - len(modules))

@@ -148,10 +148,10 @@ class Aligner:
     def __init__(self, model, tokenizer):
         kinds = {"colour": scenes.COLOURS, "shape": scenes.SHAPES, "size": scenes.RADII, "text": ("text",),
                  "nothing": ("nothing",), "character": scenes.CHARACTERS, "cell": scenes.CELL_WORDS}
-        self.kind = {w: k for k, words in kinds.items() for w in words}
-        self.words = list(self.kind)
+        self.words = [w for words in kinds.values() for w in words]
         self.index = {w: i for i, w in enumerate(self.words)}
-        self.characters = [self.index[c] for c in scenes.CHARACTERS]
+        self.columns = {k: [self.index[w] for w in words] for k, words in kinds.items()}   # kind -> word indices
+        self.characters = self.columns["character"]
         embed = model.model.language_model.embed_tokens.weight.detach()           # (V, D)
         self.embeddings = embed[[train1._word_id(tokenizer, w) for w in self.words]]  # (W, D)
         self.scale = embed.var()                                                   # the MSE is relative to the spread
@@ -199,8 +199,7 @@ class Aligner:
             kth = logits.sort(-1, descending=True).values.gather(-1, k - 1)         # (B, 80, 1): the k-th nearest
             near = own & (logits >= kth)                                            # (B, 80, W)
             for view, part in (("base", slice(None, base)), ("tile", slice(base, None))):
-                for kind in dict.fromkeys(self.kind.values()):
-                    cols = [self.index[w] for w, k_ in self.kind.items() if k_ == kind]
+                for kind, cols in self.columns.items():
                     said = own[:, part][..., cols]
                     if said.any():
                         result[f"val_{view}_{kind}"] = round(float(near[:, part][..., cols].sum() / said.sum()), 4)
