@@ -311,6 +311,11 @@ class Run:
         with cpu_autocast():
             logits, target, _ = train1.answer_logits(self.model, self.batcher, samples)
         loss = F.cross_entropy(logits.float(), target)
+        if self.args.keep_aligned > 0:   # the alignment loss on the step's images keeps their tokens on their words
+            images = [item[0] if isinstance(item, list) else item for item in samples]
+            out = self.aligner.outputs(self.model, self.batcher, images)
+            loss = loss + self.args.keep_aligned * self.aligner.loss(out, self.aligner.labels(images),
+                                                                     self.args.character_weight)
         train1._step(self.opt, self.sched, loss, clip=GRAD_CLIP)
         self.model.eval()
         return loss.item()
@@ -318,10 +323,11 @@ class Run:
     def _validate(self) -> dict:
         val = scenes.split(VAL_SEED, self.args.val_samples, balanced=True)
         with torch.no_grad():
+            out = self.aligner.outputs(self.model, self.batcher, val)
+            words = self.aligner.accuracy(out, self.aligner.labels(val), by_word=True)
             if STAGES[self.stage] == "align":
-                out = self.aligner.outputs(self.model, self.batcher, val)
-                return self.aligner.accuracy(out, self.aligner.labels(val), by_word=True)
-            return {"val_accuracy": train1.exact_match(self.model, self.batcher, val, chunk=self.args.batch)}
+                return words
+            return {"val_accuracy": train1.exact_match(self.model, self.batcher, val, chunk=self.args.batch), **words}
 
     def run(self) -> str:
         """Train to the end or to the budget; returns "done" or "budget"."""
@@ -385,6 +391,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA in stage answer")
+    parser.add_argument("--keep-aligned", type=float, default=0.0,
+                        help="weight of the alignment loss added in stage answer (0: answers only), so that the "
+                             "tower's tokens stay on their words while the answers are learned")
     parser.add_argument("--ideal-tokens", action="store_true",
                         help="diagnostic: train stage answer on perfect image tokens (the sums of their describing "
                              "words' embeddings) to see what the language model can learn; needs another --out")
@@ -395,6 +404,8 @@ def parse(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.character_weight <= 0:
         parser.error("--character-weight must be positive")
+    if args.keep_aligned < 0 or (args.keep_aligned > 0 and args.ideal_tokens):
+        parser.error("--keep-aligned must be at least 0, and 0 with --ideal-tokens (no tower is trained)")
     if args.steps < 0 or (args.steps == 0 and args.ideal_tokens):
         parser.error("--steps must be at least 0 (0: the alignment only), and at least 1 with --ideal-tokens")
     args.tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
@@ -428,7 +439,7 @@ def main(argv=None) -> None:
                 run.init_from(args.init)
             write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
                   steps=args.steps, batch=args.batch, turns=args.turns, tasks=",".join(args.tasks), lora_lr=args.lora_lr,
-                  character_weight=args.character_weight,
+                  character_weight=args.character_weight, keep_aligned=args.keep_aligned,
                   ideal_tokens=args.ideal_tokens, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
                   compute="bfloat16 autocast" if cpu_multiplies_natively(torch.bfloat16) else "float32",
                   image_tokens=fixture2.IMAGE_TOKENS)
