@@ -4,14 +4,14 @@
 
     python -m tamp_fx.fixture2.train --max-minutes 90
 
-run alone on the 2-core machine. The defaults (1,000 "align" and 1,500 "answer" steps) were sized
-from an earlier machine's rates (0.25 s and about 3 s a step); on the 2-core Xeon of 2026-12-02
-an answer step takes 3.85 s, so ``--max-minutes`` cuts them. No run has reached the 85% bar yet.
-With perfect image tokens (``--ideal-tokens``) the language model and its LoRA learn all six
-tasks in a 600-step schedule (79% at step 300, probe 13); with the tower's tokens (attempts 5
-and 6) they stall near 50%, since the tower's tile tokens carry their cell and character words
-too rarely (the README says what was tried; logs ``docs/fixture2-training-attempt*.jsonl``,
-``docs/fixture2-ideal-token-probes.jsonl``). A run that
+run alone on the 2-core machine (attempt 8, 2026-12-02: 3,000 "align" steps at 0.27 s and 950
+"answer" steps at 4.0-4.4 s, 88 minutes on a 2-core Xeon; log ``docs/fixture2-training.jsonl``).
+What made it work, after seven attempts (the README tells them; logs
+``docs/fixture2-training-attempt*.jsonl``, ``docs/fixture2-ideal-token-probes.jsonl``): a
+language model and LoRA that learn on the tower's noisy tokens from the start stall near 50%,
+while one trained on perfect tokens (``--ideal-tokens``) reads the tower's tokens at 73%; so the
+answer stage starts on perfect tokens and hands over to the tower's (``--ideal-steps``), and
+the alignment loss keeps the tower's tokens on their words meanwhile (``--keep-aligned``). A run that
 stops (``--max-minutes`` reached, or interrupted) continues with ``--resume``.
 
 The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its trained weights:
@@ -28,7 +28,10 @@ The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its train
 * stage "answer": end to end through the frozen SmolLM2 (bfloat16 autocast where the CPU
   multiplies bfloat16 natively, else float32), training the
   projector, the newline vector, the tower's last layer and the rank-8 LoRA on the answer
-  tokens only. Each item is a conversation of ``--turns`` questions (different tasks) about
+  tokens only, plus ``--keep-aligned`` times the alignment loss of the step's images. For
+  the first ``--ideal-steps`` steps every image reaches the language model as perfect tokens
+  (the sums of its words' embeddings); then a falling share of them, drawn per step, until
+  none after twice as many steps. Each item is a conversation of ``--turns`` questions (different tasks) about
   one image, so the 88 image tokens are paid once for several answers; its first turn is the
   evaluation's single-question prompt.
 
@@ -401,13 +404,13 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint (appends to --log)")
     parser.add_argument("--init", type=Path, default=fixture1.WEIGHTS,
                         help="start from these trained parts (fixture 1's); 'none' starts from scratch")
-    parser.add_argument("--align-steps", type=int, default=1000)
+    parser.add_argument("--align-steps", type=int, default=3000)
     parser.add_argument("--align-batch", type=int, default=32)
-    parser.add_argument("--character-weight", type=float, default=1.0,
+    parser.add_argument("--character-weight", type=float, default=10.0,
                         help="weight of the image tokens that show a character in the alignment loss")
-    parser.add_argument("--steps", type=int, default=1500, help="steps of stage answer (0: the alignment only)")
+    parser.add_argument("--steps", type=int, default=950, help="steps of stage answer (0: the alignment only)")
     parser.add_argument("--batch", type=int, default=12, help="images per step of stage answer")
-    parser.add_argument("--turns", type=int, default=4, help="questions per image in stage answer")
+    parser.add_argument("--turns", type=int, default=6, help="questions per image in stage answer")
     parser.add_argument("--tasks", default=",".join(scenes.TASKS),
                         help="the tasks a conversation of stage answer asks, comma-separated, in random order and "
                              "at most --turns of them; a task listed twice is asked twice (oversampled)")
@@ -416,13 +419,15 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-samples", type=int, default=240)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--lora-lr", type=float, default=1e-3, help="learning rate of the LoRA in stage answer")
-    parser.add_argument("--keep-aligned", type=float, default=0.0,
+    parser.add_argument("--lora-lr", type=float, default=5e-3, help="learning rate of the LoRA in stage answer")
+    parser.add_argument("--keep-aligned", type=float, default=None,
                         help="weight of the alignment loss added in stage answer (0: answers only), so that the "
-                             "tower's tokens stay on their words while the answers are learned")
-    parser.add_argument("--ideal-steps", type=int, default=0,
+                             "tower's tokens stay on their words while the answers are learned (default 1; 0 "
+                             "with --ideal-tokens)")
+    parser.add_argument("--ideal-steps", type=int, default=None,
                         help="stage answer starts on perfect image tokens for this many steps, then hands over to "
-                             "the tower's over as many more (0: the tower's from the start)")
+                             "the tower's over as many more (0: the tower's from the start; default 300, 0 with "
+                             "--ideal-tokens)")
     parser.add_argument("--ideal-tokens", action="store_true",
                         help="diagnostic: train stage answer on perfect image tokens (the sums of their describing "
                              "words' embeddings) to see what the language model can learn; needs another --out")
@@ -433,6 +438,10 @@ def parse(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.character_weight <= 0:
         parser.error("--character-weight must be positive")
+    if args.keep_aligned is None:
+        args.keep_aligned = 0.0 if args.ideal_tokens else 1.0
+    if args.ideal_steps is None:
+        args.ideal_steps = 0 if args.ideal_tokens else 300
     if args.keep_aligned < 0 or (args.keep_aligned > 0 and args.ideal_tokens):
         parser.error("--keep-aligned must be at least 0, and 0 with --ideal-tokens (no tower is trained)")
     if args.ideal_steps < 0 or (args.ideal_steps > 0 and args.ideal_tokens):
