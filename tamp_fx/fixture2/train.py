@@ -111,6 +111,11 @@ def batch_conversations(stage: int, step: int, n: int, turns: int, held: set,
     return out
 
 
+def image_of(item) -> scenes.Sample:
+    """The sample whose image ``item`` shows: itself, or a conversation's first turn."""
+    return item[0] if isinstance(item, list) else item
+
+
 class Batcher(train1.Batcher):
     """Fixture 1's batcher with fixture 2's 88 image tokens and the anyres pixel inputs; an
     item is a sample or a conversation (a list of samples about one image), whose answers
@@ -134,7 +139,7 @@ class Batcher(train1.Batcher):
         return ids, positions
 
     def pixel_inputs(self, items) -> dict[str, torch.Tensor]:
-        images = [Image.fromarray((item[0] if isinstance(item, list) else item).image) for item in items]
+        images = [Image.fromarray(image_of(item).image) for item in items]
         out = self.images(images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}  # (B, 5, 3, 64, 64), (B, 2)
 
@@ -230,7 +235,8 @@ class Run:
         self.opt = self.sched = None
         # which images get perfect tokens instead of the tower's: None (none), True (all: the
         # --ideal-tokens diagnostic) or one bool per image (stage answer's hand-over, --ideal-steps)
-        self.ideal: bool | list[bool] | None = True if args.ideal_tokens else None
+        self.resting_ideal = True if args.ideal_tokens else None
+        self.ideal: bool | list[bool] | None = self.resting_ideal
         self._offer_ideal_tokens()
         if args.ideal_tokens:
             self.stage = STAGES.index("answer")
@@ -247,7 +253,7 @@ class Run:
         pixel_inputs, tower_features = self.batcher.pixel_inputs, m.get_image_features
 
         def remember(items):
-            seen["samples"] = [item[0] if isinstance(item, list) else item for item in items]
+            seen["samples"] = [image_of(item) for item in items]
             return pixel_inputs(items)
 
         def ideal_features(samples) -> list[torch.Tensor]:
@@ -338,10 +344,10 @@ class Run:
         self.ideal = True if share >= 1 else (draws < share).tolist() if share > 0 else None
         with cpu_autocast():
             logits, target, _ = train1.answer_logits(self.model, self.batcher, samples)
-        self.ideal = True if self.args.ideal_tokens else None
+        self.ideal = self.resting_ideal
         loss = F.cross_entropy(logits.float(), target)
         if self.args.keep_aligned > 0:   # the alignment loss on the step's images keeps their tokens on their words
-            images = [item[0] if isinstance(item, list) else item for item in samples]
+            images = [image_of(item) for item in samples]
             out = self.aligner.outputs(self.model, self.batcher, images)
             loss = loss + self.args.keep_aligned * self.aligner.loss(out, self.aligner.labels(images),
                                                                      self.args.character_weight)
