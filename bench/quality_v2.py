@@ -257,7 +257,8 @@ def _plot(pruned: list[dict], methods: list[str], sparsities: list[float], path:
             ys.append(y)
             err[0].append(y - lo)
             err[1].append(hi - y)
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=m, linewidth=2.5 if m == "tamp" else 1.2)
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=m, linewidth=2.5 if m == "tamp" else 1.2,
+                    color=plt.get_cmap("tab20")(k % 20))   # 11 methods: the default cycle has 10 colours
     ax.set_xlabel("sparsity of the language decoder")
     ax.set_ylabel("Rel. (mean over tasks of pruned / dense accuracy)")
     ax.set_title("Fixture 2 (LLaVA-NeXT + SmolLM2-135M): Rel. against sparsity")
