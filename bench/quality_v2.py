@@ -1,11 +1,14 @@
 """Benchmark v2: every method on fixture 2 (LLaVA-NeXT, 88 image tokens), with error bars.
 
 For each method, sparsity and calibration seed this runs what a user would run: `tamp-fx
-plan` on fixture 2's 128 ShareGPT4V-style conversations (`--seed` picks their order and
-sampling), `tamp-fx apply`, then one evaluation process: VQA on the 1,200 held-out questions
+plan` on 128 ShareGPT4V-style conversations about fixture 2's scenes, `tamp-fx apply`, then one evaluation process: VQA on the 1,200 held-out questions
 (per question, so intervals can be computed), perplexity on held-out scene descriptions
 (in-distribution, seed 104) and on the second half of WikiText-2 validation. Sparsities 50%,
-60%, 70%; three calibration seeds at 60%, one at 50% and 70%.
+60%, 70%; three calibration seeds at 60%, one at 50% and 70%. Each calibration seed is its own
+set of conversations (:func:`tamp_fx.fixture2.data.calibration_seed`: seed 0 is the fixture's
+``calib/``, seed s the set ``calib-seed<s>/`` drawn from other scenes), also passed to `plan
+--seed`; with as many samples as conversations, a seed that only reordered one set would
+change nothing but the order.
 
 Measures: per-task accuracy with a 95% bootstrap interval (questions resampled within each
 task); Rel. as the paper defines it: the mean over tasks of pruned / dense accuracy, with a
@@ -303,7 +306,7 @@ def main() -> None:
     # what makes rows comparable: a resumed run (here or from the committed report on a fresh
     # clone) must measure with the same settings, or its rows would be mixed silently
     settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows,
-                "dtype": args.dtype}
+                "dtype": args.dtype, "calibration": "a set of conversations per seed"}
 
     def record(row: dict) -> None:
         state.record(row | {"settings": settings})
@@ -313,7 +316,7 @@ def main() -> None:
             if r.get("settings", settings) != settings:
                 sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
                          "pass the same --conversations/--vqa-samples/--max-windows/--dtype, or use another --workdir")
-        from tamp_fx.fixture2.data import write_descriptions
+        from tamp_fx.fixture2.data import calibration_seed, write_conversations, write_descriptions
         state.invoked()
         _, wiki = split_halves(args.data, w)
         descriptions = w / "descriptions.txt"
@@ -323,6 +326,15 @@ def main() -> None:
         if not (fixture / "config.json").is_file():
             run(["fixture", "--kind", "next", "--out", str(fixture), "--calib-out", str(calib), "--conversations",
                  str(args.conversations), "--overwrite"], log)
+
+        def calibration(seed: int) -> Path:
+            """Calibration set ``seed``: the fixture's for 0, else its own conversations."""
+            if seed == 0:
+                return calib / "calib.jsonl"
+            out = w / f"calib-seed{seed}"
+            if not (out / "calib.jsonl").is_file():
+                write_conversations(out, args.conversations, seed=calibration_seed(seed), overwrite=True)
+            return out / "calib.jsonl"
 
         def evaluate(model: Path) -> dict:
             cmd = [sys.executable, __file__, "--eval-one", str(model), "--descriptions", str(descriptions), "--wiki",
@@ -346,7 +358,7 @@ def main() -> None:
                     if any(r["method"] == method and r["target"] == sparsity and r["seed"] == seed for r in rows):
                         continue
                     plan_dir, out = w / f"plan-{method}-{sparsity}-{seed}", w / "pruned"
-                    run(["plan", str(fixture), "--calib", str(calib / "calib.jsonl"), *METHODS[method], "--sparsity",
+                    run(["plan", str(fixture), "--calib", str(calibration(seed)), *METHODS[method], "--sparsity",
                          str(sparsity), "--nsamples", str(args.conversations), "--seed", str(seed), "--dtype", args.dtype,
                          "--out", str(plan_dir), "--overwrite", "-q"], log)
                     plan_seconds = log[-1]["seconds"]

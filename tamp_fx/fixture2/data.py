@@ -23,6 +23,14 @@ TEXT_TOKENS = (150, 300)      # text tokens per conversation, the image placehol
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 
+def calibration_seed(seed: int) -> int | list[int]:
+    """The scene seed of calibration set ``seed``: set 0 is the fixture's own
+    (:data:`CALIB_SEED`, what ``tamp-fx fixture --calib-out`` writes); set ``s > 0`` draws its
+    scenes from ``[CALIB_SEED, s]``, so that another calibration seed means other conversations,
+    not the same ones in another order."""
+    return CALIB_SEED if seed == 0 else [CALIB_SEED, seed]
+
+
 def describe(objects, text: scenes.Text | None) -> str:
     """A long description: every object with its cell, quadrant, size, colour and shape, the
     text and where it is, the counts by colour, and how many cells are empty."""
@@ -70,7 +78,7 @@ def conversation(rng: np.random.Generator, processor) -> tuple[np.ndarray, dict]
     return first.image, record
 
 
-def write_conversations(out: str | Path, n: int = 128, *, seed: int = CALIB_SEED, overwrite: bool = False,
+def write_conversations(out: str | Path, n: int = 128, *, seed: int | list[int] = CALIB_SEED, overwrite: bool = False,
                         processor=None) -> Path:
     """``out/calib.jsonl`` with ``n`` conversations about ``out/images/*.png``; ``processor``
     (fixture 2's, which counts the text tokens) is loaded when not given."""
