@@ -12,7 +12,10 @@ change nothing but the order.
 
 Measures: per-task accuracy with a 95% bootstrap interval (questions resampled within each
 task); Rel. as the paper defines it: the mean over tasks of pruned / dense accuracy, with a
-paired bootstrap interval (the same resampled questions for the dense and the pruned model);
+paired bootstrap interval (the same resampled questions for the dense and the pruned model,
+measured on the same CPU: bfloat16 kernels differ between CPUs, and 18 of the dense model's
+1,200 answers changed between an Intel Xeon with AMX and an AMD EPYC, so every row records its
+CPU and the dense model is measured once on each);
 perplexities beside it, not mixed in. At 60% the table gives the mean over seeds and their
 spread (min-max). Rows go to ``WORKDIR/results.jsonl`` as they come, so an interrupted run
 resumes; the report goes to ``--docs`` (quality-v2.md, .csv, .json, .png).
@@ -49,6 +52,22 @@ METHODS: dict[str, list[str]] = {
 }
 SEEDS = {0.5: (0,), 0.6: (0, 1, 2), 0.7: (0,)}
 BOOTSTRAP = 2000
+#: the CPU of the rows measured before rows recorded their CPU (the first run, 2026-12-02)
+FIRST_CPU = "Intel Xeon (AMX)"
+
+
+def cpu() -> str:
+    """This machine's CPU as rows record it: its model name and whether it has AMX (which
+    multiplies bfloat16 with other kernels than AVX-512 BF16 alone)."""
+    import platform
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    return f"{name} ({'AMX' if 'amx_bf16' in info else 'no AMX'})"
+
+
+def cpu_of(row: dict) -> str:
+    return row.get("cpu", FIRST_CPU)
 
 
 # ----------------------------------------------------------------------------- one evaluation
@@ -130,12 +149,13 @@ def task_interval(hits: np.ndarray, rng: np.random.Generator) -> tuple[float, fl
 
 def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     rng = np.random.default_rng(0)
-    dense = next(r for r in rows if r["method"] == "dense")
+    denses = {cpu_of(r): r for r in rows if r["method"] == "dense"}     # cpu -> the dense row measured on it
+    dense = next(iter(denses.values()))
     tasks = list(dense["hits"])
     pruned = []
     for r in rows:
         if r["method"] != "dense":
-            rel, lo, hi = rel_with_interval(r, dense, rng)
+            rel, lo, hi = rel_with_interval(r, denses.get(cpu_of(r), dense), rng)
             pruned.append(r | {"rel": rel, "rel_lo": lo, "rel_hi": hi,
                                **{f"acc_{t}": float(h.mean()) for t, h in _hits(r).items()}})
     sparsities = sorted({r["target"] for r in pruned})
@@ -144,11 +164,12 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
 
     fields = ["method", "target", "seed", "sparsity", "vqa", *[f"acc_{t}" for t in tasks], "rel", "rel_lo", "rel_hi",
               "ppl_desc", "ppl_wiki", "plan_seconds"]
-    dense_row = dense | {f"acc_{t}": float(h.mean()) for t, h in _hits(dense).items()} | {"rel": 1.0}
+    dense_rows = [d | {f"acc_{t}": float(h.mean()) for t, h in _hits(d).items()} | {"rel": 1.0} for d in denses.values()]
     with (docs / "quality-v2.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields + ["cpu"], extrasaction="ignore")
         writer.writeheader()
-        for r in [dense_row] + pruned:
+        for r in dense_rows + pruned:
+            r = r | {"cpu": cpu_of(r)}
             writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
 
     def runs(m, s):
@@ -170,10 +191,10 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
 
     header = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |", "|---|" + "---:|" * len(sparsities)]
     lines = ["# Quality v2: every method on fixture 2 (LLaVA-NeXT, 88 image tokens per image)", "",
-             f"Dense: VQA {dense['vqa']:.1%} on {meta['vqa_samples']} held-out questions; perplexity "
-             f"{dense['ppl_desc']:.2f} on held-out scene descriptions ({dense['windows_desc']} windows of 512 tokens), "
-             f"{dense['ppl_wiki']:.2f} on WikiText-2 (second half of validation, {dense['windows_wiki']} windows).", "",
-             *_missing(pruned), "",
+             *[f"Dense on {c}: VQA {d['vqa']:.1%} on {meta['vqa_samples']} held-out questions; perplexity "
+               f"{d['ppl_desc']:.2f} on held-out scene descriptions ({d['windows_desc']} windows of 512 tokens), "
+               f"{d['ppl_wiki']:.2f} on WikiText-2 (second half of validation, {d['windows_wiki']} windows)."
+               for c, d in denses.items()], "", *_cpu_lines(pruned, denses), *_missing(pruned), "",
              "## Rel. (mean over tasks of pruned / dense VQA accuracy, 95% paired bootstrap interval; "
              "at 60% the mean over calibration seeds and their range; the plot `quality-v2.png` draws the same "
              "as error bars)", "", *header]
@@ -187,7 +208,7 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     lines += _plan_lines(pruned)
     lines += ["", "## VQA accuracy per task (95% bootstrap interval)", "",
               "| method | sparsity | seed | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
-    for r in [dense] + sorted(pruned, key=lambda r: (r["target"], list(METHODS).index(r["method"]), r["seed"])):
+    for r in list(denses.values()) + sorted(pruned, key=lambda r: (r["target"], list(METHODS).index(r["method"]), r["seed"])):
         cells = []
         for t, h in _hits(r).items():
             lo, hi = task_interval(h, rng)
@@ -195,7 +216,7 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
         seed = "-" if r.get("seed") is None else r["seed"]
         lines.append(f"| {r['method']} | {r['target']:.0%} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "## How this was measured", "",
-              f"Machine: {meta['machine']}. Forward passes in {meta.get('dtype', 'float32')}. "
+              f"Machine: {meta['machine']}; CPUs of the runs: {', '.join(dict.fromkeys(cpu_of(r) for r in rows))}. Forward passes in {meta.get('dtype', 'float32')}. "
               f"Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
               "The benchmark runs (resumable: each skips what `results.jsonl` already has):", "",
               "```", *meta["invocations"], "```", "",
@@ -203,6 +224,22 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     (docs / "quality-v2.md").write_text("\n".join(lines) + "\n")
     (docs / "quality-v2.json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
     _plot(pruned, methods, sparsities, docs / "quality-v2.png")
+
+
+def _cpu_lines(pruned: list[dict], denses: dict[str, dict]) -> list[str]:
+    """Which CPU measured which runs, and how many dense answers differ between the CPUs."""
+    if len(denses) < 2:
+        return []
+    by_cpu: dict[str, set] = {}
+    for r in pruned:
+        by_cpu.setdefault(cpu_of(r), set()).add(f"{r['target']:.0%}")
+    (first, base), *others = denses.items()
+    questions = sum(len(h) for h in base["hits"].values())
+    differ = [f"{sum(a != b for t in base['hits'] for a, b in zip(base['hits'][t], d['hits'][t]))} of its "
+              f"{questions} answers differ between {first} and {c}" for c, d in others]
+    return ["Runs by CPU: " + "; ".join(f"{c}: {', '.join(sorted(v))}" for c, v in by_cpu.items())
+            + ". Each run's Rel. is paired with the dense model measured on its CPU, since bfloat16 kernels differ: "
+            + "; ".join(differ) + ".", ""]
 
 
 def _plan_lines(pruned: list[dict]) -> list[str]:
@@ -308,8 +345,10 @@ def main() -> None:
     settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows,
                 "dtype": args.dtype, "calibration": "a set of conversations per seed"}
 
+    here = cpu()
+
     def record(row: dict) -> None:
-        state.record(row | {"settings": settings})
+        state.record(row | {"settings": settings, "cpu": here})
 
     if not args.report_only:
         for r in rows:
@@ -348,7 +387,7 @@ def main() -> None:
             print(f"  {log[-1]['seconds']:7.1f} s  evaluate {model}", flush=True)
             return json.loads(done.stdout.strip().splitlines()[-1])
 
-        if not any(r["method"] == "dense" for r in rows):
+        if not any(r["method"] == "dense" and cpu_of(r) == here for r in rows):   # Rel.'s pair on this CPU
             record({"method": "dense", "target": 0.0, "seed": None, "sparsity": 0.0, "plan_seconds": None,
                     **evaluate(fixture)})
         for sparsity in args.sparsities:

@@ -1,6 +1,7 @@
 """Benchmark v2's statistics: Rel. as the paper defines it, with a paired bootstrap interval."""
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -61,6 +62,24 @@ def test_a_partial_report_names_every_run_it_lacks(tmp_path):
     assert f"**Not run yet** ({grid - 1} of {grid} runs" in report
     assert "wanda 60% seed 0," not in report and "tamp 60% seed 0," in report and "tamp 70% seed 0" in report
     assert "(4 windows of 512 tokens)" in report and (tmp_path / "quality-v2.csv").read_text().count("\n") == 3
+
+
+def test_each_run_is_paired_with_the_dense_model_measured_on_its_cpu(tmp_path):
+    rng = np.random.default_rng(5)
+    hits = lambda: {t: "".join(rng.choice(["0", "1"], size=50)) for t in ("colour", "text")}  # noqa: E731
+    base = {"target": 0.0, "seed": None, "sparsity": 0.0, "vqa": 0.5, "ppl_desc": 3.0, "ppl_wiki": 30.0,
+            "windows_desc": 4, "windows_wiki": 8, "plan_seconds": None}
+    dense_a = base | {"method": "dense", "hits": hits()}                       # no "cpu": the first run's
+    dense_b = base | {"method": "dense", "hits": hits(), "cpu": "B"}
+    run_b = dense_b | {"method": "wanda", "target": 0.6, "seed": 0, "sparsity": 0.6, "plan_seconds": 1.0}
+    meta = {"machine": "test", "total_seconds": 1.0, "invocations": [], "note": "", "vqa_samples": 100}
+    quality_v2.write_outputs([dense_a, dense_b, run_b], tmp_path, meta)
+    rows = list(csv.DictReader((tmp_path / "quality-v2.csv").open()))
+    wanda = next(r for r in rows if r["method"] == "wanda")
+    assert float(wanda["rel"]) == 1.0 and float(wanda["rel_lo"]) == float(wanda["rel_hi"]) == 1.0
+    assert [r["cpu"] for r in rows] == [quality_v2.FIRST_CPU, "B", "B"]
+    differ = sum(a != b for t in dense_a["hits"] for a, b in zip(dense_a["hits"][t], dense_b["hits"][t]))
+    assert f"{differ} of its 100 answers differ between {quality_v2.FIRST_CPU} and B" in (tmp_path / "quality-v2.md").read_text()
 
 
 def test_resuming_with_other_settings_is_refused_before_any_work(tmp_path):
