@@ -33,7 +33,10 @@ The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its train
   (the sums of its words' embeddings); then a falling share of them, drawn per step, until
   none after twice as many steps. Each item is a conversation of ``--turns`` questions (different tasks) about
   one image, so the 88 image tokens are paid once for several answers; its first turn is the
-  evaluation's single-question prompt.
+  evaluation's single-question prompt. ``--keep-language`` adds a rehearsal loss: cross entropy on
+  text SmolLM2 wrote before training (:mod:`rehearsal`), since attempt 8's LoRA, trained on
+  one-word answers alone, no longer models text (its validation logs the held rehearsal text's
+  perplexity).
 
 Data: step ``t`` of stage ``k`` draws its batch from ``numpy.random.default_rng([100, k, t])``,
 so a resumed run sees exactly the samples an uninterrupted one would, and skips every sample
@@ -64,7 +67,7 @@ from safetensors.torch import load_file, save_file
 from tamp_fx.fixture import model as fixture1
 from tamp_fx.fixture import train as train1
 from tamp_fx.fixture2 import model as fixture2
-from tamp_fx.fixture2 import scenes
+from tamp_fx.fixture2 import rehearsal, scenes
 from tamp_fx.model_io import atomic_file
 from tamp_fx.placement import cpu_autocast, cpu_multiplies_natively
 
@@ -223,6 +226,11 @@ class Run:
         self.args, self.write = args, write
         torch.manual_seed(0)
         lm, tokenizer = fixture1.smollm2()
+        self.rehearsal, self.rehearsal_seconds = None, 0.0
+        if args.keep_language > 0:     # sampled from SmolLM2 itself, before any LoRA
+            t = time.perf_counter()
+            self.rehearsal = rehearsal.sample(lm, tokenizer, n=args.rehearsal_samples, length=args.rehearsal_length)
+            self.rehearsal_seconds = time.perf_counter() - t
         self.model, self.processor = fixture2.assemble(lm, tokenizer)
         del lm
         self.adapters = train1.add_lora(self.model)
@@ -351,6 +359,11 @@ class Run:
             out = self.aligner.outputs(self.model, self.batcher, images)
             loss = loss + self.args.keep_aligned * self.aligner.loss(out, self.aligner.labels(images),
                                                                      self.args.character_weight)
+        if self.rehearsal is not None:   # rehearse SmolLM2's own text, so the LoRA keeps modelling language
+            rng = np.random.default_rng([TRAIN_SEED, self.stage, self.step, 2])
+            with cpu_autocast():
+                rehearse = self.rehearsal.loss(self.model, self.rehearsal.training_indices(rng, self.args.rehearsal_batch))
+            loss = loss + self.args.keep_language * rehearse
         train1._step(self.opt, self.sched, loss, clip=GRAD_CLIP)
         self.model.eval()
         return loss.item()
@@ -362,7 +375,8 @@ class Run:
             words = self.aligner.accuracy(out, self.aligner.labels(val), by_word=True)
             if STAGES[self.stage] == "align":
                 return words
-            return {"val_accuracy": train1.exact_match(self.model, self.batcher, val, chunk=self.args.batch), **words}
+            text = {} if self.rehearsal is None else {"val_rehearsal_perplexity": round(self.rehearsal.perplexity(self.model), 3)}
+            return {"val_accuracy": train1.exact_match(self.model, self.batcher, val, chunk=self.args.batch), **text, **words}
 
     def run(self) -> str:
         """Train to the end or to the budget; returns "done" or "budget"."""
@@ -434,14 +448,25 @@ def parse(argv=None) -> argparse.Namespace:
                         help="stage answer starts on perfect image tokens for this many steps, then hands over to "
                              "the tower's over as many more (0: the tower's from the start; default 300, 0 with "
                              "--ideal-tokens)")
+    parser.add_argument("--keep-language", type=float, default=0.0,
+                        help="weight of the rehearsal loss added in stage answer: cross entropy on text SmolLM2 "
+                             "wrote before training (tamp_fx.fixture2.rehearsal), so that the LoRA keeps modelling "
+                             "language (0: none, as attempt 8)")
+    parser.add_argument("--rehearsal-batch", type=int, default=4, help="rehearsal sequences per step")
+    parser.add_argument("--rehearsal-samples", type=int, default=256, help="rehearsal sequences sampled at the start")
+    parser.add_argument("--rehearsal-length", type=int, default=128, help="tokens each rehearsal sequence samples")
     parser.add_argument("--ideal-tokens", action="store_true",
                         help="diagnostic: train stage answer on perfect image tokens (the sums of their describing "
                              "words' embeddings) to see what the language model can learn; needs another --out")
     args = parser.parse_args(argv)
     for name in ("align_steps", "batch", "turns", "align_batch", "eval_every", "val_samples", "log_every",
-                 "checkpoint_every"):
+                 "checkpoint_every", "rehearsal_batch", "rehearsal_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.keep_language < 0:
+        parser.error("--keep-language must be at least 0")
+    if args.rehearsal_samples < args.rehearsal_batch + 16:
+        parser.error("--rehearsal-samples must exceed --rehearsal-batch by the 16 held out for validation")
     if args.character_weight <= 0:
         parser.error("--character-weight must be positive")
     if args.keep_aligned is None:
@@ -486,9 +511,15 @@ def main(argv=None) -> None:
             write(event="start", init=str(args.init), align_steps=args.align_steps, align_batch=args.align_batch,
                   steps=args.steps, batch=args.batch, turns=args.turns, tasks=",".join(args.tasks), lora_lr=args.lora_lr,
                   character_weight=args.character_weight, keep_aligned=args.keep_aligned, ideal_steps=args.ideal_steps,
-                  ideal_tokens=args.ideal_tokens, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
+                  ideal_tokens=args.ideal_tokens, keep_language=args.keep_language,
+                  rehearsal_batch=args.rehearsal_batch, rehearsal_samples=args.rehearsal_samples,
+                  rehearsal_length=args.rehearsal_length, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
                   compute="bfloat16 autocast" if cpu_multiplies_natively(torch.bfloat16) else "float32",
                   image_tokens=fixture2.IMAGE_TOKENS)
+            if run.rehearsal is not None:   # its sampling is part of the training's time
+                run.seconds = run.rehearsal_seconds
+                write(event="rehearsal", sequences=len(run.rehearsal.ids), held=run.rehearsal.held,
+                      base_perplexity=round(run.rehearsal.base_perplexity, 3), seconds=round(run.rehearsal_seconds, 1))
         try:
             outcome = run.run()
         except KeyboardInterrupt:
