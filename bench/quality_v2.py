@@ -13,7 +13,7 @@ change nothing but the order.
 Measures: per-task accuracy with a 95% bootstrap interval (questions resampled within each
 task); Rel. as the paper defines it: the mean over tasks of pruned / dense accuracy, with a
 paired bootstrap interval (the same resampled questions for the dense and the pruned model,
-measured on the same CPU: bfloat16 kernels differ between CPUs, and 18 of the dense model's
+measured on the same CPU: bfloat16 kernels differ between CPUs, and 17 of the dense model's
 1,200 answers changed between an Intel Xeon with AMX and an AMD EPYC, so every row records its
 CPU and the dense model is measured once on each);
 perplexities beside it, not mixed in. At 60% the table gives the mean over seeds and their
