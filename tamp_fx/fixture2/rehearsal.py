@@ -47,16 +47,16 @@ class Rehearsal:
     mask: torch.Tensor
     labels: torch.Tensor
     held: int
-    base_perplexity: float      # the base model's on the held sequences
+    base_perplexity: float = float("nan")      # the base model's on the held sequences
 
     def loss(self, model, index: list[int] | torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy of ``model`` (a VLM; its language model and head) on the sequences
-        ``index``."""
-        lm = model.model.language_model if hasattr(model.model, "language_model") else model.model
+        """Mean cross entropy of ``model`` (a causal LM or a VLM: its decoder and head) on the
+        sampled tokens of the sequences ``index``."""
         ids, mask, labels = self.ids[index], self.mask[index], self.labels[index]      # (B, T) each
-        hidden = lm(input_ids=ids, attention_mask=mask).last_hidden_state              # (B, T, D)
-        logits = model.lm_head(hidden[:, :-1])                                         # (B, T-1, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state   # (B, T, D)
+        written = labels[:, 1:] != -100                                                # (B, T-1): predicts a label
+        logits = model.lm_head(hidden[:, :-1][written])                                # (L, V): the head where it counts
+        return F.cross_entropy(logits.float(), labels[:, 1:][written])
 
     def training_indices(self, rng, n: int) -> list[int]:
         return (self.held + rng.choice(len(self.ids) - self.held, size=n, replace=False)).tolist()
@@ -98,6 +98,6 @@ def sample(lm, tokenizer, n: int = 256, length: int = 128, held: int = 16, seed:
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
         labels[i, begin:len(row)] = ids[i, begin:len(row)]
-    text = Rehearsal(ids, mask, labels, held, float("nan"))
+    text = Rehearsal(ids, mask, labels, held)
     text.base_perplexity = text.perplexity(lm)
     return text

@@ -226,11 +226,10 @@ class Run:
         self.args, self.write = args, write
         torch.manual_seed(0)
         lm, tokenizer = fixture1.smollm2()
-        self.rehearsal, self.rehearsal_seconds = None, 0.0
+        began, self.rehearsal = time.perf_counter(), None
         if args.keep_language > 0:     # sampled from SmolLM2 itself, before any LoRA
-            t = time.perf_counter()
             self.rehearsal = rehearsal.sample(lm, tokenizer, n=args.rehearsal_samples, length=args.rehearsal_length)
-            self.rehearsal_seconds = time.perf_counter() - t
+        sampling = time.perf_counter() - began if self.rehearsal is not None else 0.0
         self.model, self.processor = fixture2.assemble(lm, tokenizer)
         del lm
         self.adapters = train1.add_lora(self.model)
@@ -239,7 +238,7 @@ class Run:
         self.batcher = Batcher(self.processor)
         self.aligner = Aligner(self.model, self.processor.tokenizer)
         self.held = {scenes.key(s) for s in scenes.held_out()}
-        self.stage, self.step, self.seconds = 0, 0, 0.0
+        self.stage, self.step, self.seconds = 0, 0, sampling   # the sampling is part of the training's time
         self.opt = self.sched = None
         # which images get perfect tokens instead of the tower's: None (none), True (all: the
         # --ideal-tokens diagnostic) or one bool per image (stage answer's hand-over, --ideal-steps)
@@ -453,7 +452,8 @@ def parse(argv=None) -> argparse.Namespace:
                              "wrote before training (tamp_fx.fixture2.rehearsal), so that the LoRA keeps modelling "
                              "language (0: none, as attempt 8)")
     parser.add_argument("--rehearsal-batch", type=int, default=1,
-                        help="rehearsal sequences per step (4 made a step 56%% slower in a probe: 3.16 to 4.92 s)")
+                        help="rehearsal sequences per step (4 made a step 56%% slower in a probe, when the head still ran on every "
+                             "position)")
     parser.add_argument("--rehearsal-samples", type=int, default=256, help="rehearsal sequences sampled at the start")
     parser.add_argument("--rehearsal-length", type=int, default=128, help="tokens each rehearsal sequence samples")
     parser.add_argument("--ideal-tokens", action="store_true",
@@ -517,10 +517,9 @@ def main(argv=None) -> None:
                   rehearsal_length=args.rehearsal_length, max_minutes=args.max_minutes, threads=torch.get_num_threads(),
                   compute="bfloat16 autocast" if cpu_multiplies_natively(torch.bfloat16) else "float32",
                   image_tokens=fixture2.IMAGE_TOKENS)
-            if run.rehearsal is not None:   # its sampling is part of the training's time
-                run.seconds = run.rehearsal_seconds
+            if run.rehearsal is not None:
                 write(event="rehearsal", sequences=len(run.rehearsal.ids), held=run.rehearsal.held,
-                      base_perplexity=round(run.rehearsal.base_perplexity, 3), seconds=round(run.rehearsal_seconds, 1))
+                      base_perplexity=round(run.rehearsal.base_perplexity, 3), seconds=round(run.seconds, 1))
         try:
             outcome = run.run()
         except KeyboardInterrupt:
