@@ -70,6 +70,16 @@ def cpu_of(row: dict) -> str:
     return row.get("cpu", FIRST_CPU)
 
 
+def weights_id() -> str:
+    """The identity of fixture 2's trained weights (the first 12 hex digits of the file's
+    sha256): rows measured on other weights belong to another model and must not be mixed."""
+    import hashlib
+    from tamp_fx.fixture2.model import WEIGHTS
+    if not WEIGHTS.is_file():
+        sys.exit(f"{WEIGHTS} is missing: train fixture 2 first (python -m tamp_fx.fixture2.train)")
+    return hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:12]
+
+
 # ----------------------------------------------------------------------------- one evaluation
 
 def evaluate_one(model: Path, descriptions: Path, wiki: Path, vqa_samples: int, max_windows: int | None,
@@ -217,7 +227,8 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
         lines.append(f"| {r['method']} | {r['target']:.0%} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "## How this was measured", "",
               f"Machine: {meta['machine']}; CPUs of the runs: {', '.join(dict.fromkeys(cpu_of(r) for r in rows))}. Forward passes in {meta.get('dtype', 'float32')}. "
-              f"Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
+              + (f"Fixture 2's weights: sha256 {meta['weights']}... " if meta.get("weights") else "")
+              + f"Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
               "The benchmark runs (resumable: each skips what `results.jsonl` already has):", "",
               "```", *meta["invocations"], "```", "",
               "Every `tamp-fx` command they ran, with its wall time, is in `quality-v2.json`. " + meta["note"]]
@@ -344,6 +355,8 @@ def main() -> None:
     # clone) must measure with the same settings, or its rows would be mixed silently
     settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows,
                 "dtype": args.dtype, "calibration": "a set of conversations per seed"}
+    if not args.report_only:
+        settings["weights"] = weights_id()
 
     here = cpu()
 
@@ -354,14 +367,15 @@ def main() -> None:
         for r in rows:
             if r.get("settings", settings) != settings:
                 sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
-                         "pass the same --conversations/--vqa-samples/--max-windows/--dtype, or use another --workdir")
+                         "pass the same --conversations/--vqa-samples/--max-windows/--dtype (and fixture 2's "
+                         "weights), or use another --workdir and --docs")
         from tamp_fx.fixture2.data import calibration_seed, write_conversations, write_descriptions
         state.invoked()
         _, wiki = split_halves(args.data, w)
         descriptions = w / "descriptions.txt"
         if not descriptions.exists():
             write_descriptions(descriptions)
-        fixture, calib = w / "fixture", w / "calib"
+        fixture, calib = w / f"fixture-{settings['weights']}", w / "calib"   # rebuilt when the weights change
         if not (fixture / "config.json").is_file():
             run(["fixture", "--kind", "next", "--out", str(fixture), "--calib-out", str(calib), "--conversations",
                  str(args.conversations), "--overwrite"], log)

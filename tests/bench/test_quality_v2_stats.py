@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
 import quality_v2  # noqa: E402
@@ -109,3 +110,16 @@ def test_plan_statistics_average_each_projection_and_modality_over_layers():
     assert stats["diversity"] == {"image": 0.25}          # a null diversity is left out, not averaged as 0
     lines = quality_v2._plan_lines([{"method": "tamp", "target": 0.6, "seed": 0, "plan_stats": stats}])
     assert "| tamp | 60% | 50.0% | 70.0% | 50.0% | 20.0% |" in lines
+
+
+def test_weights_id_names_the_weights_file_and_refuses_a_missing_one(tmp_path, monkeypatch):
+    import tamp_fx.fixture2.model as fixture2_model
+    ids = {}
+    for name, data in (("a", b"one"), ("b", b"two"), ("c", b"one")):
+        (tmp_path / name).write_bytes(data)
+        monkeypatch.setattr(fixture2_model, "WEIGHTS", tmp_path / name)
+        ids[name] = quality_v2.weights_id()
+    assert ids["a"] == ids["c"] != ids["b"]      # the content, not the path
+    monkeypatch.setattr(fixture2_model, "WEIGHTS", tmp_path / "missing")
+    with pytest.raises(SystemExit, match="train fixture 2 first"):
+        quality_v2.weights_id()
