@@ -4,14 +4,17 @@
 
     python -m tamp_fx.fixture2.train --max-minutes 90
 
-run alone on the 2-core machine (attempt 8, 2026-12-02: 3,000 "align" steps at 0.27 s and 950
-"answer" steps at 4.0-4.4 s, 88 minutes on a 2-core Xeon; log ``docs/fixture2-training.jsonl``).
+run alone on the 2-core machine (attempt 9, 2026-12-03, on a 2-core AMD EPYC: sampling the
+rehearsal text 3 minutes, 3,000 "align" steps at 0.27 s, 950 "answer" steps at about 3.7 s, 80
+minutes in all; log ``docs/fixture2-training.jsonl``; attempt 8, the same recipe without the
+rehearsal, took 88 minutes on a 2-core Xeon).
 What made it work, after seven attempts (the README tells them; logs
 ``docs/fixture2-training-attempt*.jsonl``, ``docs/fixture2-ideal-token-probes.jsonl``): a
 language model and LoRA that learn on the tower's noisy tokens from the start stall near 50%,
 while one trained on perfect tokens (``--ideal-tokens``) reads the tower's tokens at 73%; so the
 answer stage starts on perfect tokens and hands over to the tower's (``--ideal-steps``), and
-the alignment loss keeps the tower's tokens on their words meanwhile (``--keep-aligned``). A run that
+the alignment loss keeps the tower's tokens on their words meanwhile (``--keep-aligned``), and a
+rehearsal loss keeps the LoRA modelling language (``--keep-language``). A run that
 stops (``--max-minutes`` reached, or interrupted) continues with ``--resume``.
 
 The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its trained weights:
@@ -33,10 +36,10 @@ The recipe is fixture 1's (:mod:`tamp_fx.fixture.train`), started from its train
   (the sums of its words' embeddings); then a falling share of them, drawn per step, until
   none after twice as many steps. Each item is a conversation of ``--turns`` questions (different tasks) about
   one image, so the 88 image tokens are paid once for several answers; its first turn is the
-  evaluation's single-question prompt. ``--keep-language`` adds a rehearsal loss: cross entropy on
-  text SmolLM2 wrote before training (:mod:`rehearsal`), since attempt 8's LoRA, trained on
-  one-word answers alone, no longer models text (its validation logs the held rehearsal text's
-  perplexity).
+  evaluation's single-question prompt. ``--keep-language`` (default 1) adds a rehearsal loss: cross
+  entropy on text SmolLM2 wrote before training (:mod:`rehearsal`), since attempt 8's LoRA, trained
+  on one-word answers alone, no longer modelled text (its validation logs the held rehearsal
+  text's perplexity).
 
 Data: step ``t`` of stage ``k`` draws its batch from ``numpy.random.default_rng([100, k, t])``,
 so a resumed run sees exactly the samples an uninterrupted one would, and skips every sample
@@ -447,10 +450,11 @@ def parse(argv=None) -> argparse.Namespace:
                         help="stage answer starts on perfect image tokens for this many steps, then hands over to "
                              "the tower's over as many more (0: the tower's from the start; default 300, 0 with "
                              "--ideal-tokens)")
-    parser.add_argument("--keep-language", type=float, default=0.0,
+    parser.add_argument("--keep-language", type=float, default=None,
                         help="weight of the rehearsal loss added in stage answer: cross entropy on text SmolLM2 "
                              "wrote before training (tamp_fx.fixture2.rehearsal), so that the LoRA keeps modelling "
-                             "language (0: none, as attempt 8)")
+                             "language (default 1, as the committed weights; 0: none, as attempt 8, and with "
+                             "--ideal-tokens)")
     parser.add_argument("--rehearsal-batch", type=int, default=1,
                         help="rehearsal sequences per step (4 made a step 56%% slower in a probe, when the head still ran on every "
                              "position)")
@@ -464,6 +468,8 @@ def parse(argv=None) -> argparse.Namespace:
                  "checkpoint_every", "rehearsal_batch", "rehearsal_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.keep_language is None:
+        args.keep_language = 0.0 if args.ideal_tokens else 1.0
     if args.keep_language < 0:
         parser.error("--keep-language must be at least 0")
     if args.rehearsal_samples < args.rehearsal_batch + 16:
