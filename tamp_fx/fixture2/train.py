@@ -229,9 +229,9 @@ class Run:
         self.args, self.write = args, write
         torch.manual_seed(0)
         lm, tokenizer = fixture1.smollm2()
-        began, self.rehearsal = time.perf_counter(), None
-        if args.keep_language > 0:     # sampled from SmolLM2 itself, before any LoRA
-            self.rehearsal = rehearsal.sample(lm, tokenizer, n=args.rehearsal_samples, length=args.rehearsal_length)
+        began = time.perf_counter()     # the rehearsal is sampled from SmolLM2 itself, before any LoRA
+        self.rehearsal = (rehearsal.sample(lm, tokenizer, n=args.rehearsal_samples, length=args.rehearsal_length)
+                          if args.keep_language > 0 else None)
         sampling = time.perf_counter() - began if self.rehearsal is not None else 0.0
         self.model, self.processor = fixture2.assemble(lm, tokenizer)
         del lm
