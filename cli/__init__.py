@@ -1,4 +1,4 @@
-"""The tamp-fx command line. :func:`run` is the console entry point; it lives here, not in
+"""The tamp-fx command line. :func:`main` is the console entry point; it lives here, not in
 ``main.py``, so that Ctrl-C is taken over before anything heavy (typer, torch, transformers)
 is imported: however early it comes, the user sees one line and exit status 130."""
 import os
@@ -30,3 +30,16 @@ def run() -> int:
             sys.stderr.write(f"error: interrupted: {', '.join(written) + ' was' if written else 'nothing was'} written\n")
         return 128 + stop.args[0]
     return 0
+
+
+def main() -> None:
+    """The console entry point (and ``python -m tamp_fx.cli``): :func:`run`, then exit with its
+    status; under torchrun through :func:`tamp_fx.distributed.end_process`."""
+    try:
+        code = run()
+    except SystemExit as done:                          # typer ends every command this way
+        code = done.code
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from tamp_fx.distributed import end_process
+        end_process(code)
+    sys.exit(code)

@@ -1,6 +1,5 @@
 """``python -m tamp_fx.cli`` (and ``torchrun ... -m tamp_fx.cli plan ...``) runs the command line."""
-import sys
 
-from tamp_fx.cli import run
+from tamp_fx.cli import main
 
-sys.exit(run())
+main()

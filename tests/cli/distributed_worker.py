@@ -26,7 +26,7 @@ def plans(out: Path, methods: list[str], models: list[Path]) -> None:
             plan = tamp_fx.plan(model, model / "calib.jsonl", tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=3))
             if distributed.world().rank == 0:
                 plan.save(out / f"{model.name}-{method}")
-    distributed.shutdown()
+    distributed.end_process(0)
 
 
 def cli(state: Path, fault: str, args: list[str]) -> None:
