@@ -495,7 +495,7 @@ def _half_blocks(image, step: int = 2):
 
 
 def main() -> int:
-    from tamp_fx.cli import run                 # the console entry point, which takes over Ctrl-C first
+    from tamp_fx.cli import run                 # which takes over Ctrl-C first (the console entry point is tamp_fx.cli.main)
     return run()
 
 
