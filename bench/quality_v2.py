@@ -1,14 +1,14 @@
 """Benchmark v2: every method on fixture 2 (LLaVA-NeXT, 88 image tokens), with error bars.
 
-For each method, sparsity and calibration seed this runs what a user would run: `tamp-fx
-plan` on 128 ShareGPT4V-style conversations about fixture 2's scenes, `tamp-fx apply`, then
-one evaluation process: VQA on the 1,200 held-out questions (per question, so intervals can be
-computed), perplexity on held-out scene descriptions (in-distribution, seed 104) and on the second half of WikiText-2 validation. Sparsities 50%,
-60%, 70%; three calibration seeds at 60%, one at 50% and 70%. Each calibration seed is its own
-set of conversations (:func:`tamp_fx.fixture2.data.calibration_seed`: seed 0 is the fixture's
-``calib/``, seed s the set ``calib-seed<s>/`` drawn from other scenes), also passed to `plan
---seed`; with as many samples as conversations, a seed that only reordered one set would
-change nothing but the order.
+For each method, sparsity and calibration seed this runs what a user would run: `tamp-fx plan`
+on 128 ShareGPT4V-style conversations about fixture 2's scenes, `tamp-fx apply`, then one
+evaluation process: VQA on the 1,200 held-out questions (per question, so intervals can be
+computed), perplexity on held-out scene descriptions (in-distribution, seed 104) and on the
+second half of WikiText-2 validation. Sparsities 50%, 60%, 70%; three calibration seeds at 60%,
+one at 50% and 70%. Each calibration seed is its own set of conversations
+(:func:`tamp_fx.fixture2.data.calibration_seed`: seed 0 is the fixture's ``calib/``, seed s the
+set ``calib-seed<s>/`` drawn from other scenes), also passed to `plan --seed`; with as many
+samples as conversations, a seed that only reordered one set would change nothing but the order.
 
 Measures: per-task accuracy with a 95% bootstrap interval (questions resampled within each
 task); Rel. as the paper defines it: the mean over tasks of pruned / dense accuracy, with a

@@ -495,7 +495,7 @@ def _half_blocks(image, step: int = 2):
 
 
 def main() -> int:
-    from tamp_fx.cli import run                 # which takes over Ctrl-C first (the console entry point is tamp_fx.cli.main)
+    from tamp_fx.cli import run                 # takes over Ctrl-C first (the console entry point: tamp_fx.cli.main)
     return run()
 
 

@@ -1,12 +1,13 @@
 """Rehearsal text: what keeps fixture 2's LoRA from forgetting how to write.
 
 Attempt 8's LoRA, trained on one-word answers only, left a language model that no longer models
-text: perplexity 30,509 on WikiText-2 (16 windows of 512 tokens) where SmolLM2 alone has about 19,
-and 2,456 on held-out scene descriptions (docs/quality-v2-attempt8/quality-v2.md). Rehearsal trains, beside the
-answers, on text that SmolLM2 itself wrote before any training (sampled once, seeded): the cross
-entropy on samples of the base model is the KL divergence from the base model plus a constant, so
-it pulls the LoRA back toward the base model's distribution, without a teacher pass per step and
-without a data set (nothing is downloaded, and WikiText-2 stays unseen for the evaluation).
+text: perplexity 30,509 on WikiText-2 (16 windows of 512 tokens) where SmolLM2 alone has about
+19, and 2,456 on held-out scene descriptions (docs/quality-v2-attempt8/quality-v2.md). Rehearsal
+trains, beside the answers, on text that SmolLM2 itself wrote before any training (sampled once,
+seeded): the cross entropy on samples of the base model is the KL divergence from the base model
+plus a constant, so it pulls the LoRA back toward the base model's distribution, without a
+teacher pass per step and without a data set (nothing is downloaded, and WikiText-2 stays unseen
+for the evaluation).
 
 Half of the samples answer a chat request, half continue the opening of a plain sentence, so
 that both the chat template and plain text are rehearsed.
