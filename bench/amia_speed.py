@@ -1,4 +1,4 @@
-"""AMIA token selection speed: `tamp_fx.amia.select_tokens` against its floor, one float32
+"""AMIA token selection speed: `tamp_fx.statistics.amia.select_tokens` against its floor, one float32
 (N x C) @ (C x N) matmul (the Gram matrix it has to compute anyway).
 
 For every N and C: outputs = low-rank Gaussian (rank --rank) plus Gaussian noise, attention =
@@ -19,7 +19,7 @@ import os
 import torch
 from timing import median_seconds
 
-from tamp_fx.amia import AmiaParams, select_tokens
+from tamp_fx.statistics.amia import AmiaParams, select_tokens
 
 
 def make_case(n: int, c: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

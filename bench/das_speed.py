@@ -9,7 +9,7 @@ import argparse
 import torch
 from timing import median_seconds
 
-from tamp_fx.diversity import diversity_terms
+from tamp_fx.statistics.diversity import diversity_terms
 
 
 def quadratic(z: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

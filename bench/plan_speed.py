@@ -36,8 +36,8 @@ def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, dtype
     import torch
 
     import tamp_fx
-    from tamp_fx import distributed
     from tamp_fx.evaluate import evaluate
+    from tamp_fx.runtime import distributed
     world = distributed.init_from_env()       # under torchrun: join before the clock starts
     distributed.barrier()
     start = time.perf_counter()
@@ -51,7 +51,7 @@ def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, dtype
     if held_out is not None:
         with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
             pruned = tamp_fx.apply(model, plan, Path(tmp) / "pruned")
-            ppl = evaluate(pruned, text=held_out, vqa=False, seqlen=seqlen, max_windows=max_windows, device=device,
+            ppl = evaluate(pruned, text=held_out, seqlen=seqlen, max_windows=max_windows, device=device,
                            dtype="float32").perplexity
         row.update(perplexity=round(ppl.perplexity, 3), windows=ppl.windows)
     return row
@@ -111,7 +111,7 @@ def main() -> None:
         return
     if not (args.model / "config.json").is_file():
         from tamp_fx import convert
-        from tamp_fx.demo import smollm2_gguf
+        from tamp_fx.testbeds.demo import smollm2_gguf
         convert(smollm2_gguf(), args.model)
     if not calib.is_file() or not held_out.is_file():
         text = args.data.read_text(encoding="utf-8")

@@ -6,7 +6,7 @@ evaluation process: VQA on the 1,200 held-out questions (per question, so interv
 computed), perplexity on held-out scene descriptions (in-distribution, seed 104) and on the
 second half of WikiText-2 validation. Sparsities 50%, 60%, 70%; three calibration seeds at 60%,
 one at 50% and 70%. Each calibration seed is its own set of conversations
-(:func:`tamp_fx.fixture2.data.calibration_seed`: seed 0 is the fixture's ``calib/``, seed s the
+(:func:`tamp_fx.testbeds.fixture2.data.calibration_seed`: seed 0 is the fixture's ``calib/``, seed s the
 set ``calib-seed<s>/`` drawn from other scenes), also passed to `plan --seed`; with as many
 samples as conversations, a seed that only reordered one set would change nothing but the order.
 
@@ -20,7 +20,7 @@ perplexities beside it, not mixed in. At 60% the table gives the mean over seeds
 spread (min-max). Rows go to ``WORKDIR/results.jsonl`` as they come, so an interrupted run
 resumes; the report goes to ``--docs`` (quality-v2.md, .csv, .json, .png).
 
-Needs fixture 2's trained weights (``python -m tamp_fx.fixture2.train``). Run it alone:
+Needs fixture 2's trained weights (``python -m tamp_fx.testbeds.fixture2.train``). Run it alone:
 
     python bench/quality_v2.py --data ../shared/data/wikitext2-valid.txt --workdir bench-out/quality-v2
 """
@@ -74,9 +74,10 @@ def weights_id() -> str:
     """The identity of fixture 2's trained weights (the first 12 hex digits of the file's
     sha256): rows measured on other weights belong to another model and must not be mixed."""
     import hashlib
-    from tamp_fx.fixture2.model import WEIGHTS
+
+    from tamp_fx.testbeds.fixture2.model import WEIGHTS
     if not WEIGHTS.is_file():
-        sys.exit(f"{WEIGHTS} is missing: train fixture 2 first (python -m tamp_fx.fixture2.train)")
+        sys.exit(f"{WEIGHTS} is missing: train fixture 2 first (python -m tamp_fx.testbeds.fixture2.train)")
     return hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:12]
 
 
@@ -87,10 +88,11 @@ def evaluate_one(model: Path, descriptions: Path, wiki: Path, vqa_samples: int, 
     """VQA hits per question (by task) and both perplexities of one model directory, its
     forward passes in ``dtype``."""
     import torch
+
     from tamp_fx.evaluate import perplexity
-    from tamp_fx.fixture2 import scenes
-    from tamp_fx.model_io import load_model, load_processor, resolve_source
-    from tamp_fx.vqa import vqa_accuracy
+    from tamp_fx.load.source import load_model, load_processor, resolve_source
+    from tamp_fx.testbeds.fixture2 import scenes
+    from tamp_fx.testbeds.vqa import vqa_accuracy
 
     source = resolve_source(model)
     net = load_model(source, dtype=getattr(torch, dtype))
@@ -117,7 +119,7 @@ def plan_statistics(data: dict) -> dict:
     """What a plan decided, in brief, for the report: the mean sparsity of each projection type
     over the layers (the allocation), and the mean over linears of each modality's diversity and
     of the share of its tokens the token selection kept (AMIA; absent for methods without it)."""
-    from tamp_fx.report import projection_names
+    from tamp_fx.artifact.report import projection_names
 
     names = projection_names(data)
     by_projection: dict[str, list[float]] = {}
@@ -369,7 +371,7 @@ def main() -> None:
                 sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
                          "pass the same --conversations/--vqa-samples/--max-windows/--dtype (and fixture 2's "
                          "weights), or use another --workdir and --docs")
-        from tamp_fx.fixture2.data import calibration_seed, write_conversations, write_descriptions
+        from tamp_fx.testbeds.fixture2.data import calibration_seed, write_conversations, write_descriptions
         state.invoked()
         _, wiki = split_halves(args.data, w)
         descriptions = w / "descriptions.txt"

@@ -12,7 +12,7 @@ each method is then planned in a fresh process, whose ``ru_maxrss`` is the peak 
 
 Calibration: (a)/(b) windows of the bundled WikiText-2 excerpt; (c) conversations with one
 672 x 672 image each (LLaVA-NeXT anyres: 5 x 576 patch tokens, 2,928 image tokens) and about
-100 text tokens. The tokenizer is tamp_fx.testing's small BPE (its ids fit any vocabulary).
+100 text tokens. The tokenizer is tamp_fx.testbeds.tiny's small BPE (its ids fit any vocabulary).
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def write_checkpoint(shape: Shape, out: Path, seed: int = 0) -> Path:
     import transformers
     from safetensors.torch import save_file
 
-    from tamp_fx.testing import tiny
+    from tamp_fx.testbeds import tiny
     spec = tiny.family_spec("llava_next" if shape.family == "llava_next" else "llama")
     tokenizer = tiny._build_tokenizer(spec)
     config = _config(shape, tokenizer)
@@ -156,7 +156,7 @@ def _processor(tokenizer, config):
 
 def write_calibration(case: Case, out: Path, seed: int = 0) -> Path:
     """(a)/(b): the bundled WikiText-2 excerpt; (c): conversations with one 672 x 672 image each."""
-    from tamp_fx.demo import CALIB_TEXT
+    from tamp_fx.testbeds.demo import CALIB_TEXT
     if case.shape.family != "llava_next":
         return CALIB_TEXT
     from PIL import Image

@@ -6,7 +6,7 @@
 One LlamaDecoderLayer (random weights, seed 0, bfloat16, sdpa attention, 32 key/value heads) has
 its seven linears pruned 2:4 by magnitude; the dense baseline is the same pruned layer with
 ordinary dense weights, the sparse one the same weights as ``SparseSemiStructuredTensor``
-(:func:`tamp_fx.semi_structured.sparsify`). Timed, eager, under ``torch.inference_mode``:
+(:func:`tamp_fx.prune.semi_structured.sparsify`). Timed, eager, under ``torch.inference_mode``:
 
 - prefill: the whole layer (norms, q/k/v/o, causal attention, MLP) on batch 1 x 2048 and 8 x 512 tokens;
 - decode: the whole layer on one new token per sequence (batch 1 and 16) attending to a KV cache
@@ -26,8 +26,8 @@ import sys
 
 import torch
 
-from tamp_fx import semi_structured
-from tamp_fx.masks import apply_mask, nm_keep_mask
+from tamp_fx.prune import semi_structured
+from tamp_fx.prune.masks import apply_mask, nm_keep_mask
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

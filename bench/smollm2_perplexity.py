@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     calib, evaluation = split_halves(args.data, args.workdir)
-    from tamp_fx.demo import smollm2_gguf
+    from tamp_fx.testbeds.demo import smollm2_gguf
     log: list[dict] = []
     dense = args.workdir / "smollm2-135m"
     if not (dense / "config.json").is_file():

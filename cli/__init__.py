@@ -24,8 +24,8 @@ def run() -> int:
         from tamp_fx.cli.main import app
         app(prog_name="tamp-fx")
     except Interrupted as stop:
-        model_io = sys.modules.get("tamp_fx.model_io")
-        written = [str(p) for p in getattr(model_io, "WRITTEN", []) if p.exists()]
+        output = sys.modules.get("tamp_fx.runtime.output")
+        written = [str(p) for p in getattr(output, "WRITTEN", []) if p.exists()]
         if os.environ.get("RANK", "0") == "0":          # under torchrun every rank is interrupted: rank 0 says it
             sys.stderr.write(f"error: interrupted: {', '.join(written) + ' was' if written else 'nothing was'} written\n")
         return 128 + stop.args[0]
@@ -34,12 +34,12 @@ def run() -> int:
 
 def main() -> None:
     """The console entry point (and ``python -m tamp_fx.cli``): :func:`run`, then exit with its
-    status; under torchrun through :func:`tamp_fx.distributed.end_process`."""
+    status; under torchrun through :func:`tamp_fx.runtime.distributed.end_process`."""
     try:
         code = run()
     except SystemExit as done:                          # typer ends every command this way
         code = done.code
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from tamp_fx.distributed import end_process
+        from tamp_fx.runtime.distributed import end_process
         end_process(code)
     sys.exit(code)

@@ -1,10 +1,16 @@
-"""The pass contract: ``(gm, config) -> PassResult(gm, modified)``."""
+"""The pass contract: ``(gm, config) -> PassResult(graph_module, modified)``, torch.fx's own
+:class:`torch.fx.passes.infra.pass_base.PassResult`, with what the pass found in ``info``.
+
+Bind a config to run a pass under torch.fx's ``PassManager`` beside other graph passes::
+
+    PassManager([functools.partial(rewrite, config=RewriteConfig()), other_pass])(gm)
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx
+from torch.fx.passes.infra import pass_base
 
 from tamp_fx.errors import TampError
 
@@ -14,11 +20,14 @@ DECISION_KEY = "tamp_fx.decision"
 OBSERVER_PREFIX = "tamp_fx_observer_"
 
 
-@dataclass
-class PassResult:
-    gm: torch.fx.GraphModule
-    modified: bool
-    info: dict[str, Any] = field(default_factory=dict)
+class PassResult(pass_base.PassResult):
+    """torch.fx's ``PassResult(graph_module, modified)``; ``info``: what the pass found (observers,
+    decisions), for the caller."""
+
+    def __new__(cls, graph_module: torch.fx.GraphModule, modified: bool, info: dict[str, Any] | None = None):
+        result = super().__new__(cls, graph_module, modified)
+        result.info = info if info is not None else {}
+        return result
 
 
 class PassError(TampError):

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
+from tamp_fx.capture.graph import is_attention, is_eager_attention, is_linear, weight_name
 from tamp_fx.passes.base import OBSERVER_PREFIX, PassResult
-from tamp_fx.graph import is_attention, is_eager_attention, is_linear, weight_name
-from tamp_fx.observers import AttentionObserver, LinearObserver, ObserverContext
+from tamp_fx.statistics.observers import AttentionObserver, LinearObserver, ObserverContext
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from tamp_fx.graph import is_linear, weight_name
-from tamp_fx.masks import achieved_sparsity
-from tamp_fx.observers import LinearObserver
+from tamp_fx.capture.graph import is_linear, weight_name
 from tamp_fx.passes.base import DECISION_KEY, PassError, PassResult
-from tamp_fx.scores import SCORES
+from tamp_fx.prune.masks import achieved_sparsity
+from tamp_fx.prune.scores import SCORES
+from tamp_fx.statistics.observers import LinearObserver
 
 
 @dataclass(frozen=True)

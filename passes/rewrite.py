@@ -7,8 +7,8 @@ import torch
 import torch.fx
 
 from tamp_fx.passes.base import DECISION_KEY, OBSERVER_PREFIX, PassError, PassResult
-from tamp_fx.masks import apply_mask
-from tamp_fx.semi_structured import require_cuda, to_semi_structured
+from tamp_fx.prune.masks import apply_mask
+from tamp_fx.prune.semi_structured import require_cuda, to_semi_structured
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tamp_fx.allocate.strategies import ALLOCATORS
 from tamp_fx.errors import TampError
+from tamp_fx.prune.scores import SCORES
+from tamp_fx.statistics.tokens import TOKEN_SELECTIONS
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "das", "das-block", "das-alltoken", "das-size", "owl", "ecoflap")
-SCORE_NAMES = ("magnitude", "wanda", "sparsegpt")
-TOKEN_NAMES = ("all", "amia", "attention", "random")
+#: The names each part of a method takes, as their registries hold them.
+ALLOCATIONS, SCORE_NAMES, TOKEN_NAMES = ALLOCATORS.names(), SCORES.names(), TOKEN_SELECTIONS.names()
 
 #: Shortcut method name -> (allocation, score, tokens).
 METHODS: dict[str, tuple[str, str, str]] = {
@@ -86,9 +88,8 @@ class PlanConfig:
         defaults = METHODS.get(self.method, (None, None, None))
         parts = tuple(given if given is not None else default
                       for given, default in zip((self.allocation, self.score, self.tokens), defaults))
-        for value, valid, what in zip(parts, (ALLOCATIONS, SCORE_NAMES, TOKEN_NAMES), ("allocation", "score", "tokens")):
-            if value not in valid:
-                raise TampError(f"unknown {what} {value!r}: choose one of {', '.join(valid)}")
+        for value, registry in zip(parts, (ALLOCATORS, SCORES, TOKEN_SELECTIONS)):
+            registry[value]                              # one line naming the choices if unknown
         object.__setattr__(self, "allocation", parts[0])
         object.__setattr__(self, "score", parts[1])
         object.__setattr__(self, "tokens", parts[2])

@@ -1,19 +1,35 @@
-"""What survived pruning: perplexity on a text file and VQA accuracy on the fixture's held-out split."""
+"""What survived pruning: perplexity on a text file, and any extra evaluation (a :class:`Task`)
+the caller brings, such as VQA accuracy on a fixture's held-out split
+(:class:`tamp_fx.testbeds.vqa.VqaTask`, which the CLI passes)."""
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from tamp_fx.errors import TampError
-from tamp_fx.processors import takes_images
 
-if TYPE_CHECKING:
-    from tamp_fx.vqa import VqaResult
+
+class Task(Protocol):
+    """An extra evaluation for :func:`evaluate`, run on the loaded model and processor."""
+
+    name: str       # its key in Evaluation.seconds, e.g. "vqa"
+    label: str      # what its progress bar counts, e.g. "VQA questions"
+    total: int      # how many steps run() advances the bar by
+    refusal: str    # after the model's name, when the task is required but does not apply
+    absent: str     # why there is no task on a model it does not apply to (a note on "nothing to evaluate")
+
+    def applies(self, processor) -> bool:
+        """Whether the model behind ``processor`` can be evaluated on this task."""
+
+    def run(self, net: torch.nn.Module, processor, advance: Callable[..., None]) -> Any:
+        """Evaluate ``net``, calling ``advance(k)`` after ``k`` more of ``total`` steps; the result
+        becomes :attr:`Evaluation.vqa`."""
 
 
 @dataclass(frozen=True)
@@ -54,45 +70,44 @@ def perplexity(model: torch.nn.Module, tokenizer, text_file: str | Path, *, seql
 
 @dataclass(frozen=True)
 class Evaluation:
-    vqa: VqaResult | None
+    vqa: Any | None                 # the task's result (a VqaResult from the CLI's task), None without one
     perplexity: Perplexity | None
-    seconds: dict[str, float]
+    seconds: dict[str, float]       # task name or "perplexity" -> wall seconds
 
 
-def evaluate(model: str | Path, *, text: str | Path | None = None, vqa: bool | None = None, vqa_samples: int = 600,
-             seqlen: int = 512, max_windows: int | None = None, bars=None, device: str | torch.device | None = None,
-             dtype: str | None = None, vqa_split: str = "llava") -> Evaluation:
-    """VQA accuracy on a fixture's held-out split (``vqa``: None = when the model takes images;
-    ``vqa_split``: a name in :data:`tamp_fx.vqa.SPLITS`) and perplexity on ``text`` (when
-    given). ``bars`` is a :class:`tamp_fx.progress.Bars`. ``device`` and ``dtype`` as for
-    :func:`tamp_fx.plan` (:mod:`tamp_fx.placement`)."""
-    from tamp_fx.model_io import load_model, load_processor, resolve_source, stored_dtype
-    from tamp_fx.placement import check_dtype, resolve_device, resolve_dtype
-    from tamp_fx.progress import Bars
-    from tamp_fx.vqa import vqa_accuracy
+def evaluate(model: str | Path, *, text: str | Path | None = None, task: Task | None = None,
+             task_required: bool = False, seqlen: int = 512, max_windows: int | None = None, bars=None,
+             device: str | torch.device | None = None, dtype: str | None = None) -> Evaluation:
+    """Run ``task`` (when given and it applies to the model; refused where it does not and
+    ``task_required``) and perplexity on ``text`` (when given). ``bars`` is a
+    :class:`tamp_fx.runtime.progress.Bars`. ``device`` and ``dtype`` as for :func:`tamp_fx.plan`
+    (:mod:`tamp_fx.runtime.placement`)."""
+    from tamp_fx.load.checkpoint import stored_dtype
+    from tamp_fx.load.source import load_model, load_processor, resolve_source
+    from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
+    from tamp_fx.runtime.progress import Bars
 
     source = resolve_source(model)
     target = resolve_device(device)
     check_dtype(dtype)
     net = load_model(source, dtype=resolve_dtype(dtype, target, stored_dtype(source))).to(target)
     processor = load_processor(source, net.config)
-    if vqa is None:
-        vqa = takes_images(processor)
-    if vqa and not takes_images(processor):
-        raise TampError(f"{model} takes no images, so it cannot answer the VQA split: pass --no-vqa")
-    if not vqa and text is None:
+    applies = task is not None and task.applies(processor)
+    if task is not None and task_required and not applies:
+        raise TampError(f"{model} {task.refusal}")
+    if not applies and text is None:
         raise TampError(f"nothing to evaluate on {model}: pass --text FILE for perplexity"
-                        + ("" if takes_images(processor) else " (the model takes no images, so there is no VQA)"))
+                        + (f" ({task.absent})" if task is not None else ""))
     bars = bars or Bars(False)
-    seconds, vqa_result, ppl = {}, None, None
-    if vqa:
+    seconds, result, ppl = {}, None, None
+    if applies:
         start = time.perf_counter()
-        with bars.task("VQA questions", vqa_samples) as advance:
-            vqa_result = vqa_accuracy(net, processor, vqa_samples, split=vqa_split, advance=advance)
-        seconds["vqa"] = time.perf_counter() - start
+        with bars.task(task.label, task.total) as advance:
+            result = task.run(net, processor, advance)
+        seconds[task.name] = time.perf_counter() - start
     if text is not None:
         start = time.perf_counter()
         with bars.task("perplexity windows", max_windows) as advance:
             ppl = perplexity(net, processor, text, seqlen=seqlen, max_windows=max_windows, advance=advance)
         seconds["perplexity"] = time.perf_counter() - start
-    return Evaluation(vqa_result, ppl, seconds)
+    return Evaluation(result, ppl, seconds)

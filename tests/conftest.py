@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Build each tiny family once per session: family -> model directory."""
-    from tamp_fx.testing.tiny import build_tiny
+    from tamp_fx.testbeds.tiny import build_tiny
     root = tmp_path_factory.mktemp("tiny")
     cache: dict[str, object] = {}
 

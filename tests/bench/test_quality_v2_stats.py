@@ -113,7 +113,7 @@ def test_plan_statistics_average_each_projection_and_modality_over_layers():
 
 
 def test_weights_id_names_the_weights_file_and_refuses_a_missing_one(tmp_path, monkeypatch):
-    import tamp_fx.fixture2.model as fixture2_model
+    import tamp_fx.testbeds.fixture2.model as fixture2_model
     ids = {}
     for name, data in (("a", b"one"), ("b", b"two"), ("c", b"one")):
         (tmp_path / name).write_bytes(data)

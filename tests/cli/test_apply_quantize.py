@@ -19,10 +19,10 @@ import torch
 import transformers
 from typer.testing import CliRunner
 
-from tamp_fx.artifact import Plan
-from tamp_fx.calibration import load_calibration
+from tamp_fx.artifact.plan import Plan
+from tamp_fx.calibrate.samples import load_calibration
 from tamp_fx.cli.main import app
-from tamp_fx.processors import load_processor
+from tamp_fx.load.processors import load_processor
 
 runner = CliRunner()
 
@@ -42,8 +42,8 @@ def load(directory: Path):
 
 
 def test_doctests():
-    from tamp_fx import quantized_hf
-    assert doctest.testmod(quantized_hf).failed == 0
+    from tamp_fx.write import int8_weight
+    assert doctest.testmod(int8_weight).failed == 0
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def torchao():
 
 @pytest.mark.parametrize("family", ["llama", "llava"])
 def test_int8_weight_apply_loads_with_from_pretrained_keeps_zeros_and_stays_close(family, torchao, tiny_models, tmp_path):
-    from tamp_fx.quantize import dequantized_weight, sqnr_db
+    from tamp_fx.write.quantize import dequantized_weight, sqnr_db
 
     model = tiny_models(family)
     plan_dir, pruned_dir, quant_dir = tmp_path / "plan", tmp_path / "pruned", tmp_path / "quantized"

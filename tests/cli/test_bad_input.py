@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from support.cli import fails_cleanly
 from tamp_fx.cli.main import app
-from tamp_fx.testing.cli import fails_cleanly
 
 runner = CliRunner()
 

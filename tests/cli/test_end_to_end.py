@@ -11,9 +11,9 @@ import transformers
 from typer.testing import CliRunner
 
 from tamp_fx.cli.main import app
-from tamp_fx.testing.models import checkpoint_tensors
-from tamp_fx.processors import load_processor
-from tamp_fx.testing.tiny import FAMILIES
+from tamp_fx.load.processors import load_processor
+from tamp_fx.testbeds.models import checkpoint_tensors
+from tamp_fx.testbeds.tiny import FAMILIES
 
 runner = CliRunner()
 

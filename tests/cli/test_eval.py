@@ -6,9 +6,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from tamp_fx import vqa
 from tamp_fx.cli.main import app
-from tamp_fx.fixture import scenes
+from tamp_fx.testbeds import vqa
+from tamp_fx.testbeds.fixture import scenes
 
 runner = CliRunner()
 
@@ -42,8 +42,8 @@ def test_eval_reports_vqa_and_perplexity_as_json(tiny_models, tmp_path):
 
 
 def test_eval_on_fixture_2s_split(tiny_models):
-    from tamp_fx.cli.main import VqaSplit
-    from tamp_fx.fixture2 import scenes as scenes2
+    from tamp_fx.cli.evaluate import VqaSplit
+    from tamp_fx.testbeds.fixture2 import scenes as scenes2
     assert {s.value for s in VqaSplit} == set(vqa.SPLITS)
     r = invoke("eval", tiny_models("llava_next"), "--vqa-split", "next", "--vqa-samples", 12, "--json", "--quiet")
     assert r.exit_code == 0, r.output
@@ -57,11 +57,41 @@ def test_eval_prints_a_table(tiny_models):
     assert "VQA overall" in r.stdout and "VQA character" in r.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--vqa"], "takes no images"),
-    ([], "nothing to evaluate"),
+@pytest.mark.parametrize("family, args, message", [
+    ("llama", ["--vqa"], "takes no images, so it cannot answer the VQA split: pass --no-vqa"),
+    ("llama", [], "nothing to evaluate"),
+    ("llama", [], "(the model takes no images, so there is no VQA)"),
+    ("llava", ["--no-vqa"], "nothing to evaluate"),
 ])
-def test_eval_refuses_what_it_cannot_measure(tiny_models, args, message):
-    r = invoke("eval", tiny_models("llama"), *args)
+def test_eval_refuses_what_it_cannot_measure(tiny_models, family, args, message):
+    r = invoke("eval", tiny_models(family), *args)
     assert r.exit_code == 1
-    assert message in r.output and "Traceback" not in r.output
+    assert message in " ".join(r.output.split()) and "Traceback" not in r.output
+
+
+def test_evaluate_runs_the_callers_task(tiny_models):
+    from dataclasses import dataclass
+
+    from tamp_fx.errors import TampError
+    from tamp_fx.evaluate import evaluate
+
+    @dataclass(frozen=True)
+    class Count:                # a task of the caller's own: how many parameters the model has
+        name = "count"
+        label = "models"
+        total = 1
+        refusal = "cannot be counted"
+        absent = "nothing to count"
+        ok: bool = True
+
+        def applies(self, processor):
+            return self.ok
+
+        def run(self, net, processor, advance):
+            advance(1)
+            return sum(p.numel() for p in net.parameters())
+
+    result = evaluate(tiny_models("llama"), task=Count(), task_required=True)
+    assert result.vqa > 0 and result.perplexity is None and set(result.seconds) == {"count"}
+    with pytest.raises(TampError, match="cannot be counted"):
+        evaluate(tiny_models("llama"), task=Count(ok=False), task_required=True)

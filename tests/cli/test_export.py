@@ -11,11 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 import tamp_fx
-from tamp_fx.artifact import Plan
+from tamp_fx.artifact.plan import Plan
 from tamp_fx.cli.main import app
-from tamp_fx.exported import load_program, load_program_calibration
+from tamp_fx.load.program import load_program
 from tamp_fx.modality import Modality
-from tamp_fx.testing.tiny import FAMILIES, slow_except
+from tamp_fx.testbeds.tiny import FAMILIES, slow_except
+from tamp_fx.write.program import load_program_calibration
 
 runner = CliRunner()
 METHODS = ("tamp", "sparsegpt", "owl")
@@ -116,7 +117,7 @@ def test_export_errors_write_nothing_and_keep_inputs(tiny_models, tmp_path):
     cases = [
         (["--out", tmp_path / "m.onnx", "--calib-out", tmp_path / "i.safetensors"], "pass e.g. --out model.pt2"),
         (["--out", tmp_path / "m.pt2", "--calib-out", tmp_path / "i.json"], "--calib-out inputs.safetensors"),
-        (["--out", model_dir / "m.pt2", "--calib-out", tmp_path / "i.safetensors"], "inside the model directory"),
+        (["--out", model_dir / "m.pt2", "--calib-out", tmp_path / "i.safetensors"], "would be written inside the input"),
     ]
     before = sorted(p.name for p in model_dir.iterdir())
     for extra, expected in cases:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import tamp_fx
 from tamp_fx.cli.main import app
 from tamp_fx.config import ALLOCATIONS, METHODS, SCORE_NAMES, TOKEN_NAMES
-from tamp_fx.testing.tiny import FAMILIES
+from tamp_fx.testbeds.tiny import FAMILIES
 
 runner = CliRunner()
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import tamp_fx
 from tamp_fx.cli.main import app
-from tamp_fx.testing.models import checkpoint_tensors
 from tamp_fx.config import ALLOCATIONS, SCORE_NAMES
-from tamp_fx.testing.tiny import FAMILIES
+from tamp_fx.testbeds.models import checkpoint_tensors
+from tamp_fx.testbeds.tiny import FAMILIES
 
 runner = CliRunner()
 

@@ -9,14 +9,14 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from tamp_fx.cli.main import app
-from tamp_fx.demo import CALIB_TEXT
+from tamp_fx.testbeds.demo import CALIB_TEXT
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 
 
 def _gguf():
-    from tamp_fx.demo import smollm2_gguf
+    from tamp_fx.testbeds.demo import smollm2_gguf
     try:
         return smollm2_gguf()
     except Exception as error:  # noqa: BLE001
@@ -71,12 +71,13 @@ def test_sparsegpt_reconstructs_real_layers_better_than_wanda_at_equal_sparsity(
     """On SmolLM2's first and middle decoder layers, with real activations of bundled text.
     (On random-weight tiny models, whose inputs are nearly isotropic, the OBS update has
     little to exploit and the two come out even.)"""
-    from tamp_fx.adapters import decoder_layout
-    from tamp_fx.calibration import load_calibration
-    from tamp_fx.capture import capture_layer_inputs
-    from tamp_fx.masks import apply_mask, keep_mask
-    from tamp_fx.model_io import load_model, load_processor, resolve_source
-    from tamp_fx.sparsegpt import HessianAccumulator, sparsegpt_prune
+    from tamp_fx.calibrate.samples import load_calibration
+    from tamp_fx.capture.activations import capture_layer_inputs
+    from tamp_fx.load.adapters import decoder_layout
+    from tamp_fx.load.source import load_model, load_processor, resolve_source
+    from tamp_fx.prune.masks import apply_mask, keep_mask
+    from tamp_fx.prune.sparsegpt import sparsegpt_prune
+    from tamp_fx.statistics.hessian import HessianAccumulator
     source = resolve_source(dense)
     model = load_model(source)
     samples = load_calibration(CALIB_TEXT, load_processor(source, model.config), nsamples=4, seqlen=256)
@@ -111,9 +112,10 @@ def test_sparsegpt_reconstructs_real_layers_better_than_wanda_at_equal_sparsity(
 def test_export_then_plan_the_program_gives_the_hf_plans_masks(dense, tmp_path):
     """`tamp-fx export` of SmolLM2 then `tamp-fx plan model.pt2` (tamp, sparsegpt, owl) then
     `apply`: bit-identical masks to planning the Hugging Face directory on the same text."""
-    import tamp_fx
-    from tamp_fx.exported import load_program
     from test_export import assert_same_masks
+
+    import tamp_fx
+    from tamp_fx.load.program import load_program
     r = runner.invoke(app, ["export", str(dense), "--calib", str(CALIB_TEXT), "--nsamples", "4", "--seqlen", "64",
                             "--out", str(tmp_path / "model.pt2"), "--calib-out", str(tmp_path / "inputs.safetensors"),
                             "--quiet"])

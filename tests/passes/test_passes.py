@@ -6,14 +6,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tamp_fx.graph import analyse_linears, export_layer, linear_nodes, weight_name
-from tamp_fx.masks import pruned_count
-from tamp_fx.observers import ObserverContext
+from tamp_fx.capture.graph import analyse_linears, export_layer, linear_nodes, weight_name
 from tamp_fx.passes.base import DECISION_KEY, OBSERVER_PREFIX
 from tamp_fx.passes.instrument import InstrumentConfig, instrument
 from tamp_fx.passes.plan import PlanPassConfig, plan
 from tamp_fx.passes.rewrite import rewrite
-from tamp_fx.testing.models import random_activations, tiny_llama
+from tamp_fx.prune.masks import pruned_count
+from tamp_fx.statistics.observers import ObserverContext
+from tamp_fx.testbeds.models import random_activations, tiny_llama
 
 SLOW = settings(max_examples=8, deadline=None)
 
@@ -140,7 +140,7 @@ def test_attention_observer_equals_eager_softmax_attention(kv_heads):
 
 
 def test_layers_of_one_structure_are_traced_once_and_bound_to_their_own_weights():
-    from tamp_fx.graph import LayerExporter
+    from tamp_fx.capture.graph import LayerExporter
     model = tiny_llama(7, layers=3)
     acts = random_activations(model, [8, 5], 7)
     exporter = LayerExporter()
@@ -180,7 +180,7 @@ def test_eager_softmax_attention_is_found_by_graph_structure_and_observed():
     """An eager export has no SDPA node: the softmax of q k^T is the attention node, its linears
     are classified as with SDPA (v_proj included, through the probabilities-times-values matmul),
     and its observer's last-row attention equals the SDPA observer's."""
-    from tamp_fx.graph import ATTENTION_OPS, SOFTMAX_OPS, is_attention
+    from tamp_fx.capture.graph import ATTENTION_OPS, SOFTMAX_OPS, is_attention
     runs = _exported_eager_and_sdpa(3, [7, 11])
     eager_gm, eager_observed, eager_rows = runs["eager"]
     sdpa_gm, _, sdpa_rows = runs["sdpa"]
@@ -194,7 +194,7 @@ def test_eager_softmax_attention_is_found_by_graph_structure_and_observed():
 
 def test_a_softmax_that_is_not_q_k_attention_is_not_attention():
     """softmax over a linear's output (a router, say) or over a product with a constant is no attention."""
-    from tamp_fx.graph import is_attention
+    from tamp_fx.capture.graph import is_attention
 
     class Router(torch.nn.Module):
         def __init__(self) -> None:
@@ -211,3 +211,32 @@ def test_a_softmax_that_is_not_q_k_attention_is_not_attention():
     gm = torch.export.export(Router(), (torch.randn(1, 3, 8),), strict=False).module()
     softmaxes = [n for n in gm.graph.nodes if "softmax" in str(n.target)]
     assert len(softmaxes) == 2 and not any(is_attention(n) for n in gm.graph.nodes)
+
+
+def test_rewrite_composes_with_another_graph_pass_under_torch_fx_pass_manager():
+    """tamp-fx's passes return torch.fx's PassResult, so a PassManager runs them beside others."""
+    import functools
+
+    from torch.fx.passes.infra.pass_base import PassResult as FxPassResult
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    from tamp_fx.passes.rewrite import RewriteConfig
+
+    layer, acts = _layer_and_acts(5, [6, 9])
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    context = ObserverContext()
+    observers = instrument(gm, InstrumentConfig(context)).info["linear"]
+    _run(gm, acts, context)
+    decisions = plan(gm, PlanPassConfig("wanda", {n: 0.5 for n in observers}, observers)).info["decisions"]
+    linears_seen = []
+
+    def count_linears(module):                                   # another pass: reads the graph, changes nothing
+        linears_seen.append(len(linear_nodes(module)))
+        return FxPassResult(module, False)
+
+    result = PassManager([functools.partial(rewrite, config=RewriteConfig()), count_linears])(gm)
+    assert isinstance(result, FxPassResult) and result.modified
+    assert linears_seen == [7]
+    assert not any(str(n.target).startswith(OBSERVER_PREFIX) for n in result.graph_module.graph.nodes)
+    for name, d in decisions.items():
+        assert torch.equal(result.graph_module.get_parameter(name) != 0, d.mask & (layer.get_parameter(name) != 0))

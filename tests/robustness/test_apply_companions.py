@@ -7,7 +7,7 @@ import shutil
 
 from safetensors.torch import load_file
 
-from tamp_fx.testing.cli import invoke
+from support.cli import invoke
 
 
 def test_apply_copies_companions_but_not_unpruned_weights_in_other_formats(tmp_path, llama, saved_plan, caplog):

@@ -8,8 +8,8 @@ import logging
 import math
 
 import tamp_fx
-from tamp_fx.artifact import Plan, without_run_measurements
-from tamp_fx.testing.cli import invoke
+from support.cli import invoke
+from tamp_fx.artifact.plan import Plan, without_run_measurements
 
 _FILES = ("masks.safetensors", "weights.safetensors")
 
@@ -59,7 +59,7 @@ def test_non_finite_statistics_are_written_as_null_with_a_warning(saved_plan, tm
     stats = {**first.stats, "importance": math.nan, "scores": [1.0, math.inf]}
     plan = dataclasses.replace(plan, linears={**plan.linears, name: dataclasses.replace(first, stats=stats)},
                                layers=[{**plan.layers[0], "attention_entropy": -math.inf}, *plan.layers[1:]])
-    with caplog.at_level(logging.WARNING, logger="tamp_fx.artifact"):
+    with caplog.at_level(logging.WARNING, logger="tamp_fx.artifact.plan"):
         plan.save(tmp_path / "p")
     data = _strict((tmp_path / "p" / "plan.json").read_text())
     assert data["linears"][name]["stats"]["importance"] is None

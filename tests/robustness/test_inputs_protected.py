@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tamp_fx.testing.cli import fails_cleanly, invoke
+from support.cli import fails_cleanly, invoke
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_the_two_data_loss_cases_of_issue_10(workspace, saved_plan, llama):
 
 
 def test_convert_refuses_the_directory_holding_its_gguf(tmp_path):
-    from tamp_fx.testing.corrupt import gguf_cut_in_header
+    from support.corrupt import gguf_cut_in_header
     gguf = gguf_cut_in_header(tmp_path / "m.gguf")        # refused before the file is read
     for out in (tmp_path, gguf):
         fails_cleanly(["convert", gguf, "--out", out, "--overwrite"], "input", unchanged=[tmp_path])
@@ -76,7 +76,7 @@ def test_apply_to_an_exported_program_refuses_its_inputs(tmp_path, saved_plan):
 
 
 def test_fixture_refuses_its_own_weights_and_clashing_outputs(tmp_path, monkeypatch):
-    import tamp_fx.fixture.model as fixture_model
+    import tamp_fx.testbeds.fixture.model as fixture_model
     weights = tmp_path / "package" / "weights.safetensors"
     weights.parent.mkdir()
     weights.write_bytes(b"the committed fixture weights")

@@ -14,9 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tamp_fx.testing.cli import fails_cleanly
-from tamp_fx.testing.corrupt import decompression_bomb_png, deeply_nested_json, gguf_cut_in_header, wav
-
+from support.cli import fails_cleanly
+from support.corrupt import decompression_bomb_png, deeply_nested_json, gguf_cut_in_header, wav
 
 # --- GGUF -------------------------------------------------------------------------------
 
@@ -97,8 +96,8 @@ def test_damaged_audio(tmp_path, tiny_models, cut, bits, expected):
 
 @pytest.mark.parametrize("bits", [8, 16, 24, 32])
 def test_pcm_of_every_width_reads_as_the_same_tone(tmp_path, bits):
-    from tamp_fx.calibration import _load_audio
-    audio = _load_audio(wav(tmp_path / "a.wav", bits=bits), 16_000)      # (T,)
+    from tamp_fx.calibrate.samples import load_audio
+    audio = load_audio(wav(tmp_path / "a.wav", bits=bits), 16_000)      # (T,)
     t = np.arange(audio.size) / 16_000
     assert np.abs(audio - 0.5 * np.sin(2 * np.pi * 440 * t)).max() <= 2.0 / 2 ** (bits - 1) + 1e-6  # float32 audio
 

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import tamp_fx.api
-from tamp_fx.model_io import OUTPUT_MARKER
-from tamp_fx.testing.cli import fails_cleanly, invoke
+import tamp_fx.pipeline.plan
+import tamp_fx.write.apply
+from support.cli import fails_cleanly, invoke
+from tamp_fx.runtime.output import OUTPUT_MARKER
 
 
 @pytest.fixture
@@ -20,7 +21,8 @@ def no_work(monkeypatch):
     """Loading the model is the first piece of work: a refusal must come before it."""
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
-    monkeypatch.setattr(tamp_fx.api, "load_model", refuse)
+    monkeypatch.setattr(tamp_fx.pipeline.plan, "load_model", refuse)
+    monkeypatch.setattr(tamp_fx.write.apply, "load_model", refuse)
 
 
 def _plan(llama, out, *extra):
@@ -115,7 +117,7 @@ def test_overwrite_replaces_a_tamp_fx_output_and_leaves_nothing_beside_it(tmp_pa
 _KILLED_WHILE_WRITING = """
 import os, signal, sys
 from pathlib import Path
-from tamp_fx.model_io import atomic_directory
+from tamp_fx.runtime.output import atomic_directory
 with atomic_directory(Path(sys.argv[1]), overwrite=False) as tmp:
     (tmp / "half-written").write_text("...")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tamp_fx
-from tamp_fx.artifact import Plan
-from tamp_fx.calibration import calibration_inputs, load_calibration
+from support.cli import invoke
+from support.corrupt import damaged, damaged_bytes, json_values
+from tamp_fx.artifact.plan import Plan
+from tamp_fx.calibrate.samples import calibration_inputs, load_calibration
 from tamp_fx.errors import TampError
-from tamp_fx.model_io import load_processor, resolve_source
-from tamp_fx.testing.cli import invoke
-from tamp_fx.testing.corrupt import damaged, damaged_bytes, json_values
+from tamp_fx.load.source import load_processor, resolve_source
 
 _SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

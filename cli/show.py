@@ -1,0 +1,90 @@
+"""Commands that show a plan: ``inspect`` (table, figures, HTML) and ``diff``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from tamp_fx.cli.app import app, console, out_console, setup, user_errors
+
+
+def _shorten(names: list[str]) -> list[str]:
+    """Drop a suffix every name shares (``q_proj``, ``up_proj`` -> ``q``, ``up``) so tables fit."""
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1] if len(names) > 1 else ""
+    cut = suffix.find("_") if "_" in suffix else -1
+    if cut < 0:
+        return names
+    suffix = suffix[cut:]
+    return [n[: -len(suffix)] for n in names]
+
+
+@app.command()
+def inspect(
+    plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory "
+                                                 "(needs matplotlib: pip install 'tamp-fx\\[plot]').")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page (summary and "
+                                                 "figures) to this file.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace --plot / --html if they exist.")] = False,
+) -> None:
+    """Show a plan: per-layer sparsity of every linear; --plot / --html draw its statistics."""
+    setup(False)
+
+    with user_errors():
+        from tamp_fx.artifact import report
+        from tamp_fx.artifact.plan import Plan
+        data = Plan.load(plan_dir).to_json()          # the whole plan checked against itself (one line if damaged)
+        grid = report.Grid.of(data)
+        s = data["summary"]
+        pattern = f" ({data['config']['pattern']})" if data["config"].get("pattern") else ""
+        table = Table(title=f"{data['method']}{pattern} plan for {data['model'].get('source')}: "
+                            f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
+        table.add_column("layer", justify="right")
+        for p in _shorten(grid.projections):
+            table.add_column(p, justify="right")
+        table.add_column("layer total", justify="right", style="bold")
+        for layer in grid.layers:
+            cells = [grid.cells.get((layer, p)) for p in grid.projections]
+            sizes = [(lp["shape"][0] * lp["shape"][1], lp["sparsity"]) for lp in cells if lp]
+            total = sum(n * sp for n, sp in sizes) / sum(n for n, _ in sizes)
+            table.add_row(str(layer), *(f"{lp['sparsity']:.1%}" if lp else "-" for lp in cells), f"{total:.1%}")
+        out_console.print(table)
+        protect = (plan_dir.resolve(),)
+        if plot is not None:
+            written = report.write_figures(data, plot, overwrite=overwrite, protect=protect)
+            console.print(f"{len(written)} figures ({', '.join(p.stem for p in written)}) -> {plot}", highlight=False)
+        if html is not None:
+            report.write_html(data, html, overwrite=overwrite, protect=protect)
+            console.print(f"report -> {html}", highlight=False)
+
+
+@app.command()
+def diff(
+    plan_a: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    plan_b: Annotated[Path, typer.Argument(help="Another plan of the same model.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON on stdout.")] = False,
+) -> None:
+    """Compare two plans of one model: per linear the sparsity of each and the Jaccard index of their kept weights."""
+    setup(False)
+
+    with user_errors():
+        import tamp_fx
+        from tamp_fx.artifact.compare import diff_plans
+        a, b = tamp_fx.Plan.load(plan_a), tamp_fx.Plan.load(plan_b)
+        result = diff_plans(a, b)
+        if as_json:
+            out_console.print_json(json.dumps({"a": str(plan_a), "b": str(plan_b), **result.to_json()}))
+            return
+        table = Table(title=f"A = {plan_a} ({a.config.method}), B = {plan_b} ({b.config.method}): "
+                            f"kept weights overlap {result.jaccard:.1%} (Jaccard)")
+        for col in ("layer", "projection", "sparsity A", "sparsity B", "kept overlap (Jaccard)"):
+            table.add_column(col, justify="left" if col == "projection" else "right")
+        for d in result.linears.values():
+            table.add_row(str(d.layer), d.projection, f"{d.sparsity_a:.1%}", f"{d.sparsity_b:.1%}", f"{d.jaccard:.1%}")
+        table.add_row("all", "", f"{result.sparsity_a:.2%}", f"{result.sparsity_b:.2%}", f"{result.jaccard:.2%}",
+                      style="bold")
+        out_console.print(table)

@@ -1,0 +1,89 @@
+"""Commands over the testbeds: ``fixture`` (assemble a trained fixture) and ``demo``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from tamp_fx.cli.app import Overwrite, Quiet, app, choices, console, fail, out_console, setup, user_errors
+from tamp_fx.testbeds.fixtures import FIXTURES
+
+FixtureKind = choices("FixtureKind", FIXTURES.names())
+
+
+@app.command()
+def fixture(
+    out: Annotated[Path, typer.Option(help="Directory to write the fixture model (a transformers directory) to.")],
+    calib_out: Annotated[Optional[Path], typer.Option(help="Also write calibration conversations (calib.jsonl + "
+                                                      "images/) from the training distribution here.")] = None,
+    conversations: Annotated[int, typer.Option(help="How many conversations --calib-out gets.")] = 128,
+    kind: Annotated[FixtureKind, typer.Option(help="llava: fixture 1 (LLaVA, 16 image tokens, question-answer "
+                                              "calibration); next: fixture 2 (LLaVA-NeXT, anyres, 88 image tokens, "
+                                              "ShareGPT4V-style calibration).")] = FixtureKind.llava,
+    overwrite: Overwrite = False,
+) -> None:
+    """Assemble a multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA."""
+    setup(False)
+
+    with user_errors():
+        from tamp_fx.runtime.output import check_output
+        chosen = FIXTURES[kind.value]
+        check_output(out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, *([calib_out] if calib_out else [])))
+        if calib_out is not None:
+            check_output(calib_out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, out))
+            if conversations < 1:
+                fail(f"--conversations must be at least 1, got {conversations}")
+        start = time.perf_counter()
+        chosen.model.build_fixture(out, overwrite=overwrite)
+        console.print(f"fixture written to {out} in {time.perf_counter() - start:.1f} s", highlight=False)
+        if calib_out is not None:
+            path = chosen.data.write_conversations(calib_out, conversations, overwrite=overwrite)
+            console.print(f"{conversations} calibration conversations written to {path}", highlight=False)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its models and plan.")] = Path("demo-out"),
+    quiet: Quiet = False,
+) -> None:
+    """Prune the multimodal fixture with TAMP at 50%; compare VQA and perplexity before and after."""
+    setup(False)
+
+    with user_errors():
+        from tamp_fx.testbeds.demo import EVAL_TEXT, run_demo
+        r = run_demo(workdir, progress=not quiet)
+        c, d, p = r.config, r.dense, r.pruned
+        table = Table(title=f"fixture (SmolLM2-135M-Instruct + trained SigLIP tower), {c.method} at {c.sparsity:.0%}, "
+                            f"calibrated on {c.nsamples} conversations")
+        for col in ("metric", "dense", "pruned"):
+            table.add_column(col, justify="right")
+        table.add_row("decoder sparsity", "0.00%", f"{r.sparsity:.2%}")
+        for task in d.vqa.per_task:
+            table.add_row(f"VQA {task}", f"{d.vqa.per_task[task]:.1%}", f"{p.vqa.per_task[task]:.1%}")
+        table.add_row(f"VQA overall ({d.vqa.samples} questions)", f"{d.vqa.accuracy:.1%}", f"{p.vqa.accuracy:.1%}")
+        table.add_row(f"perplexity ({d.perplexity.windows} x {d.perplexity.seqlen} tokens)",
+                      f"{d.perplexity.perplexity:.2f}", f"{p.perplexity.perplexity:.2f}")
+        out_console.print(table)
+        e = r.example
+        out_console.print(_half_blocks(e.sample.image))
+        out_console.print(f"{e.image} asks: {e.sample.question}  expected: {e.sample.answer}  "
+                          f"dense: {e.dense.strip()!r}  pruned: {e.pruned.strip()!r}", highlight=False)
+        out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
+                          + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
+        out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan "
+                          f"--html {r.workdir}/plan.html`)", highlight=False)
+
+
+def _half_blocks(image, step: int = 2):
+    """An RGB image (H, W, 3) as terminal text: one '▀' per two pixel rows, every ``step``-th pixel."""
+    from rich.text import Text
+    small = image[::step, ::step]
+    text = Text()
+    for top, bottom in zip(small[0::2], small[1::2]):
+        for (r1, g1, b1), (r2, g2, b2) in zip(top, bottom):
+            text.append("\u2580", style=f"rgb({r1},{g1},{b1}) on rgb({r2},{g2},{b2})")
+        text.append("\n")
+    return text

@@ -1,0 +1,238 @@
+"""Calibration data: windows of a text file, or LLaVA / ShareGPT4V conversations (JSON or
+JSONL, with ``image`` / ``images`` / ``audio`` / ``video`` paths resolved relative to the file;
+``video`` is a video file or a list of its frame images, see :mod:`tamp_fx.calibrate.video`), turned
+by the model's processor into model inputs (one sample = a batch of one)."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tamp_fx.calibrate.video import load_video, video_problem
+from tamp_fx.errors import TampError, first_line
+from tamp_fx.load.processors import takes_images
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, torch.Tensor]
+_PLACEHOLDER = re.compile(r"(<image>|<video>|<audio>)")
+_MEDIA_KEYS = ("image", "images", "video", "videos", "audio", "audios")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def load_calibration(path: str | Path, processor: Any, *, nsamples: int = 128, seqlen: int = 512,
+                     seed: int = 0, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
+    """Model inputs for up to ``nsamples`` calibration samples drawn with ``seed``.
+
+    A ``.json`` / ``.jsonl`` file holds conversations; any other file is plain text, cut
+    into windows of ``seqlen`` tokens at random offsets. ``shard=(r, K)``: of the list drawn,
+    only the samples i with i % K == r (and only those are processed).
+    """
+    path = _checked_file(path)
+    if path.suffix in (".json", ".jsonl"):
+        return _conversation_samples(path, processor, nsamples, seed, shard)
+    return _text_windows(path, processor, nsamples, seqlen, seed, shard)
+
+
+def calibration_inputs(path: str | Path) -> tuple[Path, ...]:
+    """The calibration file and every media file its conversations name (resolved, whether or
+    not they exist): the paths an output must never replace. The file's structure is checked
+    on the way, so a malformed file is refused here, before any work."""
+    path = _checked_file(path)
+    if path.suffix not in (".json", ".jsonl"):
+        return (path.resolve(),)
+    media = {p for i, record in enumerate(_read_records(path)) for key in _MEDIA_KEYS for p in _media(record, key, path, i)}
+    return (path.resolve(), *sorted(media))
+
+
+def _checked_file(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise TampError(f"calibration path {path} is a directory: pass a file in it (a text file or a LLaVA-style .json/.jsonl)")
+    if not path.is_file():
+        raise TampError(f"calibration file {path} does not exist: pass a text file or a LLaVA-style .json/.jsonl")
+    if path.stat().st_size == 0:
+        raise TampError(f"calibration file {path} is empty: pass a file with text or conversations")
+    return path
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _text_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: int,
+                  shard: tuple[int, int]) -> list[Sample]:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise TampError(f"calibration file {path} has no text: pass a file with text or conversations")
+    ids = torch.tensor(_tokenizer(processor)(text, add_special_tokens=False)["input_ids"])  # (T,)
+    if ids.numel() <= seqlen:
+        raise TampError(f"calibration file {path} has {ids.numel()} tokens, not more than --seqlen {seqlen}: "
+                        "pass a longer file or a smaller --seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)][shard[0]::shard[1]]
+    return [{"input_ids": ids[s:s + seqlen][None], "attention_mask": torch.ones(1, seqlen, dtype=torch.long)}
+            for s in starts]
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    kind = path.suffix[1:].upper()
+    try:
+        raw = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            records = []
+            for number, line in enumerate(raw.splitlines(), 1):
+                try:
+                    records += [json.loads(line)] if line.strip() else []
+                except json.JSONDecodeError as error:
+                    raise TampError(f"calibration file {path} is not valid JSONL: line {number}: {error}") from error
+        else:
+            records = json.loads(raw)
+    except UnicodeDecodeError as error:
+        raise TampError(f"calibration file {path} is not UTF-8 text ({error.reason} at byte {error.start}): "
+                        "save it as UTF-8") from error
+    except json.JSONDecodeError as error:
+        raise TampError(f"calibration file {path} is not valid {kind}: {error}") from error
+    except RecursionError as error:
+        raise TampError(f"calibration file {path} nests JSON too deeply to read: is it a calibration file?") from error
+    if not isinstance(records, list) or not records:
+        raise TampError(f"calibration file {path} holds no conversations: expected a list of "
+                        '{"image": ..., "conversations": [{"from": "human", "value": ...}, ...]}')
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or not record["conversations"]:
+            raise TampError(f"calibration sample {i} of {path} has no \"conversations\" list of turns")
+        for turn in record["conversations"]:
+            if not isinstance(turn, dict) or not isinstance(turn.get("value", turn.get("content", "")), str):
+                raise TampError(f"calibration sample {i} of {path}: each turn of \"conversations\" must be an object "
+                                'with a text "value", such as {"from": "human", "value": "<image>\\nWhat is this?"}')
+    return records
+
+
+def _media(record: dict[str, Any], key: str, source: Path, index: int) -> list[Path]:
+    """The resolved paths under ``key`` of a record: one path or a list of paths."""
+    value = record.get(key)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+        raise TampError(f"calibration sample {index} of {source}: \"{key}\" must be a file path or a list of file paths, "
+                        f"not {json.dumps(value)[:60]}")
+    return [(source.parent / item).resolve() for item in items]
+
+
+def _paths(record: dict[str, Any], keys: tuple[str, ...], base: Path, index: int, source: Path) -> list[Path]:
+    found = [p for key in keys for p in _media(record, key, source, index)]
+    for p in found:
+        if not p.is_file():
+            raise TampError(f"calibration sample {index} of {source} refers to missing file {p}: "
+                            "fix the path (paths are relative to the calibration file)")
+    return found
+
+
+def _load_image(path: Path) -> Any:
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as error:  # noqa: BLE001 - any decoder error, DecompressionBombError included
+        raise TampError(f"calibration image {path} cannot be read ({first_line(error)}): pass a PNG or JPEG") from error
+
+
+_PCM_TYPES = {1: np.uint8, 2: np.int16, 3: np.int32, 4: np.int32}   # 24-bit samples are widened to 32
+
+
+def load_audio(path: Path, sampling_rate: int) -> np.ndarray:
+    try:
+        with wave.open(str(path), "rb") as w:
+            width, channels, rate, declared = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
+            frames = w.readframes(declared)
+    except Exception as error:  # noqa: BLE001 - wave.Error, EOFError, struct.error from a damaged header
+        raise TampError(f"calibration audio {path} cannot be read ({first_line(error)}): pass a PCM .wav file") from error
+    if width not in _PCM_TYPES or channels < 1 or rate < 1000:
+        raise TampError(f"calibration audio {path} is {8 * width}-bit, {channels} channels at {rate} Hz: "
+                        "pass 8, 16, 24 or 32-bit PCM .wav audio")
+    if declared == 0 or len(frames) < declared * width * channels:
+        raise TampError(f"calibration audio {path} is truncated or empty: its header promises {declared} frames, "
+                        f"it holds {len(frames) // (width * channels)}: re-export the file")
+    raw = np.frombuffer(frames, dtype=np.uint8)  # (frames * channels * width,), little-endian samples
+    if width == 3:                               # 24-bit: each sample in the top three bytes of an int32
+        wide = np.zeros((raw.size // 3, 4), dtype=np.uint8)
+        wide[:, 1:] = raw.reshape(-1, 3)
+        raw = wide.reshape(-1)
+    dtype = _PCM_TYPES[width]
+    audio = raw.view(np.dtype(dtype).newbyteorder("<")).astype(np.float32).reshape(-1, channels).mean(1)  # (T,)
+    audio = (audio - 128) / 128 if width == 1 else audio / float(np.iinfo(dtype).max)
+    if rate != sampling_rate:  # linear resampling is enough for calibration statistics
+        n = int(round(len(audio) * sampling_rate / rate))
+        audio = np.interp(np.linspace(0, len(audio) - 1, n), np.arange(len(audio)), audio).astype(np.float32)
+    return audio
+
+
+def _messages(record: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = []
+    for turn in record["conversations"]:
+        role = _ROLES.get(str(turn.get("from", turn.get("role", "human"))).lower(), "user")
+        content = []
+        for part in _PLACEHOLDER.split(str(turn.get("value", turn.get("content", "")))):
+            if part in ("<image>", "<video>", "<audio>"):
+                content.append({"type": part[1:-1]})
+            elif part.strip():
+                content.append({"type": "text", "text": part.strip()})
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, tokenize=False)
+    tokens = {"image": getattr(processor, "image_token", "<image>"), "video": getattr(processor, "video_token", "<video>"),
+              "audio": getattr(processor, "audio_token", "<audio>")}
+    lines = []
+    for m in messages:
+        body = " ".join(c["text"] if c["type"] == "text" else tokens[c["type"]] for c in m["content"])
+        lines.append(f"{m['role'].upper()}: {body}")
+    return "\n".join(lines)
+
+
+def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int, shard: tuple[int, int]) -> list[Sample]:
+    records = _read_records(path)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    samples = []
+    for index in order[:nsamples][shard[0]::shard[1]]:
+        record = records[index]
+        images = [_load_image(p) for p in _paths(record, ("image", "images"), path.parent, index, path)]
+        audio_paths = _paths(record, ("audio", "audios"), path.parent, index, path)
+        kwargs: dict[str, Any] = {}
+        if images:
+            if not takes_images(processor):
+                raise TampError(f"calibration sample {index} of {path} has images but the model takes no images")
+            kwargs["images"] = images
+        if audio_paths:
+            extractor = getattr(processor, "feature_extractor", None)
+            if extractor is None:
+                raise TampError(f"calibration sample {index} of {path} has audio but the model takes no audio")
+            kwargs["audio"] = [load_audio(p, extractor.sampling_rate) for p in audio_paths]
+            kwargs["sampling_rate"] = extractor.sampling_rate
+        video_paths = _paths(record, ("video",), path.parent, index, path)   # a video file, or its frames
+        if video_paths:
+            problem = video_problem(processor)
+            if problem:
+                raise TampError(f"calibration sample {index} of {path} has a video, but {problem}")
+            kwargs["videos"] = [load_video(video_paths, _load_image)]
+        call = processor if kwargs else _tokenizer(processor)
+        try:
+            inputs = call(text=[_prompt(processor, _messages(record))], return_tensors="pt", **kwargs)
+        except Exception as error:  # noqa: BLE001
+            raise TampError(f"the processor rejected calibration sample {index} of {path}: {first_line(error)}") from error
+        samples.append(dict(inputs))
+    if len(records) < nsamples:
+        log.warning("%s has %d conversations, fewer than nsamples=%d: using all of them", path.name, len(records), nsamples)
+    return samples

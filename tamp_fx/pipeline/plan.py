@@ -1,0 +1,228 @@
+"""``plan`` end to end: open the model (whole, or layer by layer from its checkpoint), capture
+the decoder's inputs, allocate on the dense model, prune layer by layer (:mod:`tamp_fx.pipeline.sequential`)
+and assemble the :class:`~tamp_fx.artifact.plan.Plan`. A Hugging Face model, a GGUF file and an exported
+program go through the same loop."""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tamp_fx.allocate.ecoflap import lm_loss, program_loss, zeroth_order_block_importance
+from tamp_fx.allocate.strategies import ALLOCATORS, Allocation
+from tamp_fx.artifact.plan import LinearPlan, Plan
+from tamp_fx.calibrate.program import load_program_calibration
+from tamp_fx.calibrate.samples import calibration_inputs, load_calibration
+from tamp_fx.capture.activations import Activations, capture_layer_inputs
+from tamp_fx.capture.graph import LayerExporter
+from tamp_fx.capture.layers import CheckpointLayers, DecoderLayers, ResidentLayers
+from tamp_fx.capture.program import ProgramLayerExporter, ProgramLayers, capture_program_inputs, program_layout
+from tamp_fx.config import PlanConfig
+from tamp_fx.errors import TampError
+from tamp_fx.load.adapters import decoder_layout, modality_token_ids
+from tamp_fx.load.checkpoint import checkpoint_dtype, checkpoint_index, materialise, meta_model, release
+from tamp_fx.load.fingerprint import fingerprint_of
+from tamp_fx.load.program import load_program
+from tamp_fx.load.source import ModelSource, load_model, load_processor, resolve_source
+from tamp_fx.pipeline.sequential import LayerResult, layer_structure, profile_layers, prune_layers
+from tamp_fx.runtime import distributed
+from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
+from tamp_fx.runtime.progress import Bars
+
+log = logging.getLogger(__name__)
+
+
+def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False,
+         device: str | torch.device | None = None, dtype: str | None = None, offload_activations: bool = False,
+         layer_by_layer: bool | None = None) -> Plan:
+    """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
+
+    A Hugging Face / GGUF model and an exported program (``.pt2``) go through the same
+    layer-by-layer driver: capture the inputs of the first decoder layer, then profile,
+    allocate and prune layer by layer (:mod:`tamp_fx.pipeline.sequential`, over :class:`tamp_fx.capture.layers.DecoderLayers`).
+
+    Where it runs is no part of the plan (:mod:`tamp_fx.runtime.placement`): ``device`` (``"cpu"``,
+    ``"cuda"``, ``"cuda:N"``; None: CUDA when available), ``dtype`` of the forward passes
+    (``"auto"`` = the checkpoint's, ``"float32"``, ``"bfloat16"``, ``"float16"``; None: float32
+    on the CPU, auto on CUDA), ``offload_activations`` (keep the calibration activations in host
+    memory and move them to ``device`` a sample at a time). ``layer_by_layer`` (None: yes for a
+    Hugging Face directory) builds the model on the meta device, materialises only what computes
+    the decoder's inputs, and reads each decoder layer from the checkpoint when it is planned; a
+    GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
+    An exported program is planned on the CPU, as stored.
+
+    Nothing is written: save the result with ``Plan.save``.
+
+    Under ``torchrun`` every rank plans on its share of the samples (:mod:`tamp_fx.runtime.distributed`)
+    and returns the same plan; save it on rank 0.
+    """
+    world = distributed.init_from_env()              # under torchrun: cuda:LOCAL_RANK is the current device
+    with distributed.guarded():
+        source = resolve_source(model)
+        if source.kind == "pt2" and world.distributed:
+            raise TampError("an exported program (.pt2) is planned in one process: run `tamp-fx plan` without torchrun")
+        if source.kind == "pt2":
+            if device is not None and torch.device(device).type != "cpu" or dtype not in (None, "auto"):
+                raise TampError("an exported program (.pt2) is planned on the CPU in its own dtype: drop --device and --dtype")
+            return _plan_program(source, calib, config, progress)
+        target = resolve_device(device)
+        if world.distributed and target.type == "cuda" and target != world.device:
+            raise TampError(f"under torchrun rank {world.rank} computes on {world.device}, not {target}: "
+                            "pass --device cuda (each rank takes cuda:LOCAL_RANK)")
+        check_dtype(dtype)
+        whole_only = source.kind == "gguf" or ALLOCATORS[config.allocation].needs_zeroth_order
+        if layer_by_layer and whole_only:
+            raise TampError(f"layer-by-layer loading needs a Hugging Face directory and an allocation other than ecoflap "
+                            f"({source.path.name}, {config.allocation}): load the model whole")
+        layer_by_layer = not whole_only if layer_by_layer is None else layer_by_layer
+        net, layout, layers = (open_layer_by_layer if layer_by_layer else open_whole)(source, target, dtype)
+        processor = load_processor(source, net.config)
+        token_ids = modality_token_ids(net.config)
+        samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
+                                   shard=(world.rank, world.size))
+    n_samples = distributed.total_count(len(samples))
+    with distributed.guarded():
+        if n_samples < world.size:
+            raise TampError(f"{n_samples} calibration sample(s) for {world.size} processes: every process needs one; "
+                            "use more samples or fewer processes")
+    with Bars(progress and world.rank == 0) as bars:
+        with distributed.guarded(), bars.task("capture decoder inputs", len(samples)) as advance:
+            acts = capture_layer_inputs(net, layout, samples, token_ids, advance, device=target,
+                                        offload=offload_activations)
+        if layer_by_layer:
+            release(net)                              # the capture parts are done with: keep one layer at a time
+        zeroth_order = None
+        if ALLOCATORS[config.allocation].needs_zeroth_order:
+            zeroth_order = functools.partial(zeroth_order_block_importance, dict(net.named_parameters()), samples,
+                                             lm_loss(net, token_ids))
+        results, allocation = _plan_layers(layers, acts, config, bars, LayerExporter(), zeroth_order)
+    index = checkpoint_index(source, net)
+    model_info = {
+        "model_type": net.config.model_type,
+        "architecture": type(net).__name__,
+        "source": source.path.name,
+        "decoder": layout.prefix,
+        "num_layers": len(layout.layers),
+        "modality_token_ids": {m.name.lower(): i for m, i in token_ids.items()},
+        "untouched": list(layout.untouched),
+        "calibration": {"file": Path(calib).name, "samples": n_samples},
+    }
+    return _assemble(config, model_info, layers, results, allocation, index.key)
+
+
+def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, progress: bool) -> Plan:
+    """Plan an exported program: its decoder layers found by structure (:mod:`tamp_fx.capture.program`)."""
+    ep = load_program(source.path)
+    samples = load_program_calibration(calib, config.nsamples)
+    layout = program_layout(ep, str(source.path))
+    with Bars(progress) as bars:
+        with bars.task("capture decoder inputs", len(samples)) as advance:
+            acts = capture_program_inputs(layout, samples, advance)
+        zeroth_order = None
+        if ALLOCATORS[config.allocation].needs_zeroth_order:
+            gm = ep.module()
+            zeroth_order = functools.partial(zeroth_order_block_importance, dict(gm.named_parameters()), samples,
+                                             program_loss(gm, samples))
+        results, allocation = _plan_layers(ProgramLayers(layout), acts, config, bars, ProgramLayerExporter(), zeroth_order)
+    model_info = {
+        "model_type": "exported_program",
+        "architecture": "ExportedProgram",
+        "source": source.path.name,
+        "decoder": layout.prefix,
+        "num_layers": len(layout.layers),
+        "modality_token_ids": {},
+        "untouched": [],
+        "calibration": {"file": Path(calib).name, "samples": len(samples)},
+    }
+    return _assemble(config, model_info, ProgramLayers(layout), results, allocation, lambda name: name)
+
+
+def _plan_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+                 zeroth_order: Callable | None) -> tuple[list[LayerResult], Allocation | None]:
+    """The sequential driver over ``layers``: allocate on the dense model, then prune."""
+    allocation = _allocate(layers, acts, config, bars, exporter, zeroth_order)
+    targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
+               else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
+    return prune_layers(layers, acts, config, targets, bars, exporter), allocation
+
+
+def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, results: list[LayerResult],
+              allocation: Allocation | None, key: Callable[[str], str]) -> Plan:
+    """The plan of the driver's results; ``key`` maps an in-memory parameter name to its plan key."""
+    linears, masks, weights, fingerprints = {}, {}, {}, {}
+    for result in results:
+        for w, d in result.decisions.items():
+            mem_name = f"{layers.prefix(result.index)}.{w}"
+            info, name = result.linears[w], key(mem_name)
+            extra = allocation.stats.get((result.index, w), {}) if allocation else {}
+            linears[name] = LinearPlan(result.index, mem_name, tuple(d.mask.shape), d.target_sparsity, round(d.sparsity, 8),
+                                       d.group, info.block, {**d.stats, **extra, "shares_input_with": list(info.shares_input_with),
+                                                             "feeds_attention": info.feeds_attention}, d.pattern)
+            masks[name] = d.mask
+            fingerprints[name] = layers.fingerprints[mem_name]
+            if d.new_weight is not None:
+                weights[name] = d.new_weight
+    model_info = {"fingerprint": fingerprint_of(fingerprints), **model_info}
+    layers_stats = [{"layer": r.index, **r.stats} for r in results]
+    return Plan(config, model_info, linears, layers_stats, masks, weights)
+
+
+def open_whole(source: ModelSource, device: torch.device, dtype: str | None):
+    """The model loaded whole (float32, then its parameters cast to the compute dtype on ``device``)."""
+    net = load_model(source)
+    layout = decoder_layout(net)
+    index = checkpoint_index(source, net)
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(net, layout)))
+    return net, layout, ResidentLayers(net, layout, device, compute)
+
+
+def open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str | None):
+    """The model on the meta device with the parts that compute the decoder's inputs read onto
+    ``device``; its decoder layers are read from the checkpoint one at a time."""
+    probe = meta_model(source, torch.float32)
+    index = checkpoint_index(source, probe)
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(probe, decoder_layout(probe))))
+    net = probe if compute == torch.float32 else meta_model(source, compute)
+    layout = decoder_layout(net)
+    output = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    head = next((name + "." for name, m in net.named_modules() if m is output), None)  # the LM head: not run
+    capture = [n for n in net.state_dict() if not n.startswith(layout.prefix + ".")
+               and not (head and n.startswith(head)) and n in index.entries]
+    materialise(net, index.read(capture, compute), compute, device, exclude=layout.prefix)
+    return net, layout, CheckpointLayers(net, layout, index, device, compute)
+
+
+def _layer_names(net: torch.nn.Module, layout) -> list[str]:
+    return [n for n, _ in net.named_parameters() if n.startswith(layout.prefix + ".")]
+
+
+def plan_inputs(model: str | Path | ModelSource, calib: str | Path) -> tuple[Path, ...]:
+    """What ``plan(model, calib)`` reads and a plan's ``--out`` must never replace: the model,
+    the calibration file and the media files it names (checked on the way, in one line)."""
+    return (resolve_source(model).path, *calibration_inputs(calib))
+
+
+def _allocate(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,
+              zeroth_order: Callable | None) -> Allocation | None:
+    """Run what the allocation needs over the dense model and return its targets (None: uniform).
+    ``zeroth_order(blocks, epsilon=, seed=, bars=)``: ECoFLaP's block importance over the whole model."""
+    allocator = ALLOCATORS[config.allocation]
+    if allocator.strategy is None:
+        return None
+    if allocator.needs_profile:
+        start = list(acts.hidden)                     # the prune phase starts again from layer 0's inputs
+        profiles = profile_layers(layers, acts, config, bars, exporter)
+        acts.hidden = start
+    else:
+        profiles = layer_structure(layers, acts, config, exporter)
+    extra = {}
+    if allocator.needs_zeroth_order:
+        blocks: dict[str, list[str]] = {}
+        for p in profiles:
+            for w, info in p.linears.items():
+                blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layers.prefix(p.index)}.{w}")
+        extra["block_importance"] = zeroth_order(blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
+    return allocator.strategy(profiles, config, extra)

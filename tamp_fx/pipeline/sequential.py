@@ -1,0 +1,193 @@
+"""The sequential driver, one decoder layer at a time (DESIGN.md §3).
+
+- profile (dense): export -> instrument -> run -> statistics of every linear (diversities,
+  input norms for OWL); the dense outputs move on to the next layer.
+- prune: export -> instrument -> run -> plan -> rewrite -> run again, so each layer is
+  planned on the pruned outputs of the one before (as Wanda and SparseGPT do).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tamp_fx.allocate.strategies import LayerProfile
+from tamp_fx.capture.activations import Activations
+from tamp_fx.capture.graph import LayerExporter, LinearInfo, analyse_linears
+from tamp_fx.capture.layers import DecoderLayers
+from tamp_fx.config import PlanConfig
+from tamp_fx.errors import TampError, first_line
+from tamp_fx.modality import Modality
+from tamp_fx.passes.instrument import InstrumentConfig, instrument
+from tamp_fx.passes.plan import LinearDecision, PlanPassConfig
+from tamp_fx.passes.plan import plan as plan_pass
+from tamp_fx.passes.rewrite import rewrite
+from tamp_fx.prune.masks import PackedMask
+from tamp_fx.prune.scores import SCORES
+from tamp_fx.runtime.distributed import guarded, sample_indices
+from tamp_fx.runtime.memory import PeakMemory, describe
+from tamp_fx.runtime.progress import Bars
+from tamp_fx.statistics.observers import LinearObserver, ObserverContext, reduce_statistics
+from tamp_fx.statistics.tokens import TOKEN_SELECTIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    index: int
+    decisions: dict[str, LinearDecision]       # weight name relative to the layer -> decision, mask a PackedMask
+    linears: dict[str, LinearInfo]
+    stats: dict[str, Any]
+
+
+def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: ObserverContext,
+                 observed: Mapping[str, Any] | None, bars: Bars, description: str, keep_outputs: bool) -> None:
+    linear_observers = list(observed["linear"].values()) if observed else []
+    attention_observers = observed["attention"] if observed else []
+    with bars.task(description, len(acts)) as advance, torch.no_grad():
+        for j, sample in enumerate(sample_indices(len(acts))):
+            hidden, kwargs = acts.inputs(j, layer)
+            context.labels, context.sample = acts.labels[j].to(acts.device), sample
+            try:
+                out = gm(hidden, **kwargs)
+            except TampError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                raise TampError(f"decoder layer {layer} failed on calibration sample {sample}: {first_line(error)}") from error
+            attention = attention_observers[0].current if attention_observers else None
+            for observer in linear_observers:
+                observer.finish_sample(attention)
+            if keep_outputs:
+                acts.set_hidden(j, out[0] if isinstance(out, tuple) else out)
+            advance()
+
+
+def _check_pattern(gm: torch.nn.Module, linears: Mapping[str, LinearInfo], config: PlanConfig, prefix: str) -> None:
+    """An N:M pattern needs every linear's input width to be a multiple of M: say which is not."""
+    if config.nm is None:
+        return
+    m = config.nm[1]
+    for w in linears:
+        c_in = gm.get_parameter(w).shape[1]
+        if c_in % m:
+            raise TampError(f"pattern {config.pattern} needs input widths that are multiples of {m}, "
+                            f"but {prefix}.{w} has {c_in} input columns")
+
+
+def _reduce(observed: Mapping[str, Any]) -> None:
+    """Every rank's statistics of this layer summed over all samples (one process: unchanged)."""
+    reduce_statistics([*observed["linear"].values(), *observed["attention"]])
+
+
+def _attention_stats(observed: Mapping[str, Any]) -> dict[str, Any]:
+    attention = observed["attention"]
+    if not attention or not attention[0].samples:
+        return {}
+    mass = (sum(o.mass_per_modality for o in attention) / sum(o.samples for o in attention)).tolist()
+    return {"last_token_attention_per_modality": {m.name.lower(): round(float(mass[m]), 6) for m in Modality}}
+
+
+def _graph(exporter: LayerExporter, layers: DecoderLayers, layer: torch.nn.Module, acts: Activations, index: int,
+           config: PlanConfig) -> tuple[torch.fx.GraphModule, dict[str, LinearInfo]]:
+    """The layer's graph (traced on sample 0) and what it says about the linears."""
+    hidden, kwargs = acts.inputs(0, index)
+    gm = exporter(layer, (hidden,), kwargs)
+    linears = analyse_linears(gm)
+    _check_pattern(gm, linears, config, layers.prefix(index))
+    return gm, linears
+
+
+def _on_host(decision: LinearDecision) -> LinearDecision:
+    """The decision kept after its layer is released: mask bit-packed in host memory
+    (:class:`~tamp_fx.prune.masks.PackedMask`, 1 bit per weight), new weights in host memory."""
+    new_weight = None if decision.new_weight is None else decision.new_weight.cpu()
+    return dataclasses.replace(decision, mask=PackedMask.of(decision.mask), new_weight=new_weight)
+
+
+def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars,
+                   exporter: LayerExporter) -> list[LayerProfile]:
+    """Run the dense model layer by layer and collect what the allocation needs.
+    ``acts.hidden`` ends at the last layer's input; callers keep a copy of the start."""
+    diversity = config.allocation.startswith("das")
+    observer_factory = functools.partial(LinearObserver, track_diversity=diversity,
+                                         all_tokens_one_modality=config.allocation == "das-alltoken",
+                                         collect_inputs=not diversity)  # OWL reads input norms, DAS only diversities
+    profiles = []
+    with bars.task("profile layers (dense)", len(layers), item="layer") as advance_layer:
+        for i in range(len(layers)):
+            peak = PeakMemory(acts.device)
+            with layers.open(i) as layer:
+                with guarded():      # each rank on its samples; then all learn whether any failed
+                    gm, linears = _graph(exporter, layers, layer, acts, i, config)
+                    context = ObserverContext()
+                    observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+                    _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layers))
+                _reduce(observed)
+                sizes = {w: gm.get_parameter(w).numel() for w in linears}
+                profile = LayerProfile(i, linears, sizes)
+                obs = observed["linear"]
+                if diversity:
+                    profile.importance = {w: obs[w].importance() for w in linears}
+                    profile.diversity = {w: obs[w].diversity() for w in linears}
+                if config.allocation == "owl":
+                    scores = torch.cat([(gm.get_parameter(w).detach().float().abs()
+                                         * obs[w].stats.input_norm().to(acts.device)[None, :]).flatten()
+                                        for w in linears])                  # (sum P_g,)
+                    profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
+                profiles.append(profile)
+                del gm
+            advance_layer(note=f"last layer {describe(peak.read())}")
+    return profiles
+
+
+def layer_structure(layers: DecoderLayers, acts: Activations, config: PlanConfig, exporter: LayerExporter) -> list[LayerProfile]:
+    """What the graphs say about every layer's linears, without running any sample."""
+    profiles = []
+    for i in range(len(layers)):
+        with layers.open(i) as layer:
+            gm, linears = _graph(exporter, layers, layer, acts, i, config)
+            profiles.append(LayerProfile(i, linears, {w: gm.get_parameter(w).numel() for w in linears}))
+            del gm
+    return profiles
+
+
+def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, targets: Callable[[int, dict], dict[str, float]],
+                 bars: Bars, exporter: LayerExporter) -> list[LayerResult]:
+    """Plan every decoder layer in order; ``acts.hidden`` is advanced through the pruned layers.
+    ``targets(layer_index, linears)`` gives each linear's target sparsity."""
+    score = SCORES[config.score]
+    selector = TOKEN_SELECTIONS[config.tokens].selector(config) if score.needs_activations else None
+    observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian)
+    results = []
+    n_layers = len(layers)
+    with bars.task("prune layers", n_layers, item="layer") as advance_layer:
+        for i in range(n_layers):
+            start, peak = time.perf_counter(), PeakMemory(acts.device)
+            with layers.open(i) as layer:
+                with guarded():      # each rank on its samples; then all learn whether any failed
+                    gm, linears = _graph(exporter, layers, layer, acts, i, config)
+                    context = ObserverContext()
+                    observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+                    if score.needs_activations:
+                        _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
+                _reduce(observed)
+                with guarded():      # the same decisions on every rank, then each propagates its samples
+                    decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"],
+                                                             config.nm)).info["decisions"]
+                    decisions = {w: _on_host(d) for w, d in decisions.items()}
+                    rewrite(gm)
+                    if score.needs_activations and i + 1 < n_layers:
+                        _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
+                stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
+                results.append(LayerResult(i, decisions, linears, stats))
+                del gm, observed
+            advance_layer(note=f"last layer {stats['seconds']:.1f} s, {describe(stats)}")
+    log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
+    return results

@@ -1,0 +1,3 @@
+"""Runtime: where and how a run happens, never what it decides. Process groups (``distributed``),
+memory (``memory``), progress bars (``progress``), device and dtype (``placement``) and
+all-or-nothing outputs (``output``)."""

@@ -1,0 +1,235 @@
+"""Safe output: every output is written to a temporary beside its target and committed by
+rename, checked before any work against the inputs it must never replace."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tamp_fx.errors import TampError
+
+log = logging.getLogger(__name__)
+
+#: Outputs committed by this process (the CLI's Ctrl-C message says whether any exist).
+WRITTEN: list[Path] = []
+
+#: The file every output directory gets: ``--overwrite`` replaces a directory only when it has
+#: one (or is empty), so a mistyped ``--out`` (a home directory, a dataset) is never deleted.
+OUTPUT_MARKER = ".tamp-fx-output"
+_MARKER_TEXT = "written by tamp-fx: `--overwrite` may replace this directory as a whole\n"
+
+_FS_IOC_GETFLAGS = 0x80086601                # ioctl: a file's ext2-style attribute flags (Linux)
+_IMMUTABLE_OR_APPEND_ONLY = 0x10 | 0x20      # FS_IMMUTABLE_FL | FS_APPEND_FL (chattr +i / +a)
+
+
+def temp_prefix(out: Path) -> str:
+    """Name prefix of this process's temporary paths beside ``out``: ``.NAME.tmp-PID-``. The
+    pid tells a later run whether the process that left one is still alive."""
+    return f".{out.name}.tmp-{os.getpid()}-"
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path, ...] = (), file: bool = False) -> Path:
+    """Refuse ``out`` in one line, before any work, if writing it could replace or change an
+    input (a path in ``protect``, a directory holding one, or a path inside an input
+    directory), if it exists and ``overwrite`` is off, or if its directory cannot be written.
+    ``file``: ``out`` is one file (:func:`atomic_file`) rather than a directory. Returns
+    ``out`` as an absolute path."""
+    out = _absolute(out)
+    for given in protect:
+        given = _absolute(given)
+        for p in {given, given.resolve()}:                    # the name given and where it leads
+            for o in {out, out.resolve()}:
+                if p.is_relative_to(o):
+                    what = "the input" if p == o else "a directory holding the input"
+                    raise TampError(f"output {out} would overwrite {what} {given}: choose another --out "
+                                    "(inputs are never overwritten, even with --overwrite)")
+                if o.is_relative_to(p):
+                    raise TampError(f"output {out} would be written inside the input {given}: choose another --out "
+                                    "(inputs are never changed)")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise TampError(f"output {out} already exists: choose another --out or pass --overwrite")
+        if file and out.is_dir():
+            raise TampError(f"output {out} is a directory: pass a file name such as pruned{out.suffix or '.pt2'}")
+        if _immutable(out):
+            raise TampError(f"output {out} is immutable or append-only (chattr): it cannot be replaced, choose another --out")
+        if not file and not out.is_symlink():       # a symbolic link is replaced, never what it points to
+            if not out.is_dir():
+                raise TampError(f"output {out} is a file and tamp-fx writes a directory there: --overwrite replaces "
+                                "only tamp-fx output directories; choose another --out or remove the file yourself")
+            if not _replaceable(out):
+                raise TampError(f"output {out} is a directory tamp-fx did not write (no {OUTPUT_MARKER} in it): "
+                                "--overwrite replaces only tamp-fx output directories; choose another --out or "
+                                "remove it yourself")
+    _check_writable(out)
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replaceable(directory: Path) -> bool:
+    """Whether ``--overwrite`` may replace ``directory``: it is empty or tamp-fx wrote it."""
+    try:
+        return (directory / OUTPUT_MARKER).is_file() or next(directory.iterdir(), None) is None
+    except OSError:
+        return False
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    """``path`` absolute and without ``..`` (symlinks are not followed: callers check both)."""
+    return Path(os.path.normpath(Path(path).expanduser().absolute()))
+
+
+def _immutable(path: Path) -> bool:
+    """Whether ``path`` has the immutable or append-only attribute (False where it cannot be read)."""
+    try:
+        import fcntl
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (ImportError, OSError):
+        return False
+    try:
+        flags = int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))[:4], sys.byteorder)
+        return bool(flags & _IMMUTABLE_OR_APPEND_ONLY)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _check_writable(out: Path) -> None:
+    """Create and remove a probe file where ``out`` will be created (its parent, or the nearest
+    ancestor that exists): permission bits do not stop root, so only trying tells."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TampError(f"output {out} cannot be created: {parent} is a file, not a directory: choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise TampError(f"output {out} cannot be written: {parent} is not writable ({error.strerror}): "
+                        "choose another --out") from error
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove what runs killed before they finished (SIGKILL, power loss) left beside ``out``:
+    ``.NAME.tmp-PID-*`` paths of processes that no longer exist, and ``.NAME.old-PID`` once
+    ``out`` exists again (before that it is the only copy of the previous output)."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for path in out.parent.iterdir():
+            pid = path.name[len(prefix):].split("-", 1)[0] if path.name.startswith(prefix) else ""
+            if not pid.isdigit() or _alive(int(pid)) or (kind == "old" and not out.exists()):
+                continue
+            _remove(path)
+            log.warning("removed %s, left by an interrupted run (process %s)", path, pid)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                # PermissionError: it exists, as another user
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends: a rename pair is never cut in half."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (only with ``overwrite``) is moved aside
+    first and removed after, a file or a directory alike."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    with _signals_deferred():
+        exists = out.exists() or out.is_symlink()
+        if exists and not overwrite:
+            raise TampError(f"output {out} appeared while this ran: choose another --out or pass --overwrite")
+        if exists:
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if exists:
+                os.replace(old, out)               # put the previous output back
+            raise
+        WRITTEN.append(out)
+    if exists:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def _atomic(out: Path, overwrite: bool, protect: tuple[Path, ...], file: bool) -> Iterator[Path]:
+    out = check_output(out, overwrite=overwrite, protect=protect, file=file)
+    remove_stale_temporaries(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if file:
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(out), suffix=out.suffix, dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    try:
+        # mkstemp / mkdtemp make 0600 / 0700 paths; an output gets the modes any other file
+        # would (the umask's), so a checkpoint can be read by the services and people it is for
+        os.chmod(tmp, (0o666 if file else 0o777) & ~_umask())
+        yield tmp
+        if not file:
+            (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT)
+        _commit(tmp, out, overwrite)
+    except OSError as error:
+        raise TampError(f"could not write {out} ({error.strerror or error}): nothing was written") from error
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+
+
+def atomic_directory(out: Path, *, overwrite: bool, protect: tuple[Path, ...] = ()) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary directory beside ``out`` that becomes ``out`` only if the block
+    finishes; an interrupted run leaves nothing at ``out``. Refuses (:func:`check_output`) any
+    ``out`` that would replace, hold or sit inside a path in ``protect`` (the inputs), an
+    existing ``out`` unless ``overwrite``, and an ``out`` that cannot be written."""
+    return _atomic(out, overwrite, protect, file=False)
+
+
+def atomic_file(out: Path, *, overwrite: bool, protect: tuple[Path, ...] = ()) -> contextlib.AbstractContextManager[Path]:
+    """Like :func:`atomic_directory` for one file: yield a temporary path beside ``out`` (same
+    suffix) that replaces ``out`` only if the block finishes."""
+    return _atomic(out, overwrite, protect, file=True)

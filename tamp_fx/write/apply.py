@@ -1,0 +1,202 @@
+"""``apply``: the one writer of pruned weights, for every source format. Each format reads the
+model's tensors that the plan prunes, checks that the plan was made for them
+(:meth:`~tamp_fx.artifact.plan.Plan.check_model`), and writes every tensor through :meth:`Plan.pruned`
+into an all-or-nothing output (:mod:`tamp_fx.runtime.output`): a Hugging Face directory shard by
+shard, a GGUF model as a Hugging Face directory, an exported program as a ``.pt2`` file."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tamp_fx.artifact.plan import Plan
+from tamp_fx.errors import TampError
+from tamp_fx.load.checkpoint import checkpoint_keys
+from tamp_fx.load.program import load_program
+from tamp_fx.load.source import ModelSource, load_model, load_processor, resolve_source
+from tamp_fx.prune import semi_structured
+from tamp_fx.prune.semi_structured import FORMATS
+from tamp_fx.runtime.output import atomic_directory, check_output, temp_prefix
+from tamp_fx.runtime.progress import Bars
+from tamp_fx.write.hf import copy_companions
+from tamp_fx.write.int8_weight import save_int8_weight
+from tamp_fx.write.program import apply_program
+from tamp_fx.write.quantize import QUANTIZERS, require_torchao
+
+log = logging.getLogger(__name__)
+
+
+def apply_inputs(model: str | Path | ModelSource, plan: Plan | str | Path, calib: str | Path | None = None) -> tuple[Path, ...]:
+    """What ``apply(model, plan, ...)`` reads and its ``out`` must never replace: the model,
+    the plan's directory and the calibration inputs of ``--quantize pt2e-x86``."""
+    plan_dir = plan.path if isinstance(plan, Plan) else plan
+    return tuple(Path(p) for p in (resolve_source(model).path, plan_dir, calib) if p is not None)
+
+
+def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwrite: bool = False,
+          progress: bool = False, quantize: str | None = None, calib: str | Path | None = None,
+          format: str = "dense") -> Path:
+    """Write ``model`` with the plan's masks applied to ``out``: a directory that loads with
+    ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical.
+
+    ``quantize="int8-weight"`` also quantizes the pruned linears with torchao int8 weight-only
+    (:mod:`tamp_fx.write.int8_weight`; ``from_pretrained`` loads the result through transformers'
+    TorchAoConfig integration). An exported program (``.pt2``) is written to the ``.pt2`` file
+    ``out`` (:func:`tamp_fx.write.program.apply_program`), with ``quantize="pt2e-x86"`` quantized
+    on the calibration inputs ``calib``.
+
+    ``format="semi-structured"`` needs a 2:4 plan: the checkpoint is written in bfloat16 with the
+    plan's 2:4 linears listed in ``semi_structured.json``; ``from_pretrained`` loads it dense, and
+    :func:`tamp_fx.prune.semi_structured.load` on a CUDA GPU (sm80+) with 2:4 sparse weights. Writing it
+    needs no GPU.
+    """
+    source = resolve_source(model)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    protect = apply_inputs(source, plan, calib)
+    check_output(out, overwrite=overwrite, protect=protect, file=source.kind == "pt2")   # once, before any work
+    if quantize is not None:
+        QUANTIZERS[quantize]
+    dtype = FORMATS[format].dtype
+    finish = _semi_structured_finish(source, plan, quantize) if format == "semi-structured" else None
+    out = Path(out)
+    if source.kind == "pt2":
+        return apply_program(load_program(source.path), plan, out, source.path, overwrite=overwrite, protect=protect,
+                             quantize=quantize, calib=calib)
+    if quantize is not None:
+        return _apply_quantized(source, plan, out, overwrite, protect, progress, quantize)
+    write = _write_gguf if source.kind == "gguf" else _write_shards
+    return write(source, plan, out, overwrite, protect, progress, dtype, finish)
+
+
+def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
+                  progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None) -> Path:
+    """A Hugging Face directory, shard by shard: every tensor through :meth:`Plan.pruned`, the
+    companions (config, processor, ...) copied."""
+    keys = checkpoint_keys(source)
+    tensors = {}
+    for name in plan.linears:
+        if name in keys:
+            with safe_open(keys[name], "pt") as f:
+                tensors[name] = f.get_tensor(name)
+    plan.check_model(tensors, source.path)
+    shards = sorted(set(keys.values()))
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, Bars(progress) as bars:
+        left = copy_companions(source.path, tmp, skip=(semi_structured.MANIFEST,))
+        if left:
+            log.warning("not copied to %s (unpruned weights in another format): %s", out, ", ".join(left))
+        with bars.task("write shards", len(shards)) as advance:
+            for shard in shards:
+                with safe_open(shard, "pt") as f:
+                    metadata = f.metadata()
+                    out_tensors = {k: _cast(plan.pruned(k, f.get_tensor(k)), dtype) for k in f.keys()}
+                save_file(out_tensors, tmp / shard.name, metadata=metadata)
+                advance()
+        if finish:
+            finish(tmp)
+    return out
+
+
+def _write_gguf(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
+                progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None) -> Path:
+    """A GGUF model (de-quantized) as a Hugging Face directory, every tensor through :meth:`Plan.pruned`."""
+    net = load_model(source)
+    state = net.state_dict()
+    plan.check_model({n: state[n] for n in plan.linears if n in state}, source.path)
+    with torch.no_grad():
+        for name in plan.masks:
+            net.get_parameter(name).copy_(plan.pruned(name, state[name]))
+    if dtype is not None:
+        net.to(dtype)
+    return _save_hf(net, load_processor(source, net.config), out, overwrite, protect, finish)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors in ``dtype`` (None: unchanged); integer and bool tensors stay as they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _semi_structured_finish(source: ModelSource, plan: Plan, quantize: str | None) -> Callable[[Path], None]:
+    """Refuse what ``format="semi-structured"`` cannot write (in one line, before anything is
+    written); otherwise the step that completes the output directory: config dtype bfloat16 and
+    the manifest of 2:4 linears."""
+    if quantize is not None:
+        raise TampError(f"--format semi-structured and --quantize {quantize} cannot be combined (2:4 weights here are "
+                        "bfloat16): choose one")
+    if source.kind == "pt2":
+        raise TampError(f"--format semi-structured does not take an exported program (.pt2) yet: apply the plan to "
+                        f"{source.path.name} with --format dense, or to the Hugging Face model it came from")
+    modules = []
+    for name, lp in plan.linears.items():
+        if lp.pattern == "dense":                     # a pattern plan's linear left whole stays dense
+            continue
+        if not semi_structured.is_2_4(plan.masks[name]):
+            raise TampError(f"--format semi-structured needs a 2:4 plan, but {name} is {lp.pattern} "
+                            f"({lp.sparsity:.1%} sparse): plan with `--pattern 2:4`")
+        try:
+            semi_structured.check_shape(lp.shape, torch.bfloat16)
+        except ValueError as error:
+            raise TampError(f"{name} cannot use the 2:4 kernels ({error}): use --format dense") from error
+        modules.append(lp.module_name.removesuffix(".weight"))
+    if not modules:
+        raise TampError("--format semi-structured needs a 2:4 plan, but this plan prunes no linear: "
+                        "plan with `--pattern 2:4`")
+
+    def finish(directory: Path) -> None:
+        _set_config_dtype(directory / "config.json", "bfloat16")
+        semi_structured.write_manifest(directory, modules, torch.bfloat16)
+    return finish
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    """Set ``dtype`` (``torch_dtype`` before transformers 5) in a config.json and its sub-configs."""
+    def update(node: dict) -> None:
+        node["dtype"] = dtype
+        node.pop("torch_dtype", None)
+        for value in node.values():
+            if isinstance(value, dict) and ("dtype" in value or "torch_dtype" in value):
+                update(value)
+    config = json.loads(path.read_text())
+    update(config)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _apply_quantized(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
+                     progress: bool, quantize: str) -> Path:
+    """Apply the plan to a staging directory beside ``out``, then quantize it into ``out``."""
+    if quantize != "int8-weight":
+        raise TampError(f"--quantize {quantize} quantizes an exported program (.pt2): for a Hugging Face or GGUF "
+                        "model use --quantize int8-weight")
+    require_torchao()
+    masks = {lp.module_name: plan.masks[name] for name, lp in plan.linears.items()}
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, \
+            tempfile.TemporaryDirectory(prefix=temp_prefix(out) + "pruned-", dir=tmp.parent) as staging:
+        pruned = apply(source.path, plan, Path(staging) / "model", progress=progress)
+        save_int8_weight(pruned, tmp, masks)
+    return out
+
+
+def _save_hf(net: torch.nn.Module, processor, out: Path, overwrite: bool, protect: tuple[Path, ...],
+             finish: Callable[[Path], None] | None = None) -> Path:
+    with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp:
+        net.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if finish:
+            finish(tmp)
+    return out
+
+
+def convert(model: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a GGUF model as a Hugging Face directory (de-quantized, float32), which loads
+    faster and keeps later plans and checks tensor-exact."""
+    source = resolve_source(model)
+    if source.kind != "gguf":
+        raise TampError(f"{source.path} is not a .gguf file: convert turns GGUF models into Hugging Face directories")
+    check_output(out, overwrite=overwrite, protect=(source.path,))
+    net = load_model(source)
+    return _save_hf(net, load_processor(source, net.config), Path(out), overwrite, (source.path,))

@@ -1,0 +1,94 @@
+"""An exported program written with the plan's masks applied (``.pt2``), optionally PT2E-quantized."""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from tamp_fx.artifact.plan import Plan
+from tamp_fx.calibrate.program import load_program_calibration
+from tamp_fx.capture.graph import linear_nodes
+from tamp_fx.errors import TampError, first_line
+from tamp_fx.runtime.output import atomic_file
+
+log = logging.getLogger(__name__)
+
+
+def _dynamic_shapes(ep: ExportedProgram) -> tuple | None:
+    """Per positional input of ``ep``, its symbolic dimensions as ``Dim.AUTO`` (None: all static)."""
+    user_inputs = set(ep.graph_signature.user_inputs)
+    specs = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            shape = getattr(val, "shape", ())
+            specs.append({d: Dim.AUTO for d, s in enumerate(shape) if not isinstance(s, int)} or None)
+    return tuple(specs) if any(specs) else None
+
+
+def _drop_unused_parameters(gm: torch.fx.GraphModule) -> None:
+    """Remove parameters no ``get_attr`` node reads (the float weights pt2e folded into int8)."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner), attr)
+
+
+def _reexport(gm: torch.fx.GraphModule, args: tuple, dynamic: tuple | None) -> ExportedProgram:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamic is not None:
+            try:
+                return torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+            except Exception as error:  # noqa: BLE001 - fall back to the calibration shapes
+                log.warning("re-exporting the quantized program with dynamic shapes failed (%s): "
+                            "it serves inputs shaped like calibration sample 0 only", first_line(error, limit=200))
+        try:
+            return torch.export.export(gm, args, strict=False)
+        except Exception as error:  # noqa: BLE001
+            raise TampError(f"torch.export could not re-export the quantized program: {first_line(error, limit=200)}") from error
+
+
+def apply_program(ep: ExportedProgram, plan: Plan, out: Path, where: str | Path, *, overwrite: bool = False,
+                  protect: tuple[Path, ...] = (), quantize: str | None = None, calib: str | Path | None = None) -> Path:
+    """Write ``ep`` (read from ``where``) with the plan's masks applied to the ``.pt2`` file ``out``.
+
+    The plan must prune linear weights of ``ep`` (:meth:`Plan.check_model`); without ``quantize``
+    the pruned weights (:meth:`Plan.pruned`) replace the program's own (signature and dynamic
+    shapes kept). With ``quantize="pt2e-x86"`` the pruned graph is quantized
+    (:func:`tamp_fx.write.quantize.quantize_graph_pt2e`) on the samples of ``calib`` and
+    re-exported (the symbolic input dimensions of ``ep`` kept where torch.export allows); loading
+    the result needs ``quantized_decomposed`` ops registered (``import torchao.quantization.pt2e``;
+    :func:`tamp_fx.load.program.load_program` does it).
+    """
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise TampError(f"an exported program is written to a .pt2 file, got --out {out}: pass e.g. --out pruned.pt2")
+    linears = {str(w.target) for w in (n.args[1] for n in linear_nodes(ep.module()))
+               if isinstance(w, torch.fx.Node) and w.op == "get_attr"}          # the weights the linears read
+    plan.check_model({n: ep.state_dict[n] for n in plan.linears if n in linears and n in ep.state_dict}, where)
+    if quantize not in (None, "pt2e-x86"):
+        raise TampError(f"--quantize {quantize} quantizes a Hugging Face model: for an exported program use --quantize pt2e-x86")
+    samples = None
+    if quantize is not None:
+        if calib is None:
+            raise TampError("--quantize pt2e-x86 calibrates activations: pass --calib inputs.safetensors")
+        from tamp_fx.write.quantize import require_torchao
+        require_torchao()
+        samples = load_program_calibration(calib, plan.config.nsamples)
+    for name in plan.masks:
+        weight = ep.state_dict[name]
+        ep.state_dict[name] = torch.nn.Parameter(plan.pruned(name, weight.detach()), requires_grad=weight.requires_grad)
+    program = ep
+    if samples is not None:
+        from tamp_fx.write.quantize import quantize_graph_pt2e
+        converted = quantize_graph_pt2e(ep.module(), samples[0].args, calibration=[s.args for s in samples[1:]])
+        _drop_unused_parameters(converted)
+        program = _reexport(converted, samples[0].args, _dynamic_shapes(ep))
+    with atomic_file(out, overwrite=overwrite, protect=protect) as tmp:
+        torch.export.save(program, tmp)
+    return out
