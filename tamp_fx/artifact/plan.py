@@ -93,7 +93,7 @@ class Plan:
     def check_model(self, tensors: Mapping[str, torch.Tensor], where: str | Path) -> None:
         """Refuse in one line unless ``tensors`` (the model's, by plan key) are the ones the plan
         was made for: every pruned name present, the same shapes, the same fingerprint. Every
-        writer and ``diff`` ask this one question."""
+        writer of pruned weights asks this one question."""
         missing = [n for n in self.linears if n not in tensors]
         if missing:
             raise TampError(f"the plan prunes {missing[0]}, which {where} does not have: the plan was made for another model")

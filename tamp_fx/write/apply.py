@@ -27,7 +27,7 @@ from tamp_fx.runtime.progress import Bars
 from tamp_fx.write.hf import copy_companions
 from tamp_fx.write.int8_weight import save_int8_weight
 from tamp_fx.write.program import apply_program
-from tamp_fx.write.quantize import QUANTIZERS, require_torchao
+from tamp_fx.write.quantize import QUANTIZERS, Quantizer, require_torchao
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,10 @@ def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwr
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     protect = apply_inputs(source, plan, calib)
     check_output(out, overwrite=overwrite, protect=protect, file=source.kind == "pt2")   # once, before any work
-    if quantize is not None:
-        QUANTIZERS[quantize]
     dtype = FORMATS[format].dtype
     finish = _semi_structured_finish(source, plan, quantize) if format == "semi-structured" else None
+    if quantize is not None:
+        _check_scheme_takes(QUANTIZERS[quantize], "program" if source.kind == "pt2" else "model")
     out = Path(out)
     if source.kind == "pt2":
         return apply_program(load_program(source.path), plan, out, source.path, overwrite=overwrite, protect=protect,
@@ -166,12 +166,22 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+#: what a quantizer's ``takes`` is, named (in a refusal, after "quantizes"; after "for")
+_KINDS = {"model": ("a Hugging Face model", "a Hugging Face or GGUF model"),
+          "program": ("an exported program (.pt2)", "an exported program")}
+
+
+def _check_scheme_takes(scheme: Quantizer, takes: str) -> None:
+    """Refuse, in one line naming the schemes that fit, a scheme for the other kind of model."""
+    if scheme.takes != takes:
+        fitting = ", ".join(q.name for q in QUANTIZERS if q.takes == takes)
+        raise TampError(f"--quantize {scheme.name} quantizes {_KINDS[scheme.takes][0]}: for {_KINDS[takes][1]} "
+                        f"use --quantize {fitting}")
+
+
 def _apply_quantized(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
                      progress: bool, quantize: str) -> Path:
     """Apply the plan to a staging directory beside ``out``, then quantize it into ``out``."""
-    if quantize != "int8-weight":
-        raise TampError(f"--quantize {quantize} quantizes an exported program (.pt2): for a Hugging Face or GGUF "
-                        "model use --quantize int8-weight")
     require_torchao()
     masks = {lp.module_name: plan.masks[name] for name, lp in plan.linears.items()}
     with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, \

@@ -68,11 +68,10 @@ def apply_program(ep: ExportedProgram, plan: Plan, out: Path, where: str | Path,
     out = Path(out)
     if out.suffix != ".pt2":
         raise TampError(f"an exported program is written to a .pt2 file, got --out {out}: pass e.g. --out pruned.pt2")
-    linears = {str(w.target) for w in (n.args[1] for n in linear_nodes(ep.module()))
+    gm = ep.module()
+    linears = {str(w.target) for w in (n.args[1] for n in linear_nodes(gm))
                if isinstance(w, torch.fx.Node) and w.op == "get_attr"}          # the weights the linears read
     plan.check_model({n: ep.state_dict[n] for n in plan.linears if n in linears and n in ep.state_dict}, where)
-    if quantize not in (None, "pt2e-x86"):
-        raise TampError(f"--quantize {quantize} quantizes a Hugging Face model: for an exported program use --quantize pt2e-x86")
     samples = None
     if quantize is not None:
         if calib is None:
@@ -82,11 +81,14 @@ def apply_program(ep: ExportedProgram, plan: Plan, out: Path, where: str | Path,
         samples = load_program_calibration(calib, plan.config.nsamples)
     for name in plan.masks:
         weight = ep.state_dict[name]
-        ep.state_dict[name] = torch.nn.Parameter(plan.pruned(name, weight.detach()), requires_grad=weight.requires_grad)
+        pruned = plan.pruned(name, weight.detach())
+        ep.state_dict[name] = torch.nn.Parameter(pruned, requires_grad=weight.requires_grad)   # the program as saved
+        owner, _, attr = name.rpartition(".")
+        setattr(gm.get_submodule(owner), attr, torch.nn.Parameter(pruned, requires_grad=False))  # what pt2e quantizes
     program = ep
     if samples is not None:
         from tamp_fx.write.quantize import quantize_graph_pt2e
-        converted = quantize_graph_pt2e(ep.module(), samples[0].args, calibration=[s.args for s in samples[1:]])
+        converted = quantize_graph_pt2e(gm, samples[0].args, calibration=[s.args for s in samples[1:]])
         _drop_unused_parameters(converted)
         program = _reexport(converted, samples[0].args, _dynamic_shapes(ep))
     with atomic_file(out, overwrite=overwrite, protect=protect) as tmp:
