@@ -50,6 +50,8 @@ def plan(
     allocation: Annotated[Optional[Allocation], typer.Option(help="Override the method's sparsity allocation.")] = None,
     score: Annotated[Optional[Score], typer.Option(help="Override the method's weight score.")] = None,
     tokens: Annotated[Optional[Tokens], typer.Option(help="Override the method's token selection.")] = None,
+    atv_alpha: Annotated[float, typer.Option(
+        help="--tokens atv: image tokens kept per text token, as a multiple of the layer's mean change.")] = 1.0,
     max_sparsity_delta: Annotated[float, typer.Option(help="DAS / ECoFLaP: no group sparser than sparsity + this.")] = 0.1,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 512,
@@ -82,7 +84,7 @@ def plan(
             config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
                                         seqlen=seqlen, seed=seed, allocation=allocation.value if allocation else None,
                                         score=score.value if score else None, tokens=tokens.value if tokens else None,
-                                        max_sparsity_delta=max_sparsity_delta)
+                                        max_sparsity_delta=max_sparsity_delta, atv_alpha=atv_alpha)
             source = resolve_source(model)                # once for the command
             protect = plan_inputs(source, calib)
             check_output(out, overwrite=overwrite, protect=protect)

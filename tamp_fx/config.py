@@ -79,6 +79,7 @@ class PlanConfig:
     owl_lambda: float = 0.08             # OWL: layer sparsities span [s - lambda, s + lambda]
     ecoflap_epsilon: float = 1e-3        # ECoFLaP: zeroth-order perturbation size
     random_tokens: int = 100             # tokens = random: how many tokens per sample
+    atv_alpha: float = 1.0               # tokens = atv: image tokens kept per text token, times the layer's mean change
 
     def __post_init__(self) -> None:
         if self.method != CUSTOM and self.method not in METHODS:
@@ -105,6 +106,10 @@ class PlanConfig:
             raise TampError(f"seqlen must be at least 2 tokens, got {self.seqlen}")
         if self.random_tokens < 1:
             raise TampError(f"random_tokens must be at least 1, got {self.random_tokens}")
+        if not (self.atv_alpha > 0 and math.isfinite(self.atv_alpha)):
+            raise TampError(f"atv_alpha must be a positive number, got {self.atv_alpha}")
+        if self.atv_alpha != 1.0 and self.tokens != "atv":
+            raise TampError(f"atv_alpha applies to tokens 'atv', not {self.tokens!r}: add --tokens atv or drop --atv-alpha")
         if self.owl_m <= 0 or self.owl_lambda < 0 or self.ecoflap_epsilon <= 0:
             raise TampError("owl_m and ecoflap_epsilon must be positive and owl_lambda non-negative")
 

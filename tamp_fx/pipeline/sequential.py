@@ -33,6 +33,7 @@ from tamp_fx.prune.scores import SCORES
 from tamp_fx.runtime.distributed import guarded, sample_indices
 from tamp_fx.runtime.memory import PeakMemory, describe
 from tamp_fx.runtime.progress import Bars
+from tamp_fx.statistics.atv import LayerChange
 from tamp_fx.statistics.observers import LinearObserver, ObserverContext, reduce_statistics
 from tamp_fx.statistics.tokens import TOKEN_SELECTIONS
 
@@ -48,7 +49,11 @@ class LayerResult:
 
 
 def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: ObserverContext,
-                 observed: Mapping[str, Any] | None, bars: Bars, description: str, keep_outputs: bool) -> None:
+                 observed: Mapping[str, Any] | None, bars: Bars, description: str, keep_outputs: bool,
+                 change: LayerChange | None = None) -> None:
+    """Run every sample of this rank through ``gm``; observers finish each sample; with
+    ``keep_outputs`` the outputs become the next layer's inputs; ``change`` records how the
+    layer changed each token."""
     linear_observers = list(observed["linear"].values()) if observed else []
     attention_observers = observed["attention"] if observed else []
     with bars.task(description, len(acts)) as advance, torch.no_grad():
@@ -64,8 +69,11 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
             attention = attention_observers[0].current if attention_observers else None
             for observer in linear_observers:
                 observer.finish_sample(attention)
+            out = out[0] if isinstance(out, tuple) else out
+            if change is not None:
+                change.add(sample, context.labels, hidden, out)
             if keep_outputs:
-                acts.set_hidden(j, out[0] if isinstance(out, tuple) else out)
+                acts.set_hidden(j, out)
             advance()
 
 
@@ -163,7 +171,9 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
     """Plan every decoder layer in order; ``acts.hidden`` is advanced through the pruned layers.
     ``targets(layer_index, linears)`` gives each linear's target sparsity."""
     score = SCORES[config.score]
-    selector = TOKEN_SELECTIONS[config.tokens].selector(config) if score.needs_activations else None
+    selection = TOKEN_SELECTIONS[config.tokens]
+    selector = selection.selector(config) if score.needs_activations else None
+    measure_change = score.needs_activations and selection.needs_layer_change
     observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian)
     results = []
     n_layers = len(layers)
@@ -174,6 +184,13 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                 with guarded():      # each rank on its samples; then all learn whether any failed
                     gm, linears = _graph(exporter, layers, layer, acts, i, config)
                     context = ObserverContext()
+                    if measure_change:    # before the observers go in: ATV selects on the whole layer's change
+                        context.layer_change = LayerChange()
+                        _run_samples(gm, acts, i, context, None, bars, f"layer {i}: measure change", keep_outputs=False,
+                                     change=context.layer_change)
+                if measure_change:
+                    reduce_statistics([context.layer_change])
+                with guarded():
                     observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
                     if score.needs_activations:
                         _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)

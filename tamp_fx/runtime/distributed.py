@@ -240,11 +240,12 @@ def weighted_sum(tensor: torch.Tensor, weight: float, w: World | None = None,
     return out.reshape(tensor.shape)
 
 
-def total_count(n_local: int, w: World | None = None) -> int:
-    """The sum of an integer over all ranks (exact, so order does not matter)."""
+def total_count(n_local: float, w: World | None = None) -> float:
+    """The sum of a count over all ranks, added in rank order (the same on every rank; exact
+    for integers)."""
     w = w or _world
     if not w.distributed:
         return n_local
     counts = [0] * w.size
-    dist.all_gather_object(counts, int(n_local))
+    dist.all_gather_object(counts, n_local)
     return sum(counts)

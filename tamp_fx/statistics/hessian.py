@@ -20,11 +20,12 @@ class HessianAccumulator:
 
     def __init__(self) -> None:
         self._h: torch.Tensor | None = None  # (C_in, C_in) float32
-        self.n_tokens = 0
+        self.n_tokens: float = 0             # tokens seen, each counted with its weight
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulate the inputs ``x`` (..., C_in) of the layer: every leading index is a token."""
+    def add(self, x: torch.Tensor, weight: float | None = None) -> None:
+        """Accumulate the inputs ``x`` (..., C_in) of the layer: every leading index is a token.
+        Weighted tokens come in scaled by sqrt(their weight), with ``weight`` their total."""
         if x.dim() < 1:
             raise ValueError("x must have at least one dimension (..., C_in)")
         c_in = x.shape[-1]
@@ -33,7 +34,7 @@ class HessianAccumulator:
         elif self._h.shape[0] != c_in:
             raise ValueError(f"x has {c_in} input columns but the accumulator holds {self._h.shape[0]}")
         x2 = x.detach().reshape(-1, c_in).to(device=self._h.device, dtype=torch.float32)  # (t, C_in)
-        t = x2.shape[0]
+        t = x2.shape[0] if weight is None else weight
         if t == 0:
             return
         n = self.n_tokens + t
@@ -42,7 +43,7 @@ class HessianAccumulator:
         self._h.addmm_(x2.T, x2)  # (C_in, C_in)
         self.n_tokens = n
 
-    def merge(self, hessian: torch.Tensor, n_tokens: int) -> None:
+    def merge(self, hessian: torch.Tensor, n_tokens: float) -> None:
         """Replace the running Hessian by one over ``n_tokens`` tokens (the ranks' Hessians combined)."""
         self._h, self.n_tokens = hessian, n_tokens
 

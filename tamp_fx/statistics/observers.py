@@ -8,6 +8,8 @@ layer's attention, seen only after the q/k/v projections ran) are finished by
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -16,9 +18,18 @@ from tamp_fx.runtime import distributed
 from tamp_fx.statistics.diversity import diversity_terms, importance
 from tamp_fx.statistics.hessian import HessianAccumulator
 
+
+@dataclass(frozen=True)
+class Chosen:
+    """The tokens of one sample whose inputs count, and how much each counts."""
+
+    index: torch.Tensor | None = None    # (K,) token indices; None: every token
+    weight: torch.Tensor | None = None   # (K,) (or (N,) when index is None) weight per counted token; None: 1 each
+
+
 #: picks the tokens whose inputs count: (outputs (N, C_out), attention (N,) | None, labels (N,),
-#: diversity, sample index in the full calibration list) -> indices (K,) or None for every token
-TokenSelector = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, float, int], "torch.Tensor | None"]
+#: diversity, the layer's ObserverContext) -> Chosen
+TokenSelector = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, float, "ObserverContext"], Chosen]
 
 
 class ObserverContext:
@@ -27,6 +38,7 @@ class ObserverContext:
     def __init__(self) -> None:
         self.labels: torch.Tensor | None = None  # (N,) int8 modality per token of the current sample, on the layer's device
         self.sample = 0                           # its index in the full calibration list (on any rank)
+        self.layer_change: Any = None             # ATV: the layer's statistics.atv.LayerChange, measured before the run
 
 
 class SampleSums:
@@ -64,13 +76,22 @@ class InputStats:
         self.sums = SampleSums()                         # per sample: sum of x^2 per column (C_in), then tokens
         self.hessian_acc = HessianAccumulator() if hessian else None
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Count the tokens ``x`` (..., C_in), each with its ``weight`` (T,) (None: 1 each)."""
         x = x.reshape(-1, x.shape[-1])                   # (T, C_in)
         xf = x.float()
-        sq = (xf * xf).sum(0).double()                   # (C_in,)
-        self.sums.add(torch.cat([sq, sq.new_full((1,), x.shape[0])]))   # no host-to-device copy
+        if weight is None:
+            sq = (xf * xf).sum(0).double()               # (C_in,)
+            self.sums.add(torch.cat([sq, sq.new_full((1,), x.shape[0])]))   # no host-to-device copy
+            if self.hessian_acc is not None:
+                self.hessian_acc.add(xf)
+            return
+        w = weight.reshape(-1).to(device=x.device, dtype=torch.float32)     # (T,)
+        sq = (xf * xf * w[:, None]).sum(0).double()      # (C_in,)
+        total = w.double().sum()
+        self.sums.add(torch.cat([sq, total[None]]))
         if self.hessian_acc is not None:
-            self.hessian_acc.add(xf)
+            self.hessian_acc.add(xf * w.sqrt()[:, None], weight=float(total))
 
     @property
     def sum_sq(self) -> torch.Tensor | None:
@@ -78,8 +99,9 @@ class InputStats:
         return self.sums.total()[:-1] if self.sums.rows else None
 
     @property
-    def n_tokens(self) -> int:
-        return int(self.sums.total()[-1]) if self.sums.rows else 0
+    def n_tokens(self) -> float:
+        """The tokens seen, each counted with its weight."""
+        return float(self.sums.total()[-1]) if self.sums.rows else 0.0
 
     def input_norm(self) -> torch.Tensor:
         """Root mean square of every input column over the tokens seen: (C_in,) float32."""
@@ -171,9 +193,10 @@ class LinearObserver(torch.nn.Module):
             self.diversity_sums.add(torch.tensor([*values, *present, div], dtype=torch.float64))
         if not self.collect_inputs:
             return
-        chosen = None if self.selector is None else self.selector(z, attention, labels, div, self.context.sample)
-        self.stats.add(x if chosen is None else x[chosen.to(x.device)])
-        self._count(chosen, labels)
+        chosen = Chosen() if self.selector is None else self.selector(z, attention, labels, div, self.context)
+        index = None if chosen.index is None else chosen.index.to(x.device)
+        self.stats.add(x if index is None else x[index], chosen.weight)
+        self._count(index, labels)
 
     # summaries ------------------------------------------------------------------------
 

@@ -42,6 +42,21 @@ def test_tamp_end_to_end_on_every_family(family, tiny_models, tmp_path):
         assert any(lp["stats"]["selected_fraction"].keys() - {"text"} for lp in linears), "no non-text tokens seen"
 
 
+@pytest.mark.parametrize("tokens", ["atv", "balanced"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_atv_and_balanced_on_every_family(family, tokens, tiny_models):
+    """ATV keeps every text token and a share of the others; balanced keeps every token (weighted)."""
+    model = tiny_models(family)
+    config = tamp_fx.PlanConfig(method="wanda", tokens=tokens, sparsity=0.5, nsamples=2)
+    plan = tamp_fx.plan(model, model / "calib.jsonl", config)
+    for name, lp in plan.linears.items():
+        kept = lp.stats["selected_fraction"]
+        assert kept["text"] == 1.0 and all(0.0 <= f <= 1.0 for f in kept.values()), (name, kept)
+        if tokens == "balanced":
+            assert set(kept.values()) == {1.0}, (name, kept)
+        assert math.isclose(lp.sparsity, 0.5, abs_tol=0.01)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_shortcut_on_a_multimodal_family(method, tiny_models):
     model = tiny_models("qwen2_vl")

@@ -214,10 +214,10 @@ def test_a_linear_with_a_semi_structured_weight_matches_dense():
 @needs_sparse_gpu
 def test_the_rewrite_pass_emits_semi_structured_weights_that_match_dense():
     gm, _, masked = tiny_mlp_graph(torch.float16, "cuda")
-    x = torch.randn(5, 64, device="cuda", dtype=torch.float16)
+    x = torch.randn(3, 64, device="cuda", dtype=torch.float16)      # the batch the graph was exported with
     linear = torch.nn.functional.linear
-    hidden = torch.relu(linear(x, masked["0.weight"], gm.get_parameter("0.bias")))             # (5, 128)
-    expected = linear(hidden, masked["2.weight"], gm.get_parameter("2.bias"))                   # (5, 64)
+    hidden = torch.relu(linear(x, masked["0.weight"], gm.get_parameter("0.bias")))             # (3, 128)
+    expected = linear(hidden, masked["2.weight"], gm.get_parameter("2.bias"))                   # (3, 64)
     assert rewrite(gm, RewriteConfig(semi_structured=True)).modified
     for name in masked:
         assert isinstance(gm.get_parameter(name).data, torch.sparse.SparseSemiStructuredTensor)

@@ -1,6 +1,7 @@
 """What tests/runtime/test_distributed.py runs under ``torchrun`` (or plain python: one process).
 
-    distributed_worker.py plans OUT METHODS MODEL...  plan every (model, method) with 3 samples
+    distributed_worker.py plans OUT METHODS MODEL...  plan every (model, method) with 3 samples (a method
+                                                      "wanda+atv" is wanda with --tokens atv)
                                                       (2 on rank 0, 1 on rank 1);
                                                       rank 0 saves OUT/<model dir name>-<method>
     distributed_worker.py cli STATE FAULT ARGS...     the ``tamp-fx`` command line with ARGS; each
@@ -23,7 +24,9 @@ def plans(out: Path, methods: list[str], models: list[Path]) -> None:
     from tamp_fx.runtime import distributed
     for model in models:
         for method in methods:
-            plan = tamp_fx.plan(model, model / "calib.jsonl", tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=3))
+            shortcut, _, tokens = method.partition("+")
+            config = tamp_fx.PlanConfig(method=shortcut, tokens=tokens or None, sparsity=0.5, nsamples=3)
+            plan = tamp_fx.plan(model, model / "calib.jsonl", config)
             if distributed.world().rank == 0:
                 plan.save(out / f"{model.name}-{method}")
     distributed.end_process(0)

@@ -24,6 +24,8 @@ from tamp_fx.testbeds.tiny import slow_except
 WORKER = Path(__file__).with_name("distributed_worker.py")
 FAMILIES = ("llava_next", "qwen2_audio")
 TIMEOUT = 300                                   # seconds: a hang fails the test instead of the run
+#: every shortcut, and the token selections no shortcut names yet
+RUNS = [*METHODS, "wanda+atv", "wanda+balanced", "sparsegpt+atv", "sparsegpt+balanced"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]  # a free port
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -48,7 +50,7 @@ def plans(tiny_models, tmp_path_factory):
             done[family] = {}
             for mode, launcher in (("one", [sys.executable]), ("two", TORCHRUN)):
                 out = done[family][mode] = tmp_path_factory.mktemp(f"plans-{family}-{mode}")
-                r = _run([*launcher, str(WORKER), "plans", str(out), ",".join(METHODS), str(tiny_models(family))])
+                r = _run([*launcher, str(WORKER), "plans", str(out), ",".join(RUNS), str(tiny_models(family))])
                 assert r.returncode == 0, r.stderr[-3000:]
         return tuple(done[family][mode] / f"{tiny_models(family).name}-{method}" for mode in ("one", "two"))
     return get
@@ -58,7 +60,7 @@ def _without_timings(directory: Path) -> dict:
     return without_run_measurements(json.loads((directory / "plan.json").read_text()))
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "sparsegpt"])
+@pytest.mark.parametrize("method", [m for m in RUNS if not m.startswith("sparsegpt")])
 @pytest.mark.parametrize("family", slow_except(FAMILIES, "llava_next"))
 def test_two_processes_plan_what_one_does(plans, family, method):
     one, two = plans(family, method)
@@ -71,15 +73,20 @@ def test_two_processes_plan_what_one_does(plans, family, method):
     assert b.model["calibration"]["samples"] == 3                 # 2 on rank 0, 1 on rank 1: uneven shards
 
 
+@pytest.mark.parametrize("method", [m for m in RUNS if m.startswith("sparsegpt")])
 @pytest.mark.parametrize("family", slow_except(FAMILIES, "llava_next"))
-def test_two_processes_sparsegpt_within_the_stated_tolerance(plans, family):
+def test_two_processes_sparsegpt_within_the_stated_tolerance(plans, family, method):
     """Hessians are added in rank order, so they differ from one process's by float32 rounding:
-    masks may differ only where scores tie to that rounding; weights agree to 1e-4 of the largest."""
-    a, b = (tamp_fx.Plan.load(d) for d in plans(family, "sparsegpt"))
+    masks may differ only where scores tie to that rounding (at most 1 in 1000 weights), and
+    a row whose mask differs is updated differently from there on (SparseGPT's column sweep),
+    so weights agree to 1e-4 of the largest in every row whose masks agree (at least 95% of rows)."""
+    a, b = (tamp_fx.Plan.load(d) for d in plans(family, method))
     for name in a.masks:
         assert (a.masks[name] != b.masks[name]).float().mean() <= 1e-3, name
+        same = (a.masks[name] == b.masks[name]).all(1)                                  # (C_out,) rows that agree
+        assert same.float().mean() >= 0.95, name
         scale = a.weights[name].abs().max()
-        torch.testing.assert_close(b.weights[name], a.weights[name], rtol=0, atol=1e-4 * float(scale))
+        torch.testing.assert_close(b.weights[name][same], a.weights[name][same], rtol=0, atol=1e-4 * float(scale))
 
 
 def test_cli_module_under_torchrun_writes_the_one_process_plan(plans, tiny_models, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import doctest
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -196,6 +197,16 @@ def test_nm_pattern_on_a_program(program):
     for mask in plan.masks.values():
         groups = mask.reshape(mask.shape[0], -1, 4)            # (C_out, C_in / 4, 4)
         assert torch.all((~groups).sum(-1) == 2)
+
+
+@pytest.mark.parametrize("score, tokens", [("wanda", "atv"), ("sparsegpt", "balanced")])
+def test_atv_and_balanced_on_a_program(program, score, tokens):
+    model, calib, *_ = program
+    plan = tamp_fx.plan(model, calib, tamp_fx.PlanConfig(method="custom", allocation="uniform", score=score,
+                                                         tokens=tokens, sparsity=0.5))
+    for lp in plan.linears.values():
+        kept = lp.stats["selected_fraction"]
+        assert kept["text"] == 1.0 and 0.0 <= kept["image"] <= 1.0 and math.isclose(lp.sparsity, 0.5, abs_tol=0.01)
 
 
 def test_a_plan_for_another_program_is_refused(program, tmp_path):
