@@ -9,11 +9,12 @@ before torch is imported.
 """
 import importlib
 
-_EXPORTS = {"plan": "tamp_fx.api", "apply": "tamp_fx.api", "convert": "tamp_fx.api", "Plan": "tamp_fx.artifact.plan",
-            "LinearPlan": "tamp_fx.artifact.plan", "PlanConfig": "tamp_fx.config", "TampError": "tamp_fx.errors"}
+_EXPORTS = {"plan": "tamp_fx.api", "apply": "tamp_fx.api", "apply_in_memory": "tamp_fx.api", "convert": "tamp_fx.api",
+            "Plan": "tamp_fx.artifact.plan", "LinearPlan": "tamp_fx.artifact.plan", "PlanConfig": "tamp_fx.config",
+            "TampError": "tamp_fx.errors"}
 
 __version__ = "0.1.0"
-__all__ = ["plan", "apply", "convert", "Plan", "LinearPlan", "PlanConfig", "TampError", "__version__"]
+__all__ = ["plan", "apply", "apply_in_memory", "convert", "Plan", "LinearPlan", "PlanConfig", "TampError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,7 +1,8 @@
 """The public verbs, as a thin facade over the stages: ``plan`` (calibrate and decide,
-:mod:`tamp_fx.pipeline.plan`), ``apply`` (write a pruned model) and ``convert`` (GGUF to a
-Hugging Face directory), both :mod:`tamp_fx.write.apply`."""
+:mod:`tamp_fx.pipeline.plan`), ``apply`` (write a pruned model), ``apply_in_memory`` (prune a
+loaded model in place, nothing written) and ``convert`` (GGUF to a Hugging Face directory), the
+last three :mod:`tamp_fx.write.apply`."""
 from tamp_fx.pipeline.plan import plan, plan_inputs
-from tamp_fx.write.apply import apply, apply_inputs, convert
+from tamp_fx.write.apply import apply, apply_in_memory, apply_inputs, convert
 
-__all__ = ["plan", "apply", "convert", "plan_inputs", "apply_inputs"]
+__all__ = ["plan", "apply", "apply_in_memory", "convert", "plan_inputs", "apply_inputs"]

@@ -2,7 +2,8 @@
 model's tensors that the plan prunes, checks that the plan was made for them
 (:meth:`~tamp_fx.artifact.plan.Plan.check_model`), and writes every tensor through :meth:`Plan.pruned`
 into an all-or-nothing output (:mod:`tamp_fx.runtime.output`): a Hugging Face directory shard by
-shard, a GGUF model as a Hugging Face directory, an exported program as a ``.pt2`` file."""
+shard, a GGUF model as a Hugging Face directory, an exported program as a ``.pt2`` file; or, with
+nothing written, a model already loaded (:func:`apply_in_memory`)."""
 from __future__ import annotations
 
 import json
@@ -102,15 +103,30 @@ def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, p
     return out
 
 
+@torch.no_grad()
+def apply_in_memory(net: torch.nn.Module, plan: Plan | str | Path, *,
+                    where: str | Path = "the model") -> torch.nn.Module:
+    """Prune ``net`` (a model already loaded, Hugging Face or GGUF) in place as :func:`apply` would
+    write it, and return it: the plan's linears, found by their in-memory names, are checked
+    (:meth:`Plan.check_model`) and overwritten with :meth:`Plan.pruned`; nothing else changes.
+
+    The check compares the plan's fingerprint with the parameters as they are, so load the model
+    with the values its checkpoint stores (in that dtype, or in float32, ``load_model``'s default,
+    which holds bfloat16 and float16 exactly) and cast after this: the pruned weights are then
+    those :func:`apply` writes, bit for bit. ``where`` names the model in a refusal."""
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    params = dict(net.named_parameters(remove_duplicate=False))
+    tensors = {name: params[lp.module_name] for name, lp in plan.linears.items() if lp.module_name in params}
+    plan.check_model(tensors, where)
+    for name, param in tensors.items():
+        param.copy_(plan.pruned(name, param))
+    return net
+
+
 def _write_gguf(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
                 progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None) -> Path:
     """A GGUF model (de-quantized) as a Hugging Face directory, every tensor through :meth:`Plan.pruned`."""
-    net = load_model(source)
-    state = net.state_dict()
-    plan.check_model({n: state[n] for n in plan.linears if n in state}, source.path)
-    with torch.no_grad():
-        for name in plan.masks:
-            net.get_parameter(name).copy_(plan.pruned(name, state[name]))
+    net = apply_in_memory(load_model(source), plan, where=source.path)
     if dtype is not None:
         net.to(dtype)
     return _save_hf(net, load_processor(source, net.config), out, overwrite, protect, finish)
