@@ -128,12 +128,15 @@ def pyplot():
 class Results:
     """A benchmark's state in its workdir: rows (``results.jsonl``), the commands run with their
     wall times (``commands.json``) and the invocations (``invocations.txt``). A fresh clone
-    resumes from the rows, commands and invocations of the committed report ``committed``."""
+    resumes from the rows, commands and invocations of the committed report ``committed``.
+    Another ``name`` keeps another benchmark's state beside it: ``NAME.jsonl``,
+    ``NAME-commands.json``, ``NAME-invocations.txt``."""
 
-    def __init__(self, workdir: Path, committed: Path):
+    def __init__(self, workdir: Path, committed: Path, name: str = "results"):
         workdir.mkdir(parents=True, exist_ok=True)
-        self.results, self.log_file, self.invocations = (workdir / "results.jsonl", workdir / "commands.json",
-                                                         workdir / "invocations.txt")
+        prefix = "" if name == "results" else f"{name}-"
+        self.results, self.log_file, self.invocations = (workdir / f"{name}.jsonl", workdir / f"{prefix}commands.json",
+                                                         workdir / f"{prefix}invocations.txt")
         if not self.results.exists() and committed.exists():
             saved = json.loads(committed.read_text())
             self.results.write_text("".join(json.dumps(r) + "\n" for r in saved["rows"]))

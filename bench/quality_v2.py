@@ -1,11 +1,12 @@
 """Benchmark v2: every method on fixture 2 (LLaVA-NeXT, 88 image tokens), with error bars.
 
-For each method, sparsity and calibration seed this runs what a user would run: `tamp-fx plan`
-on 128 ShareGPT4V-style conversations about fixture 2's scenes, `tamp-fx apply`, then one
-evaluation process: VQA on the 1,200 held-out questions (per question, so intervals can be
-computed), perplexity on held-out scene descriptions (in-distribution, seed 104) and on the
-second half of WikiText-2 validation. Sparsities 50%, 60%, 70%; three calibration seeds at 60%,
-one at 50% and 70%. Each calibration seed is its own set of conversations
+For each method, sparsity and calibration seed this plans as a user would, with `tamp-fx plan`
+on 128 ShareGPT4V-style conversations about fixture 2's scenes, then evaluates the pruned model in
+this process (the plan's masks applied to the loaded fixture in memory, the bytes `tamp-fx apply`
+would write: :mod:`quality_v2_runs`): VQA on the 1,200 held-out questions (per question, so
+intervals can be computed), perplexity on held-out scene descriptions (in-distribution, seed 104)
+and on the second half of WikiText-2 validation. Sparsities 50%, 60%, 70%; three calibration seeds
+at 60%, one at 50% and 70%. Each calibration seed is its own set of conversations
 (:func:`tamp_fx.testbeds.fixture2.data.calibration_seed`: seed 0 is the fixture's ``calib/``, seed s the
 set ``calib-seed<s>/`` drawn from other scenes), also passed to `plan --seed`; with as many
 samples as conversations, a seed that only reordered one set would change nothing but the order.
@@ -20,6 +21,9 @@ perplexities beside it, not mixed in. At 60% the table gives the mean over seeds
 spread (min-max). Rows go to ``WORKDIR/results.jsonl`` as they come, so an interrupted run
 resumes; the report goes to ``--docs`` (quality-v2.md, .csv, .json, .png).
 
+``--screen`` runs the screen instead (:mod:`screen`: many methods at one sparsity and seed, 600
+questions, its own report ``quality-v2-screen.md``).
+
 Needs fixture 2's trained weights (``python -m tamp_fx.testbeds.fixture2.train``). Run it alone:
 
     python bench/quality_v2.py --data ../shared/data/wikitext2-valid.txt --workdir bench-out/quality-v2
@@ -29,132 +33,32 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shlex
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plan_stats import stat_means  # noqa: E402
-from quality import Results, pyplot, run  # noqa: E402
-from smollm2_perplexity import split_halves  # noqa: E402
+from quality import Results, pyplot  # noqa: E402
+from quality_v2_runs import (  # noqa: E402
+    FIRST_CPU, begin_runs, cpu_of, hits_of, method_name, plan_options, plan_statistics, rel_with_interval,
+    task_interval, weights_id)
 
-#: name -> the `tamp-fx plan` options that select it; the last three go beyond the paper
-METHODS: dict[str, list[str]] = {
-    **{m: ["--method", m] for m in ("magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp")},
-    "das-size": ["--method", "das", "--allocation", "das-size"],       # das with its allocation replaced
-    "tamp-size": ["--method", "tamp", "--allocation", "das-size"],     # tamp with its allocation replaced
-    "tamp-sparsegpt": ["--method", "tamp-sparsegpt"],
-}
+__all__ = ["FIRST_CPU", "METHODS", "SEEDS", "plan_statistics", "rel_with_interval", "weights_id", "write_outputs"]
+
+#: the grid's methods (names as :func:`quality_v2_runs.plan_options` reads them) -> their `tamp-fx plan`
+#: options; the last three go beyond the paper. ``--methods`` takes any other name too.
+METHODS: dict[str, list[str]] = {m: plan_options(m) for m in (
+    "magnitude", "wanda", "sparsegpt", "owl", "ecoflap", "das", "amia", "tamp",
+    "das-size",          # das with its allocation replaced
+    "tamp-size",         # tamp with its allocation replaced
+    "tamp-sparsegpt")}
 SEEDS = {0.5: (0,), 0.6: (0, 1, 2), 0.7: (0,)}
-BOOTSTRAP = 2000
-#: the CPU of the rows measured before rows recorded their CPU (the first run, 2026-12-02)
-FIRST_CPU = "Intel Xeon (AMX)"
 
 
-def cpu() -> str:
-    """This machine's CPU as rows record it: its model name and whether it has AMX (which
-    multiplies bfloat16 with other kernels than AVX-512 BF16 alone)."""
-    import platform
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor() or platform.machine())
-    return f"{name} ({'AMX' if 'amx_bf16' in info else 'no AMX'})"
-
-
-def cpu_of(row: dict) -> str:
-    return row.get("cpu", FIRST_CPU)
-
-
-def weights_id() -> str:
-    """The identity of fixture 2's trained weights (the first 12 hex digits of the file's
-    sha256): rows measured on other weights belong to another model and must not be mixed."""
-    import hashlib
-
-    from tamp_fx.testbeds.fixture2.model import WEIGHTS
-    if not WEIGHTS.is_file():
-        sys.exit(f"{WEIGHTS} is missing: train fixture 2 first (python -m tamp_fx.testbeds.fixture2.train)")
-    return hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:12]
-
-
-# ----------------------------------------------------------------------------- one evaluation
-
-def evaluate_one(model: Path, descriptions: Path, wiki: Path, vqa_samples: int, max_windows: int | None,
-                 dtype: str = "float32") -> dict:
-    """VQA hits per question (by task) and both perplexities of one model directory, its
-    forward passes in ``dtype``."""
-    import torch
-
-    from tamp_fx.evaluate import perplexity
-    from tamp_fx.load.source import load_model, load_processor, resolve_source
-    from tamp_fx.testbeds.fixture2 import scenes
-    from tamp_fx.testbeds.vqa import vqa_accuracy
-
-    source = resolve_source(model)
-    net = load_model(source, dtype=getattr(torch, dtype))
-    processor = load_processor(source, net.config)
-    start = time.perf_counter()
-    result = vqa_accuracy(net, processor, vqa_samples, split="next")
-    samples = scenes.held_out(vqa_samples)
-    hits: dict[str, str] = {}
-    for s, a in zip(samples, result.answers):
-        hits[s.task] = hits.get(s.task, "") + ("1" if scenes.normalise(a) == scenes.normalise(s.answer) else "0")
-    seconds = {"vqa": time.perf_counter() - start}
-    out = {"vqa": result.accuracy, "hits": hits}
-    for name, text in (("desc", descriptions), ("wiki", wiki)):
-        start = time.perf_counter()
-        p = perplexity(net, processor, text, seqlen=512, max_windows=max_windows)
-        out[f"ppl_{name}"], out[f"windows_{name}"] = p.perplexity, p.windows
-        seconds[f"ppl_{name}"] = time.perf_counter() - start
-    return out | {"eval_seconds": seconds}
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def plan_statistics(data: dict) -> dict:
-    """What a plan decided, in brief, for the report: the mean sparsity of each projection type
-    over the layers (the allocation), and the mean over linears of each modality's diversity and
-    of the share of its tokens the token selection kept (AMIA; absent for methods without it)."""
-    from tamp_fx.artifact.report import projection_names
-
-    names = projection_names(data)
-    by_projection: dict[str, list[float]] = {}
-    for name, lp in data["linears"].items():
-        by_projection.setdefault(names[name], []).append(lp["sparsity"])
-    linears = data["linears"].values()
-    return {"sparsity_by_projection": {p: float(np.mean(v)) for p, v in by_projection.items()},
-            "selected_fraction": stat_means(linears, "selected_fraction"), "diversity": stat_means(linears, "diversity")}
-
-
-def _hits(row: dict) -> dict[str, np.ndarray]:
-    return {t: np.frombuffer(h.encode(), dtype=np.uint8) - ord("0") for t, h in row["hits"].items()}
-
-
-def rel_with_interval(row: dict, dense: dict, rng: np.random.Generator) -> tuple[float, float, float]:
-    """Rel. = mean over tasks of pruned / dense accuracy, and its paired 95% bootstrap interval."""
-    ours, base = _hits(row), _hits(dense)
-    point = float(np.mean([ours[t].mean() / base[t].mean() if base[t].any() else np.nan for t in base]))
-    draws = np.zeros(BOOTSTRAP)
-    with np.errstate(divide="ignore", invalid="ignore"):   # a task the dense model never gets right: undefined
-        for t in base:
-            idx = rng.integers(len(base[t]), size=(BOOTSTRAP, len(base[t])))     # (B, n_t) resampled questions
-            dense_acc = base[t][idx].mean(1)
-            draws += np.where(dense_acc > 0, ours[t][idx].mean(1) / dense_acc, np.nan)
-    draws /= len(base)
-    if np.isnan(draws).mean() > 0.025:
-        return point, float("nan"), float("nan")
-    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
-    return point, float(lo), float(hi)
-
-
-def task_interval(hits: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    means = hits[rng.integers(len(hits), size=(BOOTSTRAP, len(hits)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+def grid_methods(pruned: list[dict]) -> list[str]:
+    """The methods of the grid :data:`METHODS`, then those of ``pruned`` beyond it, in order."""
+    return list(dict.fromkeys([*METHODS, *(r["method"] for r in pruned)]))
 
 
 # ----------------------------------------------------------------------------- report
@@ -169,14 +73,14 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
         if r["method"] != "dense":
             rel, lo, hi = rel_with_interval(r, denses.get(cpu_of(r), dense), rng)
             pruned.append(r | {"rel": rel, "rel_lo": lo, "rel_hi": hi,
-                               **{f"acc_{t}": float(h.mean()) for t, h in _hits(r).items()}})
+                               **{f"acc_{t}": float(h.mean()) for t, h in hits_of(r).items()}})
     sparsities = sorted({r["target"] for r in pruned})
-    methods = [m for m in METHODS if any(r["method"] == m for r in pruned)]
+    methods = [m for m in grid_methods(pruned) if any(r["method"] == m for r in pruned)]
     docs.mkdir(parents=True, exist_ok=True)
 
     fields = ["method", "target", "seed", "sparsity", "vqa", *[f"acc_{t}" for t in tasks], "rel", "rel_lo", "rel_hi",
               "ppl_desc", "ppl_wiki", "plan_seconds"]
-    dense_rows = [d | {f"acc_{t}": float(h.mean()) for t, h in _hits(d).items()} | {"rel": 1.0} for d in denses.values()]
+    dense_rows = [d | {f"acc_{t}": float(h.mean()) for t, h in hits_of(d).items()} | {"rel": 1.0} for d in denses.values()]
     with (docs / "quality-v2.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields + ["cpu"], extrasaction="ignore")
         writer.writeheader()
@@ -220,9 +124,9 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     lines += _plan_lines(pruned)
     lines += ["", "## VQA accuracy per task (95% bootstrap interval)", "",
               "| method | sparsity | seed | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
-    for r in list(denses.values()) + sorted(pruned, key=lambda r: (r["target"], list(METHODS).index(r["method"]), r["seed"])):
+    for r in list(denses.values()) + sorted(pruned, key=lambda r: (r["target"], methods.index(r["method"]), r["seed"])):
         cells = []
-        for t, h in _hits(r).items():
+        for t, h in hits_of(r).items():
             lo, hi = task_interval(h, rng)
             cells.append(f"{h.mean():.1%} [{lo:.0%}, {hi:.0%}]")
         seed = "-" if r.get("seed") is None else r["seed"]
@@ -233,7 +137,7 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
               + f"Total wall time {meta['total_seconds'] / 60:.0f} min.", "",
               "The benchmark runs (resumable: each skips what `results.jsonl` already has):", "",
               "```", *meta["invocations"], "```", "",
-              "Every `tamp-fx` command they ran, with its wall time, is in `quality-v2.json`. " + meta["note"]]
+              "Every `tamp-fx` command and in-process evaluation they ran, with its wall time, is in `quality-v2.json`. " + meta["note"]]
     (docs / "quality-v2.md").write_text("\n".join(lines) + "\n")
     (docs / "quality-v2.json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
     _plot(pruned, methods, sparsities, docs / "quality-v2.png")
@@ -258,8 +162,9 @@ def _cpu_lines(pruned: list[dict], denses: dict[str, dict]) -> list[str]:
 def _plan_lines(pruned: list[dict]) -> list[str]:
     """What the plans decided (seed 0 of each method and sparsity): the allocation by projection
     type and, where there is a token selection, the share of text and image tokens it kept."""
+    order = grid_methods(pruned)
     rows = sorted((r for r in pruned if r.get("seed") == 0 and r.get("plan_stats")),
-                  key=lambda r: (r["target"], list(METHODS).index(r["method"])))
+                  key=lambda r: (r["target"], order.index(r["method"])))
     if not rows:
         return []
     projections = list(dict.fromkeys(p for r in rows for p in r["plan_stats"]["sparsity_by_projection"]))
@@ -282,12 +187,14 @@ def _plan_lines(pruned: list[dict]) -> list[str]:
 
 
 def _missing(pruned: list[dict]) -> list[str]:
-    """A sentence naming the runs of the full grid (every method, :data:`SEEDS`) not in ``pruned``."""
+    """A sentence naming the runs of the full grid (every method of :func:`grid_methods`,
+    :data:`SEEDS`) not in ``pruned``."""
     have = {(r["method"], r["target"], r["seed"]) for r in pruned}
-    missing = [f"{m} {s:.0%} seed {seed}" for s, seeds in SEEDS.items() for seed in seeds for m in METHODS
+    methods = grid_methods(pruned)
+    missing = [f"{m} {s:.0%} seed {seed}" for s, seeds in SEEDS.items() for seed in seeds for m in methods
                if (m, s, seed) not in have]
     if not missing:
-        return [f"Every run of the grid ({len(METHODS)} methods; 50% and 70% with one calibration seed, 60% with three) is here."]
+        return [f"Every run of the grid ({len(methods)} methods; 50% and 70% with one calibration seed, 60% with three) is here."]
     return [f"**Not run yet** ({len(missing)} of {len(missing) + len(have)} runs; a '-' below): " + ", ".join(missing)
             + ". The benchmark resumes from this report's rows (see the commands at the end)."]
 
@@ -329,100 +236,46 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/wikitext2-valid.txt"))
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/quality-v2"))
     parser.add_argument("--docs", type=Path, default=Path("docs"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", type=method_name, metavar="METHOD",
+                        help="methods by name: a --method shortcut, das-size or tamp-size, then +SCORE, +TOKENS or "
+                             "+ALLOCATION parts (das+sparsegpt+atv); default: the grid's, or with --screen the screen's")
     parser.add_argument("--sparsities", nargs="+", type=float, default=sorted(SEEDS))
     parser.add_argument("--seeds-at-60", type=int, default=3, help="calibration seeds at 60%% (one elsewhere)")
     parser.add_argument("--conversations", type=int, default=128)
-    parser.add_argument("--vqa-samples", type=int, default=1200)
+    parser.add_argument("--vqa-samples", type=int, help="held-out questions (default: 1200; 600 with --screen)")
     parser.add_argument("--max-windows", type=int, default=None, help="perplexity windows per text (default: all)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="dtype of the plans' and evaluations' forward passes (bfloat16 planned 1.5x faster on "
                              "the 2-core AVX-512 BF16 development machine, emulated and slower than float32 on an AVX2-only "
                              "CPU; statistics stay float32/float64)")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the docs from results.jsonl")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the docs from the workdir's rows")
     parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
-    parser.add_argument("--eval-one", type=Path, help=argparse.SUPPRESS)   # internal: one evaluation, JSON on stdout
-    parser.add_argument("--descriptions", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--wiki", type=Path, help=argparse.SUPPRESS)
+    screen = parser.add_argument_group("the screen (bench/screen.py): one sparsity, one calibration seed")
+    screen.add_argument("--screen", action="store_true", help="screen --methods instead of running the grid")
+    screen.add_argument("--sparsity", type=float, default=0.6)
+    screen.add_argument("--seed", type=int, default=0, help="calibration seed")
+    screen.add_argument("--perplexities", action="store_true", help="also measure both perplexities (the grid always does)")
     args = parser.parse_args()
-    if args.eval_one:
-        print(json.dumps(evaluate_one(args.eval_one, args.descriptions, args.wiki, args.vqa_samples, args.max_windows,
-                                      args.dtype)))
+    if args.screen:
+        from screen import run_screen
+        run_screen(args)
         return
+    args.methods, args.vqa_samples = args.methods or list(METHODS), args.vqa_samples or 1200
 
-    w = args.workdir
-    state = Results(w, args.docs / "quality-v2.json")
-    rows, log = state.rows, state.log
+    state = Results(args.workdir, args.docs / "quality-v2.json")
     # what makes rows comparable: a resumed run (here or from the committed report on a fresh
     # clone) must measure with the same settings, or its rows would be mixed silently
     settings = {"conversations": args.conversations, "vqa_samples": args.vqa_samples, "max_windows": args.max_windows,
                 "dtype": args.dtype, "calibration": "a set of conversations per seed"}
     if not args.report_only:
-        settings["weights"] = weights_id()
-
-    here = cpu()
-
-    def record(row: dict) -> None:
-        state.record(row | {"settings": settings, "cpu": here})
-
-    if not args.report_only:
-        for r in rows:
-            if r.get("settings", settings) != settings:
-                sys.exit(f"{w / 'results.jsonl'} holds rows measured with {r['settings']}, not {settings}: "
-                         "pass the same --conversations/--vqa-samples/--max-windows/--dtype (and fixture 2's "
-                         "weights), or use another --workdir and --docs")
-        from tamp_fx.testbeds.fixture2.data import calibration_seed, write_conversations, write_descriptions
-        state.invoked()
-        _, wiki = split_halves(args.data, w)
-        descriptions = w / "descriptions.txt"
-        if not descriptions.exists():
-            write_descriptions(descriptions)
-        fixture, calib = w / f"fixture-{settings['weights']}", w / "calib"   # rebuilt when the weights change
-        if not (fixture / "config.json").is_file():
-            run(["fixture", "--kind", "next", "--out", str(fixture), "--calib-out", str(calib), "--conversations",
-                 str(args.conversations), "--overwrite"], log)
-
-        def calibration(seed: int) -> Path:
-            """Calibration set ``seed``: the fixture's for 0, else its own conversations."""
-            if seed == 0:
-                return calib / "calib.jsonl"
-            out = w / f"calib-seed{seed}"
-            if not (out / "calib.jsonl").is_file():
-                write_conversations(out, args.conversations, seed=calibration_seed(seed), overwrite=True)
-            return out / "calib.jsonl"
-
-        def evaluate(model: Path) -> dict:
-            cmd = [sys.executable, __file__, "--eval-one", str(model), "--descriptions", str(descriptions), "--wiki",
-                   str(wiki), "--vqa-samples", str(args.vqa_samples), "--dtype", args.dtype]
-            cmd += ["--max-windows", str(args.max_windows)] if args.max_windows else []
-            start = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"evaluation of {model} failed:\n{done.stderr}")
-            log.append({"command": shlex.join(cmd[1:]), "seconds": round(time.perf_counter() - start, 1)})
-            print(f"  {log[-1]['seconds']:7.1f} s  evaluate {model}", flush=True)
-            return json.loads(done.stdout.strip().splitlines()[-1])
-
-        if not any(r["method"] == "dense" and cpu_of(r) == here for r in rows):   # Rel.'s pair on this CPU
-            record({"method": "dense", "target": 0.0, "seed": None, "sparsity": 0.0, "plan_seconds": None,
-                    **evaluate(fixture)})
+        fixture, record = begin_runs(args, state, settings)
         for sparsity in args.sparsities:
             seeds = range(args.seeds_at_60) if abs(sparsity - 0.6) < 1e-9 else (0,)
             for seed in seeds:
                 for method in args.methods:
-                    if any(r["method"] == method and r["target"] == sparsity and r["seed"] == seed for r in rows):
-                        continue
-                    plan_dir, out = w / f"plan-{method}-{sparsity}-{seed}", w / "pruned"
-                    run(["plan", str(fixture), "--calib", str(calibration(seed)), *METHODS[method], "--sparsity",
-                         str(sparsity), "--nsamples", str(args.conversations), "--seed", str(seed), "--dtype", args.dtype,
-                         "--out", str(plan_dir), "--overwrite", "-q"], log)
-                    plan_seconds = log[-1]["seconds"]
-                    run(["apply", str(fixture), str(plan_dir), "--out", str(out), "--overwrite", "-q"], log)
-                    data = json.loads((plan_dir / "plan.json").read_text())
-                    row = {"method": method, "target": sparsity, "seed": seed, "sparsity": data["summary"]["sparsity"],
-                           "plan_seconds": plan_seconds, "plan_stats": plan_statistics(data), **evaluate(out)}
-                    shutil.rmtree(out)
-                    record(row)
+                    if not any(r["method"] == method and r["target"] == sparsity and r["seed"] == seed for r in state.rows):
+                        record(fixture.run(method, sparsity, seed))
+    rows = state.rows
     meta = state.meta() | {"note": args.note, **(rows[0].get("settings", settings) if rows else settings)}
     write_outputs(rows, args.docs, meta)
     print(f"wrote {args.docs}/quality-v2.md, .csv, .json and .png")
