@@ -53,7 +53,8 @@ def write_outputs(rows: list[dict], docs: Path, meta: dict) -> None:
     dense = next(r for r in rows if r["method"] == "dense")
     pruned = [r | relative(r, dense) for r in rows if r["method"] != "dense"]
     sparsities = sorted({r["target"] for r in pruned})
-    methods = [m for m in METHODS if any(r["method"] == m for r in pruned)]
+    methods = list(dict.fromkeys([*(m for m in METHODS if any(r["method"] == m for r in pruned)),
+                                  *(r["method"] for r in pruned)]))   # the paper's first, then the others as run
     docs.mkdir(parents=True, exist_ok=True)
 
     fields = ["method", "target", "sparsity", "vqa", *[f"vqa_{t}" for t in TASKS], "perplexity", "rel_vqa", "rel_ppl",
@@ -166,7 +167,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/wikitext2-valid.txt"))
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/quality"))
     parser.add_argument("--docs", type=Path, default=Path("docs"))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    from quality_v2_runs import method_name, plan_options   # (it imports this module's run)
+    parser.add_argument("--methods", nargs="+", default=METHODS, type=method_name,
+                        help="method names as benchmark v2 reads them: a shortcut, then +score/+tokens/+allocation "
+                             "(wanda+atv, das+sparsegpt)")
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7])
     parser.add_argument("--conversations", type=int, default=128)
     parser.add_argument("--vqa-samples", type=int, default=600)
@@ -200,7 +204,7 @@ def main() -> None:
                 if any(r["method"] == method and r["target"] == sparsity for r in rows):
                     continue
                 plan_dir, out = w / f"plan-{method}-{sparsity}", w / "pruned"
-                run(["plan", str(fixture), "--calib", str(calib / "calib.jsonl"), "--method", method, "--sparsity",
+                run(["plan", str(fixture), "--calib", str(calib / "calib.jsonl"), *plan_options(method), "--sparsity",
                      str(sparsity), "--nsamples", str(args.conversations), "--out", str(plan_dir), "--overwrite", "-q"], log)
                 plan_seconds = log[-1]["seconds"]
                 run(["apply", str(fixture), str(plan_dir), "--out", str(out), "--overwrite", "-q"], log)

@@ -35,8 +35,8 @@ def plan_args(model, calib, out, *extra):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _plan(model, method="tamp", **placement):
-    config = tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=3)
+def _plan(model, method="tamp", tokens=None, **placement):
+    config = tamp_fx.PlanConfig(method=method, tokens=tokens, sparsity=0.5, nsamples=3)
     return tamp_fx.plan(model, model / "calib.jsonl", config, **placement)
 
 
@@ -54,6 +54,14 @@ def assert_same_masks(a: tamp_fx.Plan, b: tamp_fx.Plan) -> None:
 def test_layer_by_layer_loading_plans_exactly_what_the_whole_model_does(family, tiny_models):
     model = tiny_models(family)
     assert_same_masks(_plan(model, device="cpu", layer_by_layer=True), _plan(model, device="cpu", layer_by_layer=False))
+
+
+@pytest.mark.parametrize("method, tokens", [("wanda", "atv"), ("sparsegpt", "balanced")])
+def test_atv_and_balanced_plan_the_same_whole_layer_by_layer_and_offloaded(method, tokens, tiny_models):
+    model = tiny_models("llava_next")
+    base = _plan(model, method, tokens, device="cpu", layer_by_layer=True)
+    assert_same_masks(base, _plan(model, method, tokens, device="cpu", layer_by_layer=False))
+    assert_same_masks(base, _plan(model, method, tokens, device="cpu", offload_activations=True))
 
 
 def test_sparsegpt_weights_are_the_same_layer_by_layer(tiny_models):
@@ -151,6 +159,18 @@ def test_cuda_plans_match_exact_sparsity_and_offload_changes_nothing(family, tin
     assert on_gpu.model == on_cpu.model                                        # fingerprint included
     # other kernels round differently, so near-ties may go either way, but the budget is the same
     assert on_gpu.summary()["sparsity"] == pytest.approx(on_cpu.summary()["sparsity"], abs=2e-3)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("method, tokens", [("wanda", "atv"), ("wanda", "balanced"), ("sparsegpt", "atv")])
+def test_cuda_atv_and_balanced_plan_what_the_cpu_does(method, tokens, tiny_models):
+    """The same tokens chosen (ATV's share per modality) and the masks to near-ties of the rounding."""
+    model = tiny_models("llava_next")
+    on_gpu, on_cpu = _plan(model, method, tokens, device="cuda", dtype="float32"), _plan(model, method, tokens, device="cpu")
+    for name, lp in on_cpu.linears.items():
+        assert on_gpu.linears[name].stats["selected_fraction"] == pytest.approx(lp.stats["selected_fraction"], abs=1e-6)
+        assert (on_gpu.masks[name] == on_cpu.masks[name]).float().mean() >= 0.99, name
 
 
 @pytest.mark.cuda
