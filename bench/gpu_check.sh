@@ -22,6 +22,10 @@ mkdir -p "$OUT"
 export TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 
 $PY -c "import tamp_fx" 2>/dev/null || $PY -m pip install --quiet --no-deps -e . || exit 1
+# an older setuptools installs only tamp_fx/ in editable mode (package-dir mapped folders are
+# missed): link them in, in this copy of the tree, so tamp_fx.cli/.passes/.testbeds import
+$PY -c "import tamp_fx.cli, tamp_fx.passes, tamp_fx.testbeds" 2>/dev/null || for d in cli passes testbeds; do
+    [ -e "tamp_fx/$d" ] || ln -s "../$d" "tamp_fx/$d"; done
 $PY - <<'EOF' | tee "$OUT/gpu.txt" || exit 1
 import datetime, torch
 assert torch.cuda.is_available(), "no CUDA GPU visible to torch"
