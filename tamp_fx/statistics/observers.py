@@ -135,7 +135,7 @@ class LinearObserver(torch.nn.Module):
 
     def __init__(self, context: ObserverContext, *, selector: TokenSelector | None = None, hessian: bool = False,
                  track_diversity: bool = False, all_tokens_one_modality: bool = False,
-                 collect_inputs: bool = True) -> None:
+                 collect_inputs: bool = True, selector_diversity: bool = False) -> None:
         super().__init__()
         if not collect_inputs and (selector is not None or hessian or not track_diversity):
             raise ValueError("collect_inputs=False is for diversity-only observers (no selector, no Hessian)")
@@ -144,6 +144,7 @@ class LinearObserver(torch.nn.Module):
         self.collect_inputs = collect_inputs
         self.stats = InputStats(hessian)
         self.track_diversity = track_diversity
+        self.selector_diversity = selector_diversity   # the selector reads the sample's diversity (AMIA)
         self.all_tokens_one_modality = all_tokens_one_modality
         self.diversity_sums = SampleSums()   # per sample: term values (T), term present (T), importance
         self.token_sums = SampleSums()       # per sample: modality present (M), share of its tokens chosen (M)
@@ -184,7 +185,7 @@ class LinearObserver(torch.nn.Module):
         self._pending = None
         labels = self._labels(x.shape[0], x.device)
         div = 0.0
-        if self.track_diversity or self.selector is not None:
+        if self.track_diversity or self.selector_diversity:
             terms = diversity_terms(z, labels)
             div = importance(terms)
         if self.track_diversity:

@@ -68,11 +68,12 @@ class TokenSelection:
     name: str
     selector: Callable[..., TokenSelector | None]     # (plan config) -> selector; None: every token
     needs_layer_change: bool = False                  # the driver measures each layer's LayerChange first (ATV)
+    needs_diversity: bool = False                     # the selector reads each sample's output diversity (AMIA)
 
 
 TOKEN_SELECTIONS: Registry[TokenSelection] = Registry("tokens")
 TOKEN_SELECTIONS.register(TokenSelection("all", lambda config: None))
-TOKEN_SELECTIONS.register(TokenSelection("amia", lambda config: _amia))
+TOKEN_SELECTIONS.register(TokenSelection("amia", lambda config: _amia, needs_diversity=True))
 TOKEN_SELECTIONS.register(TokenSelection("atv", lambda config: _atv(config.atv_alpha), needs_layer_change=True))
 TOKEN_SELECTIONS.register(TokenSelection("balanced", lambda config: _balanced))
 TOKEN_SELECTIONS.register(TokenSelection("attention", lambda config: _attention))
