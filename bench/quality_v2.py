@@ -255,6 +255,9 @@ def main() -> None:
     screen.add_argument("--sparsity", type=float, default=0.6)
     screen.add_argument("--seed", type=int, default=0, help="calibration seed")
     screen.add_argument("--perplexities", action="store_true", help="also measure both perplexities (the grid always does)")
+    screen.add_argument("--from-grid", nargs="+", type=method_name, metavar="METHOD",
+                        help="take these methods' rows from the grid's report (same sparsity, seed, CPU, settings) "
+                             "instead of planning them again")
     args = parser.parse_args()
     if args.screen:
         from screen import run_screen

@@ -45,6 +45,9 @@ def run_screen(args) -> None:
                 "seed": args.seed, "perplexities": args.perplexities}
     if not args.report_only:
         fixture, record = begin_runs(args, state, settings, args.perplexities)
+        for method in args.from_grid or ():
+            if not any(r["method"] == method for r in state.rows):
+                record(from_grid(args.docs / "quality-v2.json", method, settings, state.rows))
         for method in methods:
             if not any(r["method"] == method for r in state.rows):
                 record(fixture.run(method, args.sparsity, args.seed, args.perplexities))
@@ -52,6 +55,26 @@ def run_screen(args) -> None:
     meta = state.meta() | {"note": args.note, **(rows[0].get("settings", settings) if rows else settings)}
     write_screen(rows, args.docs, meta)
     print(f"wrote {args.docs}/{REPORT}.md and .json")
+
+
+def from_grid(grid: Path, method: str, settings: dict, rows: list[dict]) -> dict:
+    """The screen's row of ``method`` taken from the grid's row of the same sparsity, seed, CPU and
+    settings: its plan is the one the screen would make (the same command), so its answers to the
+    screen's questions (the first ones of each task: ``held_out(600)`` is a prefix of ``held_out(1200)``)
+    are the grid's, bit for bit; the plan seconds are the grid's, measured in its run."""
+    dense = next(r for r in rows if r["method"] == "dense")
+    match = [r for r in json.loads(grid.read_text())["rows"] if r["method"] == method
+             and r["target"] == settings["sparsity"] and r["seed"] == settings["seed"] and cpu_of(r) == cpu_of(dense)
+             and all(r["settings"][k] == settings[k] for k in ("conversations", "dtype", "weights"))]
+    if not match:
+        sys.exit(f"{grid} has no row of {method} at {settings['sparsity']:.0%}, seed {settings['seed']}, on "
+                 f"{cpu_of(dense)} with these settings: screen it instead")
+    row = match[0]
+    hits = {t: h[:len(dense["hits"][t])] for t, h in row["hits"].items()}
+    answered = sum(len(h) for h in hits.values())
+    return {k: row[k] for k in ("method", "target", "seed", "sparsity", "plan_seconds", "plan_stats", "options")
+            if k in row} | {"options": plan_options(method), "hits": hits, "vqa": sum(h.count("1") for h in hits.values()) / answered,
+                            "eval_seconds": {}, "from_grid": True}
 
 
 def screened(rows: list[dict]) -> tuple[dict[str, dict], list[dict]]:
@@ -79,7 +102,7 @@ def write_screen(rows: list[dict], docs: Path, meta: dict) -> None:
         rel = f"{r['rel']:.3f} [{r['rel_lo']:.3f}, {r['rel_hi']:.3f}]" if "rel" in r else "1.000"
         plan = "-" if r.get("plan_seconds") is None else f"{r['plan_seconds']:.0f}"
         return " | ".join([rel, f"{r['vqa']:.1%}", *accs, *(f"{r[k]:.2f}" if k in r else "-" for k in ppl), plan,
-                           f"{sum(r['eval_seconds'].values()):.0f}"])
+                           f"{sum(r['eval_seconds'].values()):.0f}" if r["eval_seconds"] else "-"])
 
     def options(r: dict) -> str:
         return "`" + " ".join(r.get("options", [])) + "`" if r.get("options") else "-"
@@ -98,13 +121,17 @@ def write_screen(rows: list[dict], docs: Path, meta: dict) -> None:
              + "".join(f"{k} | " for k in ppl) + "plan s | eval s |",
              "|---|---|---:|---:|" + "---:|" * (len(tasks) + len(ppl) + 2)]
     lines += [f"| dense ({c}) | - | {cells(d)} |" for c, d in denses.items()]
-    lines += [f"| {r['method']} | {options(r)} | {cells(r)} |" for r in pruned]
+    lines += [f"| {r['method']}{' (grid)' if r.get('from_grid') else ''} | {options(r)} | {cells(r)} |" for r in pruned]
     lines += ["", "## How this was measured", "",
               f"Machine: {meta['machine']}; CPUs of the runs: {', '.join(dict.fromkeys(cpu_of(r) for r in rows))}. "
               f"{meta['conversations']} calibration conversations, forward passes in {meta['dtype']}"
               + (f" (fixture 2's weights: sha256 {meta['weights']}...)" if meta.get("weights") else "") + ". "
               f"Total wall time {meta['total_seconds'] / 60:.1f} min (plans {plan_s / 60:.1f}, evaluations "
               f"{eval_s / 60:.1f}); CPU time of the plans and evaluations {cpu_s / 60:.1f} min.", "",
+              *(["Methods marked (grid) were not planned again: their rows are the grid's (`quality-v2.json`) "
+                 "at this sparsity and seed on the same CPU, answers to these questions and plan seconds included "
+                 "(the grid's machine planned about 1.6x faster); their evaluation seconds are not counted."]
+                if any(r.get("from_grid") for r in rows) else []), "",
               "The screen runs (resumable: each skips what `screen.jsonl` already has):", "",
               "```", *meta["invocations"], "```", "", meta["note"]]
     docs.mkdir(parents=True, exist_ok=True)

@@ -59,7 +59,7 @@ class FakeFixture:
 def _args(tmp_path, *methods, report_only=False) -> argparse.Namespace:
     return argparse.Namespace(workdir=tmp_path / "work", docs=tmp_path / "docs", methods=list(methods), vqa_samples=None,
                               conversations=8, max_windows=None, dtype="float32", sparsity=0.6, seed=0,
-                              perplexities=False, report_only=report_only, note="")
+                              perplexities=False, report_only=report_only, note="", from_grid=None)
 
 
 def test_the_screen_resumes_and_reports_the_methods_sorted_by_rel(tmp_path, monkeypatch):
@@ -99,3 +99,18 @@ def test_rel_is_paired_with_the_dense_row_of_the_same_cpu():
     denses, pruned = screen.screened([dense_a, dense_b, same_as_b])
     assert list(denses) == ["A", "B"]
     assert (pruned[0]["rel"], pruned[0]["rel_lo"], pruned[0]["rel_hi"]) == (1.0, 1.0, 1.0)
+
+
+def test_a_row_from_the_grid_is_its_answers_to_the_screens_questions(tmp_path):
+    settings = {"conversations": 8, "dtype": "float32", "weights": "w", "sparsity": 0.6, "seed": 0}
+    dense = _row("dense", 0.9) | {"cpu": "A"}                                        # 40 questions per task
+    grid_row = _row("das", 0.5, n=80) | {"cpu": "A", "settings": settings | {"vqa_samples": 160}}
+    other_cpu = grid_row | {"cpu": "B", "plan_seconds": 1.0}
+    grid = tmp_path / "quality-v2.json"
+    grid.write_text(json.dumps({"rows": [other_cpu, grid_row]}))
+    row = screen.from_grid(grid, "das", settings, [dense])
+    assert row["hits"] == {t: h[:40] for t, h in grid_row["hits"].items()} and row["from_grid"]
+    assert row["vqa"] == sum(h.count("1") for h in row["hits"].values()) / 80
+    assert row["plan_seconds"] == 3.0 and row["options"] == ["--method", "das"]
+    with pytest.raises(SystemExit, match="no row of tamp"):
+        screen.from_grid(grid, "tamp", settings, [dense])
