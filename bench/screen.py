@@ -107,7 +107,7 @@ def write_screen(rows: list[dict], docs: Path, meta: dict) -> None:
     def options(r: dict) -> str:
         return "`" + " ".join(r.get("options", [])) + "`" if r.get("options") else "-"
 
-    plan_s = sum(r["plan_seconds"] or 0.0 for r in rows)
+    plan_s = sum(r["plan_seconds"] or 0.0 for r in rows if not r.get("from_grid"))     # the grid's were not run here
     eval_s = sum(sum(r["eval_seconds"].values()) for r in rows)
     cpu_s = sum(sum(r.get("cpu_seconds", {}).values()) for r in rows)
     n = len(pruned)
