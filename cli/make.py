@@ -37,8 +37,10 @@ def plan(
     calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations; "
                                              "for a .pt2 program its inputs (.safetensors, e.g. from `tamp-fx export`).")],
     out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
-    method: Annotated[Method, typer.Option(help="Pruning method: a shortcut for allocation + score + tokens "
-                                                "(tamp = das + wanda + amia).")] = Method.wanda,
+    method: Annotated[Method, typer.Option(
+        help="Pruning method: a shortcut for allocation + score + tokens (tamp = das + wanda + amia). Best measured "
+             "on fixture 2 (README, 'Which method'): sparsegpt where a Hessian per linear fits (das-sparsegpt-atv "
+             "ties it), wanda-atv where it does not.")] = Method.wanda,
     sparsity: Annotated[Optional[float], typer.Option(
         help="Target sparsity of the decoder linears (overall), in [0, 1). Default 0.5; with --pattern, "
              "N/M under uniform allocation and min(0.5, N/M) otherwise.", show_default=False)] = None,
