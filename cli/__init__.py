@@ -1,9 +1,10 @@
 """The tamp-fx command line. :func:`main` is the console entry point; it lives here, not in
 ``main.py``, so that Ctrl-C is taken over before anything heavy (typer, torch, transformers)
 is imported: however early it comes, the user sees one line and exit status 130."""
-import os
 import signal
 import sys
+
+from tamp_fx.runtime.launch import lenient  # light: no torch
 
 
 class Interrupted(BaseException):
@@ -26,7 +27,7 @@ def run() -> int:
     except Interrupted as stop:
         output = sys.modules.get("tamp_fx.runtime.output")
         written = [str(p) for p in getattr(output, "WRITTEN", []) if p.exists()]
-        if os.environ.get("RANK", "0") == "0":          # under torchrun every rank is interrupted: rank 0 says it
+        if lenient().rank == 0:                         # under torchrun every rank is interrupted: rank 0 says it
             sys.stderr.write(f"error: interrupted: {', '.join(written) + ' was' if written else 'nothing was'} written\n")
         return 128 + stop.args[0]
     return 0
@@ -39,7 +40,7 @@ def main() -> None:
         code = run()
     except SystemExit as done:                          # typer ends every command this way
         code = done.code
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if lenient().size > 1:                              # a bad WORLD_SIZE: the command said so in one line
         from tamp_fx.runtime.distributed import end_process
         end_process(code)
     sys.exit(code)

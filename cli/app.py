@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -13,12 +14,45 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from tamp_fx.config import ALLOCATIONS, METHODS, SCORE_NAMES, TOKEN_NAMES
+from tamp_fx.errors import TampError
 from tamp_fx.prune.semi_structured import FORMATS
+from tamp_fx.runtime.launch import launch_env, lenient
 from tamp_fx.write.quantize import QUANTIZERS  # torchao itself is imported only when used
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+try:
+    from typer._click.exceptions import UsageError  # typer vendors click since 0.2x
+except ImportError:
+    from click.exceptions import UsageError
+
+
+class Commands(TyperGroup):
+    """The command group: a usage error (an unknown option, a value out of range) is one
+    ``error:`` line and exit status 2, like every other error, not typer's boxed usage text."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as error:
+        if type(error).__name__ == "NoArgsIsHelpError":       # `tamp-fx` alone: the help, as typer shows it
+            raise
+        where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) else ""
+        fail(" ".join(error.format_message().split()) + where, code=2)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=Commands,
                   help="Prune the language decoder of multimodal LLMs with TAMP, as torch.fx passes.")
 console = Console(stderr=True)
 out_console = Console()
@@ -36,8 +70,8 @@ Quantize, Format = choices("Quantize", QUANTIZERS.names()), choices("Format", FO
 
 
 Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists (a directory only if tamp-fx wrote it or it is empty).")]
-NSamples = Annotated[int, typer.Option(help="Number of calibration samples.")]
-SeqLen = Annotated[int, typer.Option(help="Tokens per window of a text calibration file.")]
+NSamples = Annotated[int, typer.Option(min=1, help="Number of calibration samples.")]
+SeqLen = Annotated[int, typer.Option(min=2, help="Tokens per window of a text calibration file.")]
 Seed = Annotated[int, typer.Option(help="Seed for drawing calibration samples.")]
 Device = Annotated[Optional[str], typer.Option(
     help="Where to compute: cpu, cuda or cuda:N (default: cuda when available, else cpu). Not part of the plan: "
@@ -49,12 +83,30 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")]
 
 
+def checked(test: Callable[[float], bool], expected: str) -> Callable:
+    """A typer callback refusing, as a usage error, a value for which ``test`` is false: for
+    bounds that ``min=`` / ``max=`` cannot say (open ones, finite)."""
+    def check(value):
+        if value is not None and not test(value):
+            raise typer.BadParameter(f"{value} is not {expected}")
+        return value
+    return check
+
+
+fraction = checked(lambda v: 0 <= v < 1, "in [0, 1): pass a fraction such as 0.5")
+positive = checked(lambda v: 0 < v < math.inf, "a positive number")
+
+
 def rank() -> int:
     """This process's rank under torchrun (0 without it): only rank 0 prints."""
-    return int(os.environ.get("RANK", "0"))
+    return lenient().rank
 
 
 def setup(verbose: bool) -> None:
+    try:
+        launch_env()                               # torchrun's variables: one line for a bad one
+    except TampError as error:
+        fail(str(error), code=2)
     os.environ.setdefault("TQDM_DISABLE", "1")  # for tqdm bars of libraries imported later
     level = logging.ERROR if rank() else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s",

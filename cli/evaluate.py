@@ -20,11 +20,11 @@ def evaluate(
     text: Annotated[Optional[Path], typer.Option(help="Plain text file for perplexity.")] = None,
     vqa: Annotated[Optional[bool], typer.Option("--vqa/--no-vqa", help="VQA on the fixture's held-out split "
                                                 "(default: when the model takes images).")] = None,
-    vqa_samples: Annotated[int, typer.Option(help="Held-out questions (the six tasks in equal numbers).")] = 600,
+    vqa_samples: Annotated[int, typer.Option(min=1, help="Held-out questions (the six tasks in equal numbers).")] = 600,
     vqa_split: Annotated[VqaSplit, typer.Option(help="Whose held-out split: llava (fixture 1, 600 questions) or "
                                                 "next (fixture 2, 1,200 questions).")] = "llava",
-    seqlen: Annotated[int, typer.Option(help="Tokens per perplexity window.")] = 512,
-    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows.")] = None,
+    seqlen: Annotated[int, typer.Option(min=2, help="Tokens per perplexity window.")] = 512,
+    max_windows: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most this many windows.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     device: Device = None,
     dtype: Dtype = None,

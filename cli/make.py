@@ -25,6 +25,8 @@ from tamp_fx.cli.app import (
     Verbose,
     app,
     console,
+    fraction,
+    positive,
     process_group,
     setup,
     user_errors,
@@ -42,6 +44,7 @@ def plan(
              "on fixture 2 (README, 'Which method'): sparsegpt where a Hessian per linear fits (das-sparsegpt-atv "
              "ties it), wanda-atv where it does not.")] = Method.wanda,
     sparsity: Annotated[Optional[float], typer.Option(
+        callback=fraction,
         help="Target sparsity of the decoder linears (overall), in [0, 1). Default 0.5; with --pattern, "
              "N/M under uniform allocation and min(0.5, N/M) otherwise.", show_default=False)] = None,
     pattern: Annotated[Optional[str], typer.Option(
@@ -53,8 +56,10 @@ def plan(
     score: Annotated[Optional[Score], typer.Option(help="Override the method's weight score.")] = None,
     tokens: Annotated[Optional[Tokens], typer.Option(help="Override the method's token selection.")] = None,
     atv_alpha: Annotated[float, typer.Option(
+        callback=positive,
         help="--tokens atv: image tokens kept per text token, as a multiple of the layer's mean change.")] = 1.0,
-    max_sparsity_delta: Annotated[float, typer.Option(help="DAS / ECoFLaP: no group sparser than sparsity + this.")] = 0.1,
+    max_sparsity_delta: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="DAS / ECoFLaP: no group sparser than sparsity + this.")] = 0.1,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 512,
     seed: Seed = 0,

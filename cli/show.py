@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tamp_fx.cli.app import app, console, out_console, setup, user_errors
@@ -67,17 +68,25 @@ def diff(
     plan_a: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
     plan_b: Annotated[Path, typer.Argument(help="Another plan of the same model.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON on stdout.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Compare plans made for different models (their model "
+                                        "fingerprints differ) if they prune the same linears; a banner says so.")] = False,
 ) -> None:
     """Compare two plans of one model: per linear the sparsity of each and the Jaccard index of their kept weights."""
     setup(False)
 
     with user_errors():
         import tamp_fx
-        from tamp_fx.artifact.compare import diff_plans
+        from tamp_fx.artifact.compare import describe_models, diff_plans, same_model
         a, b = tamp_fx.Plan.load(plan_a), tamp_fx.Plan.load(plan_b)
-        result = diff_plans(a, b)
+        result = diff_plans(a, b, force=force)
+        same = same_model(a, b)
+        if not same:
+            console.print(f"[bold red]WARNING (--force): these plans were made for DIFFERENT MODELS:[/] "
+                          f"{escape(describe_models(a, b))}; the overlap compares masks of different weights",
+                          highlight=False, soft_wrap=True)
         if as_json:
-            out_console.print_json(json.dumps({"a": str(plan_a), "b": str(plan_b), **result.to_json()}))
+            out_console.print_json(json.dumps({"a": str(plan_a), "b": str(plan_b), "same_model": same,
+                                               **result.to_json()}))
             return
         table = Table(title=f"A = {plan_a} ({a.config.method}), B = {plan_b} ({b.config.method}): "
                             f"kept weights overlap {result.jaccard:.1%} (Jaccard)")

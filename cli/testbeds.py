@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tamp_fx.cli.app import Overwrite, Quiet, app, choices, console, fail, out_console, setup, user_errors
+from tamp_fx.cli.app import Overwrite, Quiet, app, choices, console, out_console, setup, user_errors
 from tamp_fx.testbeds.fixtures import FIXTURES
 
 FixtureKind = choices("FixtureKind", FIXTURES.names())
@@ -19,7 +19,7 @@ def fixture(
     out: Annotated[Path, typer.Option(help="Directory to write the fixture model (a transformers directory) to.")],
     calib_out: Annotated[Optional[Path], typer.Option(help="Also write calibration conversations (calib.jsonl + "
                                                       "images/) from the training distribution here.")] = None,
-    conversations: Annotated[int, typer.Option(help="How many conversations --calib-out gets.")] = 128,
+    conversations: Annotated[int, typer.Option(min=1, help="How many conversations --calib-out gets.")] = 128,
     kind: Annotated[FixtureKind, typer.Option(help="llava: fixture 1 (LLaVA, 16 image tokens, question-answer "
                                               "calibration); next: fixture 2 (LLaVA-NeXT, anyres, 88 image tokens, "
                                               "ShareGPT4V-style calibration).")] = FixtureKind.llava,
@@ -34,8 +34,6 @@ def fixture(
         check_output(out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, *([calib_out] if calib_out else [])))
         if calib_out is not None:
             check_output(calib_out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, out))
-            if conversations < 1:
-                fail(f"--conversations must be at least 1, got {conversations}")
         start = time.perf_counter()
         chosen.model.build_fixture(out, overwrite=overwrite)
         console.print(f"fixture written to {out} in {time.perf_counter() - start:.1f} s", highlight=False)

@@ -44,16 +44,32 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int, int]:
     return (both / either if either else 1.0), both, either
 
 
-def diff_plans(a: Plan, b: Plan) -> PlanDiff:
-    """Compare plans ``a`` and ``b`` of one model; refuse, in one line, plans of different models."""
-    fa, fb = a.model.get("fingerprint"), b.model.get("fingerprint")
-    if fa != fb or a.linears.keys() != b.linears.keys():
-        raise TampError(f"the plans are of different models ({a.model.get('source')} {fa} and "
-                        f"{b.model.get('source')} {fb}): diff compares plans of the same model")
+def same_model(a: Plan, b: Plan) -> bool:
+    """Whether plans ``a`` and ``b`` were made for one model (the same model fingerprint)."""
+    return a.model.get("fingerprint") == b.model.get("fingerprint")
+
+
+def describe_models(a: Plan, b: Plan) -> str:
+    """Both plans and the model each was made for, for a message about them."""
+    return " and ".join(f"{p.path or label} (made for {p.model.get('source')}, "
+                        f"fingerprint {p.model.get('fingerprint')})" for p, label in ((a, "plan A"), (b, "plan B")))
+
+
+def diff_plans(a: Plan, b: Plan, *, force: bool = False) -> PlanDiff:
+    """Compare plans ``a`` and ``b`` of one model; refuse, in one line naming both, plans of
+    different models. ``force``: compare plans of different models all the same, if their
+    linears have the same names and shapes (the caller says so)."""
+    if not same_model(a, b) and not force:
+        raise TampError(f"the plans are of different models: {describe_models(a, b)}: diff compares plans of one "
+                        "model (--force compares them anyway)")
+    if a.linears.keys() != b.linears.keys():
+        only = sorted(a.linears.keys() ^ b.linears.keys())
+        raise TampError(f"the plans prune different linears ({len(only)} in one only, such as {only[0]}): "
+                        f"{describe_models(a, b)} cannot be compared, even with --force")
     for name, lp in a.linears.items():
         if b.linears[name].shape != lp.shape:
             raise TampError(f"the plans give {name} different shapes ({lp.shape} and {b.linears[name].shape}): "
-                            "diff compares plans of the same model")
+                            f"{describe_models(a, b)} cannot be compared, even with --force")
     projections = projection_names({"linears": {n: {"layer": lp.layer} for n, lp in a.linears.items()}})
     rows, both, either, size = {}, 0, 0, 0
     pruned_a = pruned_b = 0.0

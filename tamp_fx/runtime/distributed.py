@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from tamp_fx.errors import TampError, first_line
+from tamp_fx.runtime.launch import launch_env, lenient
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def init_from_env() -> World:
     global _world
     if not launched() or _world.distributed:
         return _world
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    env = launch_env()                                   # one line naming a bad variable
+    rank, size, local_rank = env.rank, env.size, env.local_rank
     if size == 1:
         _world = World()
         return _world
@@ -102,7 +103,7 @@ def end_process(code: int | str | None = 0) -> NoReturn:
     destroy_process_group does not join those threads (pytorch/pytorch#190489). Call it once
     every output is written."""
     shutdown()
-    if launched() and int(os.environ["WORLD_SIZE"]) > 1:
+    if launched() and lenient().size > 1:
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
         sys.stdout.flush()

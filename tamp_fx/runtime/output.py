@@ -4,10 +4,15 @@ rename, checked before any work against the inputs it must never replace."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
+import socket
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,11 +33,26 @@ _MARKER_TEXT = "written by tamp-fx: `--overwrite` may replace this directory as 
 _FS_IOC_GETFLAGS = 0x80086601                # ioctl: a file's ext2-style attribute flags (Linux)
 _IMMUTABLE_OR_APPEND_ONLY = 0x10 | 0x20      # FS_IMMUTABLE_FL | FS_APPEND_FL (chattr +i / +a)
 
+#: The suffix of an ownership marker: ``.NAME.KIND-PID-TOKEN`` + this claims the paths beside it
+#: named ``.NAME.KIND-PID-TOKEN-*`` (KIND: ``tmp`` for temporaries, ``old`` for the backup of a
+#: replaced output) for process PID of the host the marker names (see :func:`_owned`).
+OWNER_SUFFIX = ".tamp-fx-owner"
+_TOKEN = secrets.token_hex(6)                 # this process's: a pid alone is reused
+_HOST = socket.gethostname()
+_SPECIAL = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+            (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def _prefix(out: Path, kind: str = "tmp") -> str:
+    """``.NAME.KIND-PID-TOKEN``: this process's names beside ``out`` start with it."""
+    return f".{out.name}.{kind}-{os.getpid()}-{_TOKEN}"
+
 
 def temp_prefix(out: Path) -> str:
-    """Name prefix of this process's temporary paths beside ``out``: ``.NAME.tmp-PID-``. The
-    pid tells a later run whether the process that left one is still alive."""
-    return f".{out.name}.tmp-{os.getpid()}-"
+    """Name prefix of this process's temporary paths beside ``out``: ``.NAME.tmp-PID-TOKEN-``.
+    Only what is created under it inside :func:`atomic_directory` / :func:`atomic_file` carries
+    the marker a later run's clean-up asks for."""
+    return _prefix(out) + "-"
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path, ...] = (), file: bool = False) -> Path:
@@ -42,17 +62,18 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path
     ``file``: ``out`` is one file (:func:`atomic_file`) rather than a directory. Returns
     ``out`` as an absolute path."""
     out = _absolute(out)
-    for given in protect:
-        given = _absolute(given)
-        for p in {given, given.resolve()}:                    # the name given and where it leads
-            for o in {out, out.resolve()}:
-                if p.is_relative_to(o):
-                    what = "the input" if p == o else "a directory holding the input"
-                    raise TampError(f"output {out} would overwrite {what} {given}: choose another --out "
-                                    "(inputs are never overwritten, even with --overwrite)")
-                if o.is_relative_to(p):
-                    raise TampError(f"output {out} would be written inside the input {given}: choose another --out "
-                                    "(inputs are never changed)")
+    for given in map(_absolute, protect):
+        overlap = _overlap(out, given)
+        if overlap == "inside":
+            raise TampError(f"output {out} would be written inside the input {given}: choose another --out "
+                            "(inputs are never changed)")
+        if overlap:
+            raise TampError(f"output {out} would overwrite {overlap} {given}: choose another --out "
+                            "(inputs are never overwritten, even with --overwrite)")
+    special = _special(out)
+    if special:
+        raise TampError(f"output {out} is {special}, not a file or directory: choose another --out "
+                        "(tamp-fx never writes to or replaces devices, FIFOs or sockets, even with --overwrite)")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise TampError(f"output {out} already exists: choose another --out or pass --overwrite")
@@ -70,6 +91,31 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path
                                 "remove it yourself")
     _check_writable(out)
     return out
+
+
+def _overlap(path: Path, given: Path) -> str | None:
+    """How ``path`` overlaps the input ``given`` (by the names given and where they lead):
+    "the input" (it is ``given``), "a directory holding the input", "inside" (it lies in
+    ``given``), or None."""
+    for p in {given, given.resolve()}:
+        for o in {path, path.resolve()}:
+            if p.is_relative_to(o):
+                return "the input" if p == o else "a directory holding the input"
+            if o.is_relative_to(p):
+                return "inside"
+    return None
+
+
+def _special(path: Path) -> str | None:
+    """What ``path`` (or what its symlink leads to) is if it is neither a regular file nor a
+    directory (a device, a FIFO, a socket); None otherwise or if it does not exist."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), "not a regular file")
 
 
 def _umask() -> int:
@@ -116,29 +162,70 @@ def _check_writable(out: Path) -> None:
     if not parent.is_dir():
         raise TampError(f"output {out} cannot be created: {parent} is a file, not a directory: choose another --out")
     try:
-        fd, probe = tempfile.mkstemp(prefix=temp_prefix(out), suffix=".probe", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+        probe = _mark(parent, _prefix(out))             # a marker: what a killed probe leaves is cleaned up
+        if probe is not None:
+            probe.unlink()
     except OSError as error:
         raise TampError(f"output {out} cannot be written: {parent} is not writable ({error.strerror}): "
                         "choose another --out") from error
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Remove what runs killed before they finished (SIGKILL, power loss) left beside ``out``:
-    ``.NAME.tmp-PID-*`` paths of processes that no longer exist, and ``.NAME.old-PID`` once
-    ``out`` exists again (before that it is the only copy of the previous output)."""
+def remove_stale_temporaries(out: Path, protect: tuple[Path, ...] = ()) -> None:
+    """Remove what runs killed before they finished (SIGKILL, power loss) left beside ``out``,
+    and only that: the paths a marker (:func:`_owned`) claims for a process of this host that no
+    longer exists, a backup of a replaced output only once ``out`` exists again (before that it
+    is the only copy of the previous output). A path without a marker is never touched,
+    whatever its name, and neither is a path in ``protect`` (the inputs), one holding one or
+    one inside one: the claim on it is dropped."""
     out = Path(out).absolute()
     if not out.parent.is_dir():
         return
-    for kind in ("tmp", "old"):
-        prefix = f".{out.name}.{kind}-"
-        for path in out.parent.iterdir():
-            pid = path.name[len(prefix):].split("-", 1)[0] if path.name.startswith(prefix) else ""
-            if not pid.isdigit() or _alive(int(pid)) or (kind == "old" and not out.exists()):
-                continue
+    names = os.listdir(out.parent)
+    for marker in names:
+        owner = _stale_owner(out, marker)
+        if owner is None or (owner[0] == "old" and not out.exists()):
+            continue
+        claimed = marker.removesuffix(OWNER_SUFFIX) + "-"
+        for name in names:
+            path = out.parent / name
+            if not name.startswith(claimed) or any(_overlap(path, _absolute(given)) for given in protect):
+                continue                           # not claimed, or an input: the user's, whatever its name
             _remove(path)
-            log.warning("removed %s, left by an interrupted run (process %s)", path, pid)
+            log.warning("removed %s, left by an interrupted run (process %s)", path, owner[1])
+        (out.parent / marker).unlink(missing_ok=True)
+
+
+def _mark(directory: Path, prefix: str) -> Path | None:
+    """Create the marker claiming ``directory/PREFIX-*`` for this process (pid, host, token);
+    None if this process holds it already."""
+    marker = directory / (prefix + OWNER_SUFFIX)
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"written by": "tamp-fx", "pid": os.getpid(), "host": _HOST, "token": _TOKEN}, f)
+    return marker
+
+
+def _stale_owner(out: Path, marker: str) -> tuple[str, int] | None:
+    """(kind, pid) if ``marker`` (a name beside ``out``) is a marker of ``out``'s whose process,
+    on this host, is gone; None for anything else (another host's, a live process's, not one)."""
+    match = re.fullmatch(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)-([0-9a-f]+){re.escape(OWNER_SUFFIX)}", marker)
+    if match is None:
+        return None
+    path = out.parent / marker
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 4096:
+            return None
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(match[2])
+    if not isinstance(owner, dict) or (owner.get("pid"), owner.get("token")) != (pid, match[3]):
+        return None
+    return None if owner.get("host") != _HOST or _alive(pid) else (match[1], pid)
 
 
 def _alive(pid: int) -> bool:
@@ -161,6 +248,19 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _owned(out: Path, kind: str = "tmp") -> Iterator[str]:
+    """Claim the names ``.NAME.KIND-PID-TOKEN-*`` beside ``out`` for this process while the block
+    runs (a marker beside them names pid, host and token): :func:`remove_stale_temporaries`
+    removes only what such a marker claims, once its process is gone. Yields the prefix."""
+    marker = _mark(out.parent, _prefix(out, kind))
+    try:
+        yield _prefix(out, kind) + "-"
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends: a rename pair is never cut in half."""
     held = {signal.SIGINT, signal.SIGTERM}
@@ -176,30 +276,38 @@ def _signals_deferred() -> Iterator[None]:
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` (only with ``overwrite``) is moved aside
-    first and removed after, a file or a directory alike."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    with _signals_deferred():
-        exists = out.exists() or out.is_symlink()
-        if exists and not overwrite:
-            raise TampError(f"output {out} appeared while this ran: choose another --out or pass --overwrite")
-        if exists:
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
+    first (under a marker, :func:`_owned`) and removed after, a file or a directory alike."""
+    with _owned(out, "old") as prefix:
+        old = out.with_name(prefix + "previous")
+        with _signals_deferred():
+            exists = out.exists() or out.is_symlink()
+            if exists and not overwrite:
+                raise TampError(f"output {out} appeared while this ran: choose another --out or pass --overwrite")
             if exists:
-                os.replace(old, out)               # put the previous output back
-            raise
-        WRITTEN.append(out)
-    if exists:
-        _remove(old)
+                os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                if exists:
+                    os.replace(old, out)               # put the previous output back
+                raise
+            WRITTEN.append(out)
+        if exists:
+            _remove(old)
 
 
 @contextlib.contextmanager
 def _atomic(out: Path, overwrite: bool, protect: tuple[Path, ...], file: bool) -> Iterator[Path]:
     out = check_output(out, overwrite=overwrite, protect=protect, file=file)
-    remove_stale_temporaries(out)
+    remove_stale_temporaries(out, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with _owned(out), _temporary(out, overwrite, file) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _temporary(out: Path, overwrite: bool, file: bool) -> Iterator[Path]:
+    """A temporary beside ``out`` (inside :func:`_owned`) that becomes ``out`` if the block finishes."""
     if file:
         fd, name = tempfile.mkstemp(prefix=temp_prefix(out), suffix=out.suffix, dir=out.parent)
         os.close(fd)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tamp_fx
+from support.cli import fails_cleanly, snapshot
 from tamp_fx.artifact.compare import diff_plans
 from tamp_fx.artifact.plan import Plan
 from tamp_fx.artifact.report import Grid, projection_names
@@ -125,19 +127,46 @@ def test_diff_matches_brute_force_jaccard(plans):
     assert same.jaccard == 1.0 and all(d.jaccard == 1.0 for d in same.linears.values())
 
 
+def _magnitude_plan(model, out):
+    return tamp_fx.plan(model, model / "calib.jsonl",
+                        tamp_fx.PlanConfig(method="magnitude", sparsity=0.5, nsamples=1)).save(out)
+
+
 def test_diff_cli_table_json_and_refusal(plans, tiny_models, tmp_path):
     r = runner.invoke(app, ["diff", str(plans("tamp")), str(plans("wanda"))])
     assert r.exit_code == 0, r.output
-    assert "q_proj" in r.output and "Jaccard" in r.output
+    assert "q_proj" in r.output and "Jaccard" in r.output and "DIFFERENT MODELS" not in r.output
     r = runner.invoke(app, ["diff", str(plans("tamp")), str(plans("wanda")), "--json"])
     report = json.loads(r.stdout)
-    assert len(report["linears"]) == len(tamp_fx.Plan.load(plans("tamp")).linears)
-    other = tiny_models("qwen2_vl", seed=1)
-    other_plan = tamp_fx.plan(other, other / "calib.jsonl",
-                              tamp_fx.PlanConfig(method="magnitude", sparsity=0.5, nsamples=1)).save(tmp_path / "other")
+    assert len(report["linears"]) == len(tamp_fx.Plan.load(plans("tamp")).linears) and report["same_model"]
+    other_plan = _magnitude_plan(tiny_models("qwen2_vl", seed=1), tmp_path / "other")
     r = runner.invoke(app, ["diff", str(plans("tamp")), str(other_plan)])
     assert r.exit_code == 1 and "different models" in r.output
     assert len(r.output.strip().splitlines()) <= 2 and "Traceback" not in r.output
+
+
+def test_diff_of_plans_of_different_models_names_both_and_force_says_so(plans, tiny_models, tmp_path):
+    """Same architecture, other weights (the fingerprints differ): refused in one line naming
+    both plans and models; --force compares them under a banner. Plans that prune other linears
+    cannot be compared even with --force."""
+    mine, other = plans("wanda"), _magnitude_plan(tiny_models("qwen2_vl", seed=1), tmp_path / "other")
+    fingerprints = [tamp_fx.Plan.load(p).model["fingerprint"] for p in (mine, other)]
+    said = " ".join(fails_cleanly(["diff", mine, other], "different models", unchanged=[mine, other], code=1).split())
+    assert all(str(p) in said for p in (mine, other, *fingerprints)) and "--force" in said
+    before = snapshot(mine, other)
+    r = runner.invoke(app, ["diff", str(mine), str(other), "--force"])
+    assert r.exit_code == 0, r.output
+    banner, *table = r.output.strip().splitlines()
+    assert banner.startswith("WARNING (--force)") and "DIFFERENT MODELS" in banner and str(other) in banner
+    assert "Jaccard" in "".join(table)
+    r = runner.invoke(app, ["diff", str(mine), str(other), "--force", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["same_model"] is False
+    assert snapshot(mine, other) == before
+    a = Plan.load(mine)
+    fewer = dataclasses.replace(a, model={**a.model, "fingerprint": "sha256:other"},
+                                linears=dict(list(a.linears.items())[1:]))
+    with pytest.raises(tamp_fx.TampError, match="even with --force"):
+        diff_plans(a, fewer, force=True)
 
 
 def test_inspect_refuses_a_plan_of_another_schema(plans, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import tamp_fx.pipeline.plan
 import tamp_fx.write.apply
 from support.cli import fails_cleanly, invoke
-from tamp_fx.runtime.output import OUTPUT_MARKER
+from tamp_fx.runtime.output import OUTPUT_MARKER, OWNER_SUFFIX
 
 
 @pytest.fixture
@@ -114,6 +114,37 @@ def test_overwrite_replaces_a_tamp_fx_output_and_leaves_nothing_beside_it(tmp_pa
     assert sorted(x.name for x in tmp_path.iterdir()) == ["p"]
 
 
+@pytest.fixture
+def specials(tmp_path):
+    """tmp_path/special/{fifo, null -> /dev/null} and /dev/null: outputs that are neither files nor
+    directories (outside the directories the tests snapshot: reading a FIFO blocks)."""
+    special = tmp_path / "special"
+    special.mkdir()
+    os.mkfifo(special / "fifo")
+    (special / "null").symlink_to("/dev/null")
+    return {"a FIFO": special / "fifo", "a character device": Path("/dev/null"),
+            "a symlink to a device": special / "null"}
+
+
+def _kinds(paths) -> list[tuple[int, int]]:
+    return [(os.stat(p).st_mode, os.stat(p).st_rdev) for p in paths]
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_device_or_fifo_out_is_refused(specials, tmp_path, llama, saved_plan, no_work, overwrite):
+    (tmp_path / "work").mkdir()
+    program = tmp_path / "work" / "m.pt2"
+    program.write_bytes(b"refused before it is read")
+    before = _kinds(specials.values())
+    for kind, out in specials.items():
+        expected = "a FIFO" if kind == "a FIFO" else "a character device"
+        fails_cleanly(_plan(llama, out, *overwrite), expected, unchanged=[tmp_path / "work", llama])   # a directory
+        fails_cleanly(["apply", program, saved_plan, "--out", out, "-q", *overwrite], expected,        # a file
+                      unchanged=[tmp_path / "work", saved_plan])
+    assert _kinds(specials.values()) == before
+    assert sorted(p.name for p in (tmp_path / "special").iterdir()) == ["fifo", "null"]
+
+
 _KILLED_WHILE_WRITING = """
 import os, signal, sys
 from pathlib import Path
@@ -128,9 +159,10 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run_and_only_those(tm
     out = tmp_path / "p"
     killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, str(out)])
     assert killed.returncode == -9
-    left = list(tmp_path.glob(".p.tmp-*"))
+    left = [p for p in tmp_path.glob(".p.tmp-*") if not p.name.endswith(OWNER_SUFFIX)]
     assert len(left) == 1 and (left[0] / "half-written").is_file()
-    alive = tmp_path / f".p.tmp-{os.getpid()}-still-running"      # a live process's: never touched
+    assert len(list(tmp_path.glob(f".p.tmp-*{OWNER_SUFFIX}"))) == 1     # the marker that says whose it is
+    alive = tmp_path / f".p.tmp-{os.getpid()}-still-running"      # no marker: never touched
     alive.mkdir()
     other = tmp_path / ".q.tmp-1-another-output"                   # another output's: never touched
     other.mkdir()

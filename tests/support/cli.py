@@ -37,14 +37,15 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return state
 
 
-def fails_cleanly(args: Sequence[object], expected: str, *must_not_exist: Path, unchanged: Sequence[Path] = ()) -> str:
-    """Run ``tamp-fx ARGS`` and assert a clean refusal: non-zero exit, one line starting with
-    ``error:`` that contains ``expected``, no traceback, none of ``must_not_exist`` written
-    (nor a temporary beside it), and nothing under ``unchanged`` created, changed or removed.
-    Returns the output."""
+def fails_cleanly(args: Sequence[object], expected: str, *must_not_exist: Path, unchanged: Sequence[Path] = (),
+                  code: int | None = None) -> str:
+    """Run ``tamp-fx ARGS`` and assert a clean refusal: non-zero exit (``code`` if given), one
+    line starting with ``error:`` that contains ``expected``, no traceback, none of
+    ``must_not_exist`` written (nor a temporary beside it), and nothing under ``unchanged``
+    created, changed or removed. Returns the output."""
     before = snapshot(*unchanged)
     result = invoke(args)
-    assert result.exit_code != 0, result.output
+    assert result.exit_code != 0 and code in (None, result.exit_code), result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert expected in result.output, result.output
