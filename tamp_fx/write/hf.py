@@ -21,9 +21,8 @@ def copy_companions(source: Path, out: Path, *, skip: Collection[str] = ()) -> l
     """Copy what a checkpoint directory holds besides its weights (configs, tokenizer,
     processor, chat template, README, subfolders) from ``source`` to ``out``; safetensors
     (rewritten by the caller), weights in other formats and the names in ``skip`` are not
-    copied. Copies get the modes the umask gives, like every other output file (not the
-    source's, which may be read-only or private). Returns the names of the other-format weights
-    left behind, for a warning."""
+    copied. Only the bytes are copied, not the source's modes: a copy of a read-only card can be
+    appended to. Returns the names of the other-format weights left behind, for a warning."""
     left = []
     for item in sorted(source.iterdir()):
         if item.suffix == ".safetensors" or item.name in skip:
@@ -36,7 +35,7 @@ def copy_companions(source: Path, out: Path, *, skip: Collection[str] = ()) -> l
 
 
 def _copy(source: Path, target: Path) -> None:
-    """Copy a file's bytes or a directory's tree (symbolic links followed), new paths made under the umask."""
+    """Copy a file's bytes or a directory's tree (symbolic links followed)."""
     if source.is_dir():
         target.mkdir()
         for item in sorted(source.iterdir()):
