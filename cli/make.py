@@ -1,6 +1,7 @@
 """Commands that make something: ``plan``, ``apply``, ``export`` and ``convert``."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -131,7 +132,8 @@ def apply(
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
-    """Apply a plan to MODEL and save a pruned model that loads like the original."""
+    """Apply a plan to MODEL and save a pruned model that loads like the original, with tamp-fx.json and a model
+    card (README.md) saying how it was pruned (`tamp-fx inspect OUT` prints it)."""
     setup(verbose)
 
     with user_errors():
@@ -141,7 +143,7 @@ def apply(
         start = time.perf_counter()
         scheme = quantize.value if quantize else None
         tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib,
-                      format=format.value)
+                      format=format.value, command=["tamp-fx", *sys.argv[1:]])
         semi = format.value == "semi-structured"
         console.print(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''}"
                       f"{', 2:4 semi-structured (bfloat16),' if semi else ''} "

@@ -25,20 +25,40 @@ def _shorten(names: list[str]) -> list[str]:
 
 @app.command()
 def inspect(
-    plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
+    plan_dir: Annotated[Path, typer.Argument(
+        help="A directory written by `tamp-fx plan`, or a pruned model written by `tamp-fx apply` (its tamp-fx.json).",
+        metavar="PLAN_OR_PRUNED_DIR")],
     plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory "
                                                  "(needs matplotlib: pip install 'tamp-fx\\[plot]').")] = None,
     html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page (summary and "
                                                  "figures) to this file.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace --plot / --html if they exist.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan (plan.json), or the pruned model's "
+                                                         "tamp-fx.json, as JSON on stdout.")] = False,
 ) -> None:
-    """Show a plan: per-layer sparsity of every linear; --plot / --html draw its statistics."""
+    """Show a plan (per-layer sparsity of every linear; --plot / --html draw its statistics), or how a pruned model
+    was made: method, sparsity planned and written, structure, calibration, fingerprint, command."""
     setup(False)
 
     with user_errors():
         from tamp_fx.artifact import report
-        from tamp_fx.artifact.plan import Plan
+        from tamp_fx.artifact.plan import MASKS_FILE, PLAN_FILE, Plan
+        from tamp_fx.errors import TampError
+        from tamp_fx.write.provenance import PROVENANCE_FILE
+        if not any((plan_dir / name).exists() for name in (PLAN_FILE, MASKS_FILE)):
+            if not (plan_dir / PROVENANCE_FILE).is_file():
+                raise TampError(f"{plan_dir} is neither a plan ({PLAN_FILE}, {MASKS_FILE}) nor a model written by "
+                                f"`tamp-fx apply` ({PROVENANCE_FILE}): pass a directory that `tamp-fx plan` or "
+                                "`tamp-fx apply` wrote")
+            if plot is not None or html is not None:
+                raise TampError(f"--plot and --html draw a plan, and {plan_dir} is a pruned model: pass the plan "
+                                f"directory its {PROVENANCE_FILE} names")
+            _show_pruned(plan_dir, as_json)
+            return
         data = Plan.load(plan_dir).to_json()          # the whole plan checked against itself (one line if damaged)
+        if as_json:
+            out_console.print_json(json.dumps(data))
+            return
         grid = report.Grid.of(data)
         s = data["summary"]
         pattern = f" ({data['config']['pattern']})" if data["config"].get("pattern") else ""
@@ -61,6 +81,18 @@ def inspect(
         if html is not None:
             report.write_html(data, html, overwrite=overwrite, protect=protect)
             console.print(f"report -> {html}", highlight=False)
+
+
+def _show_pruned(directory: Path, as_json: bool) -> None:
+    """What the ``tamp-fx.json`` of a pruned model records: one line each, or the JSON."""
+    from tamp_fx.write.provenance import describe, read_provenance
+    record = read_provenance(directory)
+    if as_json:
+        out_console.print_json(json.dumps(record))
+        return
+    out_console.print(f"{directory}: pruned by tamp-fx", markup=False, highlight=False, soft_wrap=True)
+    for what, value in describe(record):
+        out_console.print(f"  {what:<12} {value}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -296,6 +296,17 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
             _remove(old)
 
 
+def _umask_modes(tmp: Path) -> None:
+    """Give ``tmp`` and every path in it the modes the umask gives new paths (0666 / 0777 less
+    it): mkstemp, mkdtemp and some writers (safetensors) make private 0600 / 0700 paths, and an
+    output should be readable by the services and people the umask lets read it. Symbolic links
+    are left alone (chmod would change what they point to)."""
+    mask = _umask()
+    for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else ())]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def _atomic(out: Path, overwrite: bool, protect: tuple[Path, ...], file: bool) -> Iterator[Path]:
     out = check_output(out, overwrite=overwrite, protect=protect, file=file)
@@ -315,12 +326,10 @@ def _temporary(out: Path, overwrite: bool, file: bool) -> Iterator[Path]:
     else:
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
-        # mkstemp / mkdtemp make 0600 / 0700 paths; an output gets the modes any other file
-        # would (the umask's), so a checkpoint can be read by the services and people it is for
-        os.chmod(tmp, (0o666 if file else 0o777) & ~_umask())
         yield tmp
         if not file:
             (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT)
+        _umask_modes(tmp)
         _commit(tmp, out, overwrite)
     except OSError as error:
         raise TampError(f"could not write {out} ({error.strerror or error}): nothing was written") from error

@@ -3,13 +3,14 @@ model's tensors that the plan prunes, checks that the plan was made for them
 (:meth:`~tamp_fx.artifact.plan.Plan.check_model`), and writes every tensor through :meth:`Plan.pruned`
 into an all-or-nothing output (:mod:`tamp_fx.runtime.output`): a Hugging Face directory shard by
 shard, a GGUF model as a Hugging Face directory, an exported program as a ``.pt2`` file; or, with
-nothing written, a model already loaded (:func:`apply_in_memory`)."""
+nothing written, a model already loaded (:func:`apply_in_memory`). A Hugging Face directory
+records where it came from (:mod:`tamp_fx.write.provenance`)."""
 from __future__ import annotations
 
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from tamp_fx.runtime.progress import Bars
 from tamp_fx.write.hf import copy_companions
 from tamp_fx.write.int8_weight import save_int8_weight
 from tamp_fx.write.program import apply_program
+from tamp_fx.write.provenance import Provenance
 from tamp_fx.write.quantize import QUANTIZERS, Quantizer, require_torchao
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ def apply_inputs(model: str | Path | ModelSource, plan: Plan | str | Path, calib
 
 def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwrite: bool = False,
           progress: bool = False, quantize: str | None = None, calib: str | Path | None = None,
-          format: str = "dense") -> Path:
+          format: str = "dense", command: Sequence[str] | None = None) -> Path:
     """Write ``model`` with the plan's masks applied to ``out``: a directory that loads with
     ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical.
 
@@ -56,6 +58,11 @@ def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwr
     plan's 2:4 linears listed in ``semi_structured.json``; ``from_pretrained`` loads it dense, and
     :func:`tamp_fx.prune.semi_structured.load` on a CUDA GPU (sm80+) with 2:4 sparse weights. Writing it
     needs no GPU.
+
+    A Hugging Face directory written also holds ``tamp-fx.json`` (the plan's method, sparsity,
+    structure and calibration, the sparsity written, the model's fingerprint, ``command`` (the
+    command line; None: the Python API), the input and the date) and a model card ``README.md``
+    saying the same, or the input's card with a section appended (:mod:`tamp_fx.write.provenance`).
     """
     source = resolve_source(model)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -69,16 +76,27 @@ def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwr
     if source.kind == "pt2":
         return apply_program(load_program(source.path), plan, out, source.path, overwrite=overwrite, protect=protect,
                              quantize=quantize, calib=calib)
-    if quantize is not None:
-        return _apply_quantized(source, plan, out, overwrite, protect, progress, quantize)
+    record = Provenance(plan, source.path, out, command=command, format=format, quantize=quantize)
     write = _write_gguf if source.kind == "gguf" else _write_shards
-    return write(source, plan, out, overwrite, protect, progress, dtype, finish)
+    if quantize is not None:
+        return _apply_quantized(source, plan, out, overwrite, protect, progress, quantize, write, record)
+    return write(source, plan, out, overwrite, protect, progress, dtype, _then(finish, record.write), record)
+
+
+def _then(*steps: Callable[[Path], None] | None) -> Callable[[Path], None]:
+    """One step that completes an output directory: ``steps`` in order (None: skipped)."""
+    def finish(directory: Path) -> None:
+        for step in steps:
+            if step is not None:
+                step(directory)
+    return finish
 
 
 def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
-                  progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None) -> Path:
-    """A Hugging Face directory, shard by shard: every tensor through :meth:`Plan.pruned`, the
-    companions (config, processor, ...) copied."""
+                  progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None,
+                  record: Provenance) -> Path:
+    """A Hugging Face directory, shard by shard: every tensor through :meth:`Plan.pruned` (the
+    plan's linears counted in ``record``), the companions (config, processor, ...) copied."""
     keys = checkpoint_keys(source)
     tensors = {}
     for name in plan.linears:
@@ -96,6 +114,8 @@ def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, p
                 with safe_open(shard, "pt") as f:
                     metadata = f.metadata()
                     out_tensors = {k: _cast(plan.pruned(k, f.get_tensor(k)), dtype) for k in f.keys()}
+                for name in plan.linears.keys() & out_tensors.keys():
+                    record.count(out_tensors[name])
                 save_file(out_tensors, tmp / shard.name, metadata=metadata)
                 advance()
         if finish:
@@ -124,11 +144,16 @@ def apply_in_memory(net: torch.nn.Module, plan: Plan | str | Path, *,
 
 
 def _write_gguf(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
-                progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None) -> Path:
-    """A GGUF model (de-quantized) as a Hugging Face directory, every tensor through :meth:`Plan.pruned`."""
+                progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None,
+                record: Provenance) -> Path:
+    """A GGUF model (de-quantized) as a Hugging Face directory, every tensor through :meth:`Plan.pruned`
+    (the plan's linears counted in ``record``)."""
     net = apply_in_memory(load_model(source), plan, where=source.path)
     if dtype is not None:
         net.to(dtype)
+    params = dict(net.named_parameters(remove_duplicate=False))
+    for lp in plan.linears.values():
+        record.count(params[lp.module_name])
     return _save_hf(net, load_processor(source, net.config), out, overwrite, protect, finish)
 
 
@@ -196,14 +221,16 @@ def _check_scheme_takes(scheme: Quantizer, takes: str) -> None:
 
 
 def _apply_quantized(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
-                     progress: bool, quantize: str) -> Path:
-    """Apply the plan to a staging directory beside ``out``, then quantize it into ``out``."""
+                     progress: bool, quantize: str, write: Callable[..., Path], record: Provenance) -> Path:
+    """Apply the plan with ``write`` to a staging directory beside ``out`` (its linears, before
+    quantization, counted in ``record``), then quantize it into ``out``."""
     require_torchao()
     masks = {lp.module_name: plan.masks[name] for name, lp in plan.linears.items()}
     with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, \
             tempfile.TemporaryDirectory(prefix=temp_prefix(out) + "pruned-", dir=tmp.parent) as staging:
-        pruned = apply(source.path, plan, Path(staging) / "model", progress=progress)
+        pruned = write(source, plan, Path(staging) / "model", False, protect, progress, None, None, record)
         save_int8_weight(pruned, tmp, masks)
+        record.write(tmp)
     return out
 
 

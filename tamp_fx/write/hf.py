@@ -21,7 +21,8 @@ def copy_companions(source: Path, out: Path, *, skip: Collection[str] = ()) -> l
     """Copy what a checkpoint directory holds besides its weights (configs, tokenizer,
     processor, chat template, README, subfolders) from ``source`` to ``out``; safetensors
     (rewritten by the caller), weights in other formats and the names in ``skip`` are not
-    copied. Returns the names of the other-format weights left behind, for a warning."""
+    copied. Only the bytes are copied, not the source's modes: a copy of a read-only card can be
+    appended to. Returns the names of the other-format weights left behind, for a warning."""
     left = []
     for item in sorted(source.iterdir()):
         if item.suffix == ".safetensors" or item.name in skip:
@@ -29,7 +30,17 @@ def copy_companions(source: Path, out: Path, *, skip: Collection[str] = ()) -> l
         if item.is_file() and (item.suffix in _OTHER_WEIGHTS or item.name in _OTHER_INDEXES):
             left.append(item.name)
             continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+        _copy(item, out / item.name)
     return left
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy a file's bytes or a directory's tree (symbolic links followed)."""
+    if source.is_dir():
+        target.mkdir()
+        for item in sorted(source.iterdir()):
+            _copy(item, target / item.name)
+    else:
+        shutil.copyfile(source, target)
 
 
