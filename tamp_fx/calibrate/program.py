@@ -64,7 +64,7 @@ def load_program_calibration(path: str | Path, nsamples: int | None = None) -> l
     """The first ``nsamples`` (all when None) samples of a ``--calib`` file for a program."""
     path = Path(path).expanduser()
     hint = "write sample.{i}.arg.{j} tensors (and optional sample.{i}.labels) with tamp_fx.calibrate.program.save_program_calibration"
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
         raise TampError(f"calibration for an exported program must be an existing .safetensors file, got {path}: {hint}")
     args: dict[int, dict[int, torch.Tensor]] = {}
     labels: dict[int, torch.Tensor] = {}

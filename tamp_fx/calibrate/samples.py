@@ -1,16 +1,25 @@
 """Calibration data: windows of a text file, or LLaVA / ShareGPT4V conversations (JSON or
 JSONL, with ``image`` / ``images`` / ``audio`` / ``video`` paths resolved relative to the file;
 ``video`` is a video file or a list of its frame images, see :mod:`tamp_fx.calibrate.video`), turned
-by the model's processor into model inputs (one sample = a batch of one)."""
+by the model's processor into model inputs (one sample = a batch of one).
+
+Files are read strictly and in bounded pieces: the format comes from the extension, in any case
+(``.json``, ``.jsonl``, anything else is text), the bytes must be UTF-8 text (a one-line error names
+the offset of the first byte that is not), a JSONL file is read a line at a time and a text file
+above :data:`STREAM_ABOVE` bytes is never tokenised whole (:func:`_streamed_windows`)."""
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import os
 import random
 import re
+import stat
 import wave
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -26,17 +35,26 @@ _PLACEHOLDER = re.compile(r"(<image>|<video>|<audio>)")
 _MEDIA_KEYS = ("image", "images", "video", "videos", "audio", "audios")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
+PIECE = 1 << 20              # bytes read at a time
+STREAM_ABOVE = 16 << 20      # a text file above this many bytes is windowed without tokenising it whole
+MAX_LINE = 16 << 20          # characters in one JSONL line (one conversation)
+_SNIFF = 8192                # a control byte in the first _SNIFF bytes: binary
+_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f]")   # bytes no text holds (tab, newlines, form feed, ESC do)
+_NON_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"))
+_HINT = "pass a text file or a LLaVA-style .json/.jsonl"
+
 
 def load_calibration(path: str | Path, processor: Any, *, nsamples: int = 128, seqlen: int = 512,
                      seed: int = 0, shard: tuple[int, int] = (0, 1)) -> list[Sample]:
     """Model inputs for up to ``nsamples`` calibration samples drawn with ``seed``.
 
-    A ``.json`` / ``.jsonl`` file holds conversations; any other file is plain text, cut
-    into windows of ``seqlen`` tokens at random offsets. ``shard=(r, K)``: of the list drawn,
+    A ``.json`` / ``.jsonl`` file (any case) holds conversations; any other file is plain text,
+    cut into windows of ``seqlen`` tokens at random offsets. ``shard=(r, K)``: of the list drawn,
     only the samples i with i % K == r (and only those are processed).
     """
     path = _checked_file(path)
-    if path.suffix in (".json", ".jsonl"):
+    if _kind(path) != "text":
         return _conversation_samples(path, processor, nsamples, seed, shard)
     return _text_windows(path, processor, nsamples, seqlen, seed, shard)
 
@@ -46,73 +64,227 @@ def calibration_inputs(path: str | Path) -> tuple[Path, ...]:
     not they exist): the paths an output must never replace. The file's structure is checked
     on the way, so a malformed file is refused here, before any work."""
     path = _checked_file(path)
-    if path.suffix not in (".json", ".jsonl"):
+    if _kind(path) == "text":
         return (path.resolve(),)
-    media = {p for i, record in enumerate(_read_records(path)) for key in _MEDIA_KEYS for p in _media(record, key, path, i)}
+    media = {p for i, record in _records(path) for key in _MEDIA_KEYS for p in _media(record, key, path, i)}
     return (path.resolve(), *sorted(media))
+
+
+def _kind(path: Path) -> str:
+    """The format by the extension, in any case: "json", "jsonl" or "text"."""
+    suffix = path.suffix.lower()
+    return suffix[1:] if suffix in (".json", ".jsonl") else "text"
 
 
 def _checked_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
-    if path.is_dir():
-        raise TampError(f"calibration path {path} is a directory: pass a file in it (a text file or a LLaVA-style .json/.jsonl)")
-    if not path.is_file():
-        raise TampError(f"calibration file {path} does not exist: pass a text file or a LLaVA-style .json/.jsonl")
-    if path.stat().st_size == 0:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise TampError(f"calibration file {path} does not exist: {_HINT}") from None
+    except OSError as error:
+        raise TampError(f"calibration file {path} cannot be read ({first_line(error)}): {_HINT}") from error
+    if stat.S_ISDIR(info.st_mode):
+        raise TampError(f"calibration path {path} is a directory: pass a file in it (a text file or a LLaVA-style "
+                        ".json/.jsonl)")
+    if not stat.S_ISREG(info.st_mode):
+        what = next((name for test, name in _NON_REGULAR if test(info.st_mode)), "a special file")
+        raise TampError(f"calibration path {path} is {what}, not a regular file: {_HINT} (save the data to a file)")
+    if info.st_size == 0:
         raise TampError(f"calibration file {path} is empty: pass a file with text or conversations")
     return path
+
+
+def _open(path: Path) -> IO[bytes]:
+    try:
+        return path.open("rb")
+    except OSError as error:
+        raise TampError(f"calibration file {path} cannot be read ({first_line(error)}): {_HINT}") from error
+
+
+def _newlines(text: str) -> str:
+    """Universal newlines, as ``Path.read_text`` gives them: ``\\r\\n`` and ``\\r`` become ``\\n``."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _binary_at(chunk: bytes, offset: int) -> int | None:
+    """The offset in the file of the first byte no text holds in ``chunk``, read at ``offset``:
+    a NUL, or another control byte in the first 8 KiB of the file."""
+    sniffed = _CONTROL.search(chunk, 0, max(0, _SNIFF - offset))
+    found = [i for i in (sniffed.start() if sniffed else -1, chunk.find(b"\0")) if i >= 0]
+    return offset + min(found) if found else None
+
+
+def _pieces(path: Path) -> Iterator[str]:
+    """The file's text, about :data:`PIECE` bytes at a time (joined: what ``read_text`` gives), or
+    a TampError at the first byte that is not UTF-8 text, naming its offset: "looks binary" when
+    the file holds a NUL byte, or another control byte in its first 8 KiB, "not UTF-8" otherwise."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, carry = 0, ""                          # bytes read before this chunk; a "\r" whose "\n" may follow
+    with _open(path) as f:
+        while True:
+            chunk = f.read(PIECE)
+            held = len(decoder.getstate()[0])      # bytes of a character cut by the previous chunk
+            bad = None
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                bad = offset - held + error.start
+            binary = _binary_at(chunk, offset)
+            if binary is not None:
+                raise TampError(f"calibration file {path} looks binary (byte {binary if bad is None else min(binary, bad)}): "
+                                "pass a UTF-8 text, .json or .jsonl file")
+            if bad is not None:
+                raise TampError(f"calibration file {path} is not UTF-8 text (invalid byte at offset {bad}): "
+                                "save it as UTF-8")
+            text, carry = carry + text, ""
+            if chunk and text.endswith("\r"):
+                text, carry = text[:-1], "\r"
+            if text:
+                yield _newlines(text)
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
+def _token_ids(processor: Any, text: str) -> list[int]:
+    return _tokenizer(processor)(text, add_special_tokens=False)["input_ids"]
+
+
+def _window(ids: torch.Tensor) -> Sample:
+    return {"input_ids": ids[None], "attention_mask": torch.ones(1, ids.numel(), dtype=torch.long)}
+
+
+def _check_text(path: Path, head: str, blank: bool) -> None:
+    """Refuse a text file without text, or one whose text is conversations (a .json/.jsonl by another name)."""
+    if blank:
+        raise TampError(f"calibration file {path} has no text: pass a file with text or conversations")
+    start = head[:1 << 16].lstrip()
+    if start[:1] in ("{", "[") and '"conversations"' in start:
+        raise TampError(f"calibration file {path} holds JSON conversations but its extension ({path.suffix or 'none'}) "
+                        "makes it plain text: name it .json or .jsonl")
+
+
 def _text_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: int,
                   shard: tuple[int, int]) -> list[Sample]:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise TampError(f"calibration file {path} has no text: pass a file with text or conversations")
-    ids = torch.tensor(_tokenizer(processor)(text, add_special_tokens=False)["input_ids"])  # (T,)
+    """``nsamples`` windows of ``seqlen`` tokens starting at token offsets drawn uniformly with
+    ``seed`` from the whole file tokenised; above :data:`STREAM_ABOVE` bytes, :func:`_streamed_windows`."""
+    size = path.stat().st_size
+    if size > STREAM_ABOVE:
+        return _streamed_windows(path, processor, nsamples, seqlen, seed, shard, size)
+    text = "".join(_pieces(path))
+    _check_text(path, text, not text.strip())
+    ids = torch.tensor(_token_ids(processor, text))  # (T,)
     if ids.numel() <= seqlen:
         raise TampError(f"calibration file {path} has {ids.numel()} tokens, not more than --seqlen {seqlen}: "
                         "pass a longer file or a smaller --seqlen")
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(nsamples)][shard[0]::shard[1]]
-    return [{"input_ids": ids[s:s + seqlen][None], "attention_mask": torch.ones(1, seqlen, dtype=torch.long)}
-            for s in starts]
+    return [_window(ids[s:s + seqlen]) for s in starts]
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    kind = path.suffix[1:].upper()
+def _streamed_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: int,
+                      shard: tuple[int, int], size: int) -> list[Sample]:
+    """The windows of a text file above :data:`STREAM_ABOVE` bytes, in memory that does not grow
+    with it. The file is checked a piece at a time (UTF-8 text, not blank); window i then starts
+    at the i-th of ``nsamples`` byte offsets drawn uniformly with ``seed``: the bytes read there
+    (16 a token, more if short) are cut at whitespace at both ends, so no character or word is
+    cut, and their first ``seqlen`` tokens are the window (where fewer follow the offset, the
+    last ``seqlen`` of the file). Only what the windows need is tokenised."""
+    head, blank = "", True
+    for piece in _pieces(path):
+        head, blank = head or piece, blank and piece.isspace()
+    _check_text(path, head, blank)
+    log.info("%s is %d MiB: its %d windows are read at random byte offsets, not drawn from the whole file "
+             "tokenised (as they are up to %d MiB)", path.name, size >> 20, nsamples, STREAM_ABOVE >> 20)
+    rng = random.Random(seed)
+    offsets = [rng.randrange(0, size) for _ in range(nsamples)][shard[0]::shard[1]]
+    with _open(path) as f:
+        return [_window(torch.tensor(_tokens_at(f, path, offset, size, processor, seqlen))) for offset in offsets]
+
+
+def _tokens_at(f: IO[bytes], path: Path, offset: int, size: int, processor: Any, seqlen: int) -> list[int]:
+    """``seqlen`` token ids of the file from byte ``offset`` (:func:`_streamed_windows`)."""
+    span, tail = 16 * seqlen, False
+    while span <= max(PIECE, 256 * seqlen):
+        start = max(0, size - span) if tail else offset
+        f.seek(start)
+        raw = f.read(span)
+        ends = start + len(raw) >= size
+        ids = _token_ids(processor, _whole_words(raw, start > 0, not ends))
+        if len(ids) >= seqlen:
+            return ids[-seqlen:] if tail else ids[:seqlen]
+        tail, span = tail or ends, 2 * span
+    raise TampError(f"calibration file {path} has fewer than {seqlen} tokens in {span // 2} bytes from byte {offset}: "
+                    "pass a text file or a smaller --seqlen")
+
+
+def _whole_words(raw: bytes, cut_start: bool, cut_end: bool) -> str:
+    """The text of bytes read inside a UTF-8 file: from its first whitespace (``cut_start``) to
+    before its last (``cut_end``), so no character or word cut in two is kept."""
+    skip = next((i for i, byte in enumerate(raw[:4]) if byte & 0xC0 != 0x80), 0) if cut_start else 0
+    text = _newlines(codecs.getincrementaldecoder("utf-8")().decode(raw[skip:]))   # drops a character cut at the end
+    if cut_start and (first := re.search(r"\s", text)):
+        text = text[first.start():]
+    if cut_end and (last := re.search(r"\s\S*\Z", text)):
+        text = text[:last.start()]
+    return text
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number, text) of each line of the file, read in pieces; a line over :data:`MAX_LINE`
+    characters is refused before it is read whole."""
+    parts: list[str] = []
+    length, number = 0, 1
+    for piece in _pieces(path):
+        *complete, rest = piece.split("\n")
+        for line in complete:
+            yield number, "".join(parts) + line
+            parts, length, number = [], 0, number + 1
+        parts.append(rest)
+        length += len(rest)
+        if length > MAX_LINE:
+            raise TampError(f"calibration file {path}: line {number} is over {MAX_LINE >> 20} MiB long, too long for "
+                            "one conversation: write one conversation a line")
+    if parts:
+        yield number, "".join(parts)
+
+
+def _parsed(text: str, path: Path, what: str) -> Any:
     try:
-        raw = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            records = []
-            for number, line in enumerate(raw.splitlines(), 1):
-                try:
-                    records += [json.loads(line)] if line.strip() else []
-                except json.JSONDecodeError as error:
-                    raise TampError(f"calibration file {path} is not valid JSONL: line {number}: {error}") from error
-        else:
-            records = json.loads(raw)
-    except UnicodeDecodeError as error:
-        raise TampError(f"calibration file {path} is not UTF-8 text ({error.reason} at byte {error.start}): "
-                        "save it as UTF-8") from error
-    except json.JSONDecodeError as error:
-        raise TampError(f"calibration file {path} is not valid {kind}: {error}") from error
+        return json.loads(text)
+    except ValueError as error:                    # a JSONDecodeError, or a number too long to convert
+        extra = what == "JSON" and getattr(error, "msg", "") == "Extra data"
+        hint = " (one conversation a line? name it .jsonl)" if extra else ""
+        raise TampError(f"calibration file {path} is not valid {what}: {first_line(error)}{hint}") from error
     except RecursionError as error:
         raise TampError(f"calibration file {path} nests JSON too deeply to read: is it a calibration file?") from error
-    if not isinstance(records, list) or not records:
-        raise TampError(f"calibration file {path} holds no conversations: expected a list of "
-                        '{"image": ..., "conversations": [{"from": "human", "value": ...}, ...]}')
-    for i, record in enumerate(records):
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The checked conversations of a .json / .jsonl file and their indices; a JSONL file is
+    read a line at a time, a JSON file whole."""
+    if _kind(path) == "jsonl":
+        records: Any = (_parsed(line, path, f"JSONL: line {number}") for number, line in _lines(path) if line.strip())
+    else:
+        records = _parsed("".join(_pieces(path)), path, "JSON")
+        records = records if isinstance(records, list) else []
+    index = -1
+    for index, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list) or not record["conversations"]:
-            raise TampError(f"calibration sample {i} of {path} has no \"conversations\" list of turns")
+            raise TampError(f"calibration sample {index} of {path} has no \"conversations\" list of turns")
         for turn in record["conversations"]:
             if not isinstance(turn, dict) or not isinstance(turn.get("value", turn.get("content", "")), str):
-                raise TampError(f"calibration sample {i} of {path}: each turn of \"conversations\" must be an object "
+                raise TampError(f"calibration sample {index} of {path}: each turn of \"conversations\" must be an object "
                                 'with a text "value", such as {"from": "human", "value": "<image>\\nWhat is this?"}')
-    return records
+        yield index, record
+    if index < 0:
+        raise TampError(f"calibration file {path} holds no conversations: expected a list of "
+                        '{"image": ..., "conversations": [{"from": "human", "value": ...}, ...]}')
 
 
 def _media(record: dict[str, Any], key: str, source: Path, index: int) -> list[Path]:
@@ -202,11 +374,16 @@ def _prompt(processor: Any, messages: list[dict[str, Any]]) -> str:
 
 
 def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int, shard: tuple[int, int]) -> list[Sample]:
-    records = _read_records(path)
-    order = list(range(len(records)))
+    """Conversations drawn with ``seed``: the records are counted in a first pass and only those
+    drawn are kept from a second."""
+    total = sum(1 for _ in _records(path))
+    order = list(range(total))
     random.Random(seed).shuffle(order)
+    drawn = order[:nsamples][shard[0]::shard[1]]
+    wanted = set(drawn)
+    records = {index: record for index, record in _records(path) if index in wanted}
     samples = []
-    for index in order[:nsamples][shard[0]::shard[1]]:
+    for index in drawn:
         record = records[index]
         images = [_load_image(p) for p in _paths(record, ("image", "images"), path.parent, index, path)]
         audio_paths = _paths(record, ("audio", "audios"), path.parent, index, path)
@@ -233,6 +410,6 @@ def _conversation_samples(path: Path, processor: Any, nsamples: int, seed: int, 
         except Exception as error:  # noqa: BLE001
             raise TampError(f"the processor rejected calibration sample {index} of {path}: {first_line(error)}") from error
         samples.append(dict(inputs))
-    if len(records) < nsamples:
-        log.warning("%s has %d conversations, fewer than nsamples=%d: using all of them", path.name, len(records), nsamples)
+    if total < nsamples:
+        log.warning("%s has %d conversations, fewer than nsamples=%d: using all of them", path.name, total, nsamples)
     return samples

@@ -23,7 +23,7 @@ from torch.export import Dim
 
 from tamp_fx.allocate.ecoflap import lm_targets
 from tamp_fx.calibrate.program import ProgramSample, save_program_calibration
-from tamp_fx.calibrate.samples import load_calibration
+from tamp_fx.calibrate.samples import calibration_inputs, load_calibration
 from tamp_fx.capture.record import recording, run
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.adapters import modality_token_ids
@@ -93,7 +93,7 @@ def export_decoder(model: str | Path, calib: str | Path, out: str | Path, calib_
                         "pass e.g. --calib-out inputs.safetensors")
     if out.expanduser().absolute() == calib_out.expanduser().absolute():
         raise TampError("--out and --calib-out are the same file: choose two paths")
-    protect = (source.path, Path(calib))
+    protect = (source.path, *calibration_inputs(calib))   # the calibration file checked before the model loads
     for path in (out, calib_out):                   # refuse before the work, not after
         check_output(path, overwrite=overwrite, protect=protect, file=True)
     net = load_model(source)
