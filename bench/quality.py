@@ -188,7 +188,7 @@ def main() -> None:
         if not (fixture / "config.json").is_file():
             run(["fixture", "--out", str(fixture), "--calib-out", str(calib), "--conversations", str(args.conversations),
                  "--overwrite"], log)
-        eval_args = ["--text", str(evaluation), "--vqa-samples", str(args.vqa_samples), "--json", "-q"]
+        eval_args = ["--text", str(evaluation), "--vqa-samples", str(args.vqa_samples), "--vqa", "--json", "-", "-q"]
         if args.max_windows:
             eval_args += ["--max-windows", str(args.max_windows)]
 

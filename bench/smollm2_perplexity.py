@@ -60,7 +60,8 @@ def main() -> None:
     rows = []
 
     def evaluate(model: Path) -> dict:
-        return json.loads(run(["eval", str(model), "--text", str(evaluation), "--seqlen", str(args.seqlen), "--json"], log))
+        return json.loads(run(["eval", str(model), "--text", str(evaluation), "--seqlen", str(args.seqlen),
+                               "--json", "-"], log))
 
     result = evaluate(dense)
     rows.append({"method": "dense", "sparsity": 0.0, "perplexity": result["perplexity"], "plan_seconds": None,

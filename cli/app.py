@@ -73,9 +73,10 @@ Overwrite = Annotated[bool, typer.Option(help="Replace --out if it exists (a dir
 NSamples = Annotated[int, typer.Option(min=1, help="Number of calibration samples.")]
 SeqLen = Annotated[int, typer.Option(min=2, help="Tokens per window of a text calibration file.")]
 Seed = Annotated[int, typer.Option(help="Seed for drawing calibration samples.")]
+DEVICES = "cpu, cuda or cuda:N (default: cuda when available, else cpu)"
 Device = Annotated[Optional[str], typer.Option(
-    help="Where to compute: cpu, cuda or cuda:N (default: cuda when available, else cpu). Not part of the plan: "
-         "a plan is the same wherever it is computed.", show_default=False)]
+    help=f"Where to compute: {DEVICES}. Not part of the plan: a plan is the same wherever it is computed.",
+    show_default=False)]
 Dtype = Annotated[Optional[str], typer.Option(
     help="Dtype of the forward passes: auto (the checkpoint's), float32, bfloat16 or float16 (default: float32 on "
          "the CPU, auto on CUDA). Statistics stay float32/float64.", show_default=False)]

@@ -64,7 +64,7 @@ def assemble(lm, tokenizer):
         vision_config=fixture1.vision_config(), text_config=lm.config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_grid_pinpoints=PINPOINTS,
         image_seq_length=IMAGE_TOKENS, projector_hidden_act="gelu", vision_feature_select_strategy="full",
-        vision_feature_layer=-1, tie_word_embeddings=lm.config.tie_word_embeddings,
+        vision_feature_layer=-1, tie_word_embeddings=lm.config.tie_word_embeddings, **{fixture1.MARKER: "next"},
     )
     return fixture1.with_language_model(LlavaNextForConditionalGeneration, config, lm, tokenizer), make_processor(tokenizer)
 

@@ -36,6 +36,9 @@ def test_it_is_an_ordinary_llava_next_directory(built):
     net = transformers.AutoModelForImageTextToText.from_pretrained(built)
     assert type(net).__name__ == "LlavaNextForConditionalGeneration"
     assert net.config.image_grid_pinpoints == fixture2.PINPOINTS and net.config.text_config.vocab_size == 49152
+    from tamp_fx.testbeds.fixture.model import MARKER
+    from tamp_fx.testbeds.vqa import fixture_of
+    assert getattr(net.config, MARKER) == "next" and fixture_of(built) == "next"   # eval asks it VQA
 
 
 def test_smollm2_weights_are_the_shipped_ones_plus_the_merged_lora(loaded, assert_shipped_plus_lora):

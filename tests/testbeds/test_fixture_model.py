@@ -30,6 +30,8 @@ def test_it_is_an_ordinary_transformers_directory(built):
     net = transformers.AutoModelForImageTextToText.from_pretrained(built)
     assert type(net).__name__ == "LlavaForConditionalGeneration"
     assert net.config.image_token_index == 8 and net.config.text_config.vocab_size == 49152
+    from tamp_fx.testbeds.vqa import fixture_of
+    assert getattr(net.config, fixture.MARKER) == "llava" and fixture_of(built) == "llava"   # eval asks it VQA
 
 
 def test_smollm2_weights_are_the_shipped_ones_plus_the_merged_lora(loaded, assert_shipped_plus_lora):
