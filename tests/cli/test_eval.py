@@ -216,7 +216,7 @@ def test_evaluate_runs_the_callers_task(tiny_models):
     ("dense", ["--no-vqa"], "nothing to evaluate on {dense} (--no-vqa turned VQA off): pass --text FILE"),
     ("dense", ["--vqa-samples", "601"], "--vqa-samples 601 is more than the llava split has (600 held-out questions): "
                                         "pass at most 600"),
-    ("dense", ["--vqa-samples", "0"], "--vqa-samples must be at least 1, got 0"),
+    ("dense", ["--vqa-samples", "0"], "Invalid value for '--vqa-samples'"),
     ("dense", ["--vqa-split", "next"], "leave out --vqa-split"),
     ("pruned", ["--baseline", "{plain}"], "--baseline {plain} is not the llava fixture"),
     ("dense", ["--json", "-q"], "--json takes a file name, or - for stdout; got -q"),
