@@ -25,11 +25,12 @@ def _shorten(names: list[str]) -> list[str]:
 @app.command()
 def inspect(
     plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
-    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory "
-                                                 "(needs matplotlib: pip install 'tamp-fx\\[plot]').")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory, "
+                                                 "created if needed (needs matplotlib: pip install "
+                                                 "'tamp-fx\\[plot]').")] = None,
     html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page (summary and "
                                                  "figures) to this file.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --plot / --html if they exist.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the --html file and figures already in --plot.")] = False,
 ) -> None:
     """Show a plan: per-layer sparsity of every linear; --plot / --html draw its statistics."""
     setup(False)
