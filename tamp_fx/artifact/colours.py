@@ -50,14 +50,16 @@ def sparsity_scale(values: list[float], span: float = 0.1) -> ColourScale:
     vmax = vmin + span
     step = next(t for t in (0.01, 0.02, 0.05, 0.1, 0.2) if span / t <= 6)
     ticks = tuple(round(k * step, 6) for k in range(math.ceil(vmin / step - 1e-9), math.floor(vmax / step + 1e-9) + 1))
-    return ColourScale(vmin, vmax, ticks, "sparsity (share of weights pruned)", "viridis", percent)
+    return ColourScale(vmin, vmax, ticks, "sparsity", "viridis", percent)
 
 
 def difference_scale(values: list[float]) -> ColourScale:
-    """A diverging scale symmetric about 0 (white) for achieved minus target sparsity."""
-    m = max((abs(v) for v in values), default=0.0) or 0.001
-    return ColourScale(-m, m, (-m, -m / 2, 0.0, m / 2, m), "achieved - target sparsity (percentage points)",
-                       "RdBu_r", points)
+    """A diverging scale symmetric about 0 (white) for achieved minus target sparsity, out to the
+    next round number of percentage points (1, 2, 2.5 or 5 times a power of ten) beyond the largest."""
+    largest = max((abs(v) for v in values), default=0.0) or 0.001
+    decade = 10.0 ** math.floor(math.log10(largest))
+    m = next(k * decade for k in (1, 2, 2.5, 5, 10) if k * decade >= largest * (1 - 1e-9))
+    return ColourScale(-m, m, (-m, -m / 2, 0.0, m / 2, m), "achieved - target (pp)", "RdBu_r", points)
 
 
 def token_scale(values: list[float]) -> ColourScale:
@@ -66,5 +68,5 @@ def token_scale(values: list[float]) -> ColourScale:
     low = min((v for v in values if v > 0), default=0.01)
     vmin = max(1e-4, 10.0 ** (math.floor(math.log10(low)) - 1))
     ticks = tuple(10.0 ** k for k in range(round(math.log10(vmin)), 1))
-    return ColourScale(vmin, 1.0, ticks, "share of the modality's tokens selected (log scale)", "magma", percent,
+    return ColourScale(vmin, 1.0, ticks, "tokens selected (log scale)", "magma", percent,
                        log=True)

@@ -166,7 +166,7 @@ def _heat_maps(data: dict[str, Any], panels: list[tuple[str, list[list[float]], 
     """Layer x projection heat maps, one per panel; panels with the same scale share its colour bar."""
     import matplotlib
     fig, axes = _panels(_figure_class(), len(panels), width=max(3.4, 0.55 * len(grid.projections) + 2.0),
-                        height=max(2.4, 0.22 * len(grid.layers) + 1.2), columns=len(panels))
+                        height=max(3.0, 0.22 * len(grid.layers) + 1.6), columns=len(panels))
     annotate = len(grid.layers) * len(grid.projections) <= 120
     shared: dict[int, tuple[ColourScale, Any, list]] = {}
     for ax, (label, table, scale) in zip(axes, panels):
@@ -187,11 +187,11 @@ def _heat_maps(data: dict[str, Any], panels: list[tuple[str, list[list[float]], 
                         ax.text(j, i, scale.fmt(value), ha="center", va="center", fontsize=7,
                                 color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
     for scale, image, scale_axes in shared.values():
-        bar = fig.colorbar(image, ax=scale_axes, shrink=0.9, ticks=list(scale.ticks),
-                           format=lambda x, _, fmt=scale.fmt: fmt(x))
+        bar = fig.colorbar(image, ax=scale_axes, shrink=0.9, ticks=list(scale.ticks),   # a log scale's floor: 0 too
+                           format=lambda x, _, s=scale: ("≤ " if s.log and x <= s.vmin else "") + s.fmt(x))
         bar.set_label(scale.label)
         bar.minorticks_off()
-    fig.suptitle(f"{_title(data)}: {title}")
+    fig.suptitle(f"{_title(data)}:\n{title}")
     return fig
 
 
