@@ -20,6 +20,7 @@ from tamp_fx.config import ALLOCATIONS, METHODS, SCORE_NAMES, TOKEN_NAMES
 from tamp_fx.errors import TampError
 from tamp_fx.prune.semi_structured import FORMATS
 from tamp_fx.runtime.launch import launch_env, lenient
+from tamp_fx.runtime.quiet import quiet_dependencies
 from tamp_fx.write.quantize import QUANTIZERS  # torchao itself is imported only when used
 
 try:
@@ -115,8 +116,7 @@ def setup(verbose: bool) -> None:
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("torchao").setLevel(logging.ERROR)  # it warns about CUDA-only extensions on import
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # and torch about its enums
+    quiet_dependencies()                                  # torchao's and torch's pytree import-time warnings
 
 
 def fail(message: str, code: int = 1, every_rank: bool = False) -> None:

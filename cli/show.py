@@ -28,11 +28,12 @@ def inspect(
     plan_dir: Annotated[Path, typer.Argument(
         help="A directory written by `tamp-fx plan`, or a pruned model written by `tamp-fx apply` (its tamp-fx.json).",
         metavar="PLAN_OR_PRUNED_DIR")],
-    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory "
-                                                 "(needs matplotlib: pip install 'tamp-fx\\[plot]').")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory, "
+                                                 "created if needed (needs matplotlib: pip install "
+                                                 "'tamp-fx\\[plot]').")] = None,
     html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page (summary and "
                                                  "figures) to this file.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace --plot / --html if they exist.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the --html file and figures already in --plot.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan (plan.json), or the pruned model's "
                                                          "tamp-fx.json, as JSON on stdout.")] = False,
 ) -> None:

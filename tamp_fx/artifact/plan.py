@@ -26,12 +26,37 @@ WEIGHTS_FILE = "weights.safetensors"
 #: What ``plan.json``'s per-layer entries record about the run, not the plan: they differ between
 #: two runs of one command (and between placements), everything else is identical.
 RUN_MEASUREMENTS = ("seconds", "peak_host_mib", "peak_device_mib")
+#: ``plan.json``'s record of the run's wall time and its parts (:class:`~tamp_fx.runtime.timing.Stopwatch`).
+TIMING_KEY = "timing"
+#: How :func:`describe_timing` names the parts.
+TIMING_PARTS = {"load": "load", "capture": "capture", "profile": "dense profile", "prune": "prune", "other": "other"}
 
 
 def without_run_measurements(plan_json: dict[str, Any]) -> dict[str, Any]:
-    """``plan_json`` (a parsed ``plan.json``) without :data:`RUN_MEASUREMENTS`."""
+    """``plan_json`` (a parsed ``plan.json``) without :data:`RUN_MEASUREMENTS` and its timing."""
     layers = [{k: v for k, v in layer.items() if k not in RUN_MEASUREMENTS} for layer in plan_json.get("layers", [])]
-    return {**plan_json, "layers": layers}
+    return {**{k: v for k, v in plan_json.items() if k != TIMING_KEY}, "layers": layers}
+
+
+def describe_timing(timing: dict[str, Any] | None) -> str:
+    """``"413.9 s (load 12.0 s, capture 30.1 s, ...)"``, or ``"unknown"`` for a plan that has no record.
+
+    >>> describe_timing({"wall_s": 3.5, "parts_s": {"load": 1.0, "prune": 2.5}})
+    '3.5 s (load 1.0 s, prune 2.5 s)'
+    """
+    if not timing:
+        return "unknown (not recorded by the tamp-fx that made this plan)"
+    parts = ", ".join(f"{TIMING_PARTS.get(k, k)} {v:.1f} s" for k, v in timing.get("parts_s", {}).items())
+    return f"{timing['wall_s']:.1f} s" + (f" ({parts})" if parts else "")
+
+
+def _timing(value: Any) -> dict[str, Any] | None:
+    """plan.json's timing if it is well-formed, else None (unknown): it describes the run, not the plan."""
+    parts = value.get("parts_s", {}) if isinstance(value, dict) else None
+    numbers = isinstance(parts, dict) and all(isinstance(v, (int, float)) for v in [value.get("wall_s"), *parts.values()])
+    return value if numbers else None
+
+
 SHAPES_KEY = "shapes"          # masks.safetensors metadata: JSON {name: [C_out, C_in]}
 
 log = logging.getLogger(__name__)
@@ -73,12 +98,32 @@ class Plan:
     weights: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
     schema_version: int = SCHEMA_VERSION
     path: Path | None = field(default=None, compare=False, repr=False)   # the directory it was loaded from
+    #: how long planning took: ``{"wall_s": s, "parts_s": {"load": s, "capture": s, ...}}``; None if not recorded
+    timing: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.masks, PackedMasks):
             object.__setattr__(self, "masks", PackedMasks(self.masks))
 
+    def __repr__(self) -> str:
+        s = self.summary()
+        layers = len({lp.layer for lp in self.linears.values()})
+        return (f"Plan(method={self.config.method!r}, sparsity: target {self.config.sparsity:.2%}, achieved "
+                f"{s['sparsity']:.2%}, {s['linears']} linears in {layers} layers, "
+                f"model {str(self.model.get('fingerprint') or '?')[:19]}...)")
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """The wall time of planning in seconds, as plan.json records it (None for plans made before it did)."""
+        return self.timing["wall_s"] if self.timing else None
+
+    @property
+    def timing_text(self) -> str:
+        """The wall time of planning and its parts, as ``inspect --html`` shows it (:func:`describe_timing`)."""
+        return describe_timing(self.timing)
+
     def to_json(self) -> dict[str, Any]:
+        timing = {TIMING_KEY: self.timing} if self.timing else {}
         return {
             "schema_version": self.schema_version,
             "method": self.config.method,
@@ -88,6 +133,7 @@ class Plan:
             "summary": self.summary(),
             "layers": self.layers,
             "linears": {name: asdict(lp) for name, lp in self.linears.items()},
+            **timing,
         }
 
     def check_model(self, tensors: Mapping[str, torch.Tensor], where: str | Path) -> None:
@@ -192,7 +238,8 @@ class Plan:
                 raise TampError(f"{directory / WEIGHTS_FILE}: {name} is {weights[name].dtype} of shape "
                                 f"{tuple(weights[name].shape)}, the plan's linear is {lp.shape}: the plan directory is damaged")
             kept[name] = PackedMask(masks[name], tuple(lp.shape))
-        return cls(config, data["model"], linears, data.get("layers", []), kept, weights, path=directory)
+        return cls(config, data["model"], linears, data.get("layers", []), kept, weights, path=directory,
+                   timing=_timing(data.get(TIMING_KEY)))
 
 
 #: A mask's pruned fraction may differ from its entry's ``sparsity`` (rounded to 8 places) by this much.

@@ -5,9 +5,10 @@ Figures (each only when the plan holds its statistics):
 - ``diversity``: the DAS diversity terms (every intra- and inter-modality term, and the
   importance) of each projection type across layers (the paper's Figure 3);
 - ``attention``: the last token's attention mass on each modality across layers (Figure 4);
-- ``sparsity``: target and achieved sparsity of every linear, layer x projection heat maps;
+- ``sparsity``: achieved sparsity of every linear, layer x projection heat maps, and achieved
+  minus target where they differ;
 - ``selected_tokens``: AMIA's (or any token selection's) share of each modality's tokens that
-  it selected, per layer and projection.
+  it selected, per layer and projection, on a log scale (AMIA keeps a few percent).
 
 matplotlib (the ``plot`` extra) is imported only here and only when a figure is drawn; it
 draws on its Agg canvas, so no display is needed.
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tamp_fx.artifact.colours import ColourScale, difference_scale, percent, sparsity_scale, token_scale
+from tamp_fx.artifact.plan import TIMING_KEY, describe_timing
 from tamp_fx.errors import TampError
-from tamp_fx.runtime.output import atomic_directory, atomic_file
+from tamp_fx.runtime.output import atomic_directory, atomic_file, check_output
 
 PLOT_HINT = "drawing figures needs matplotlib: pip install 'tamp-fx[plot]' (or pip install matplotlib)"
 
@@ -159,14 +162,18 @@ def attention_figure(data: dict[str, Any]):
     return fig
 
 
-def _heat_maps(data: dict[str, Any], panels: dict[str, list[list[float]]], grid: Grid, title: str, *,
-               vmin: float, vmax: float, cmap: str):
-    fig, axes = _panels(_figure_class(), len(panels), width=max(3.0, 0.55 * len(grid.projections) + 1.4),
-                        height=max(2.4, 0.22 * len(grid.layers) + 1.2), columns=len(panels))
+def _heat_maps(data: dict[str, Any], panels: list[tuple[str, list[list[float]], ColourScale]], grid: Grid, title: str):
+    """Layer x projection heat maps, one per panel; panels with the same scale share its colour bar."""
+    import matplotlib
+    fig, axes = _panels(_figure_class(), len(panels), width=max(3.4, 0.55 * len(grid.projections) + 2.0),
+                        height=max(3.0, 0.22 * len(grid.layers) + 1.6), columns=len(panels))
     annotate = len(grid.layers) * len(grid.projections) <= 120
-    image = None
-    for ax, (label, table) in zip(axes, panels.items()):
-        image = ax.imshow(table, aspect="auto", vmin=vmin, vmax=vmax, cmap=cmap, interpolation="nearest")  # (L, P)
+    shared: dict[int, tuple[ColourScale, Any, list]] = {}
+    for ax, (label, table, scale) in zip(axes, panels):
+        norm, cmap = scale.norm(), matplotlib.colormaps[scale.cmap]
+        shown = [[max(v, scale.vmin) if scale.log and v == v else v for v in row] for row in table]  # 0 on a log scale
+        image = ax.imshow(shown, aspect="auto", norm=norm, cmap=cmap, interpolation="nearest")  # (L, P)
+        shared.setdefault(id(scale), (scale, image, []))[2].append(ax)
         ax.set_xticks(range(len(grid.projections)), grid.projections, rotation=45, ha="right")
         step = max(1, len(grid.layers) // 16)
         ax.set_yticks(range(0, len(grid.layers), step), grid.layers[::step])
@@ -176,36 +183,56 @@ def _heat_maps(data: dict[str, Any], panels: dict[str, list[list[float]]], grid:
             for i, row in enumerate(table):
                 for j, value in enumerate(row):
                     if value == value:  # not NaN
-                        ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7,
-                                color="black" if value > (vmin + vmax) / 2 else "white")  # both maps run dark to light
-    fig.colorbar(image, ax=list(axes), shrink=0.8, format=lambda x, _: f"{x:.0%}")
-    fig.suptitle(f"{_title(data)}: {title}")
+                        r, g, b, _ = cmap(norm(shown[i][j]))
+                        ax.text(j, i, scale.fmt(value), ha="center", va="center", fontsize=7,
+                                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+    for scale, image, scale_axes in shared.values():
+        bar = fig.colorbar(image, ax=scale_axes, shrink=0.9, ticks=list(scale.ticks),   # a log scale's floor: 0 too
+                           format=lambda x, _, s=scale: ("≤ " if s.log and x <= s.vmin else "") + s.fmt(x))
+        bar.set_label(scale.label)
+        bar.minorticks_off()
+    fig.suptitle(f"{_title(data)}:\n{title}")
     return fig
 
 
+#: Achieved sparsity this close to the target everywhere (in fraction) draws no difference map.
+SAME_AS_TARGET = 0.0005
+
+
+def _finite(table: list[list[float]]) -> list[float]:
+    return [v for row in table for v in row if v == v]
+
+
 def sparsity_figure(data: dict[str, Any]):
-    """Target and achieved sparsity of every linear, as layer x projection heat maps."""
+    """Achieved sparsity of every linear, and where it differs from the target, achieved minus target."""
     grid = Grid.of(data)
     if not grid.cells:
         return None
-    panels = {"target sparsity": grid.values(lambda lp: lp["target_sparsity"]),
-              "achieved sparsity": grid.values(lambda lp: lp["sparsity"])}
-    finite = [v for table in panels.values() for row in table for v in row if v == v]
-    return _heat_maps(data, panels, grid, "sparsity per linear", vmin=min(finite), vmax=max(max(finite), min(finite) + 1e-3),
-                      cmap="viridis")
+    achieved = grid.values(lambda lp: lp["sparsity"])
+    gap = grid.values(lambda lp: lp["sparsity"] - lp["target_sparsity"])
+    same = max(map(abs, _finite(gap))) < SAME_AS_TARGET
+    panels = [(f"achieved sparsity{f' (= target within {100 * SAME_AS_TARGET:g} pp)' if same else ''}", achieved,
+               sparsity_scale(_finite(achieved)))]
+    if not same:
+        panels.append(("achieved - target", gap, difference_scale(_finite(gap))))
+    target = data.get("config", {}).get("sparsity")
+    overall = f"target {percent(target)} overall, " if isinstance(target, (int, float)) else ""
+    return _heat_maps(data, panels, grid, f"sparsity per linear ({overall}"
+                                          f"achieved {data.get('summary', {}).get('sparsity', 0):.2%})")
 
 
 def selected_tokens_figure(data: dict[str, Any]):
-    """The share of each modality's tokens the token selection kept, per layer and projection."""
+    """The share of each modality's tokens the token selection kept, per layer and projection (log scale)."""
     if data.get("parts", {}).get("tokens", "all") == "all":
         return None                                # every token counts: every share is 1
     grid = Grid.of(data)
     modalities = list(dict.fromkeys(m for lp in grid.cells.values() for m in _stat("selected_fraction")(lp) or {}))
     if not modalities:
         return None
-    panels = {f"{m} tokens selected": grid.values(_stat("selected_fraction", m)) for m in modalities}
-    return _heat_maps(data, panels, grid, f"tokens selected ({data['parts']['tokens']})", vmin=0.0, vmax=1.0,
-                      cmap="magma")
+    tables = {m: grid.values(_stat("selected_fraction", m)) for m in modalities}
+    scale = token_scale([v for table in tables.values() for v in _finite(table)])
+    panels = [(f"{m} tokens selected", table, scale) for m, table in tables.items()]
+    return _heat_maps(data, panels, grid, f"tokens selected ({data['parts']['tokens']})")
 
 
 #: figure name -> drawer (None when the plan lacks its statistics)
@@ -232,12 +259,27 @@ def render(data: dict[str, Any], *, dpi: int = 110) -> dict[str, bytes]:
 
 def write_figures(data: dict[str, Any], out_dir: str | Path, *, overwrite: bool = False,
                   protect: tuple[Path, ...] = ()) -> list[Path]:
-    """Write the plan's figures as ``NAME.png`` into ``out_dir`` (created atomically)."""
-    pngs = render(data)
+    """Write the plan's figures as ``NAME.png`` into ``out_dir``: a new directory is created
+    atomically; into an existing one each figure is written atomically beside what is there,
+    replacing a file of the same name only with ``overwrite``."""
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite=overwrite, protect=protect) as tmp:
-        for name, png in pngs.items():
-            (tmp / f"{name}.png").write_bytes(png)
+    if not out_dir.is_dir():
+        check_output(out_dir, overwrite=overwrite, protect=protect)            # before drawing
+        pngs = render(data)
+        with atomic_directory(out_dir, overwrite=overwrite, protect=protect) as tmp:
+            for name, png in pngs.items():
+                (tmp / f"{name}.png").write_bytes(png)
+        return [out_dir / f"{name}.png" for name in pngs]
+    for name in FIGURES:                                                       # inputs, writability
+        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True)
+    pngs = render(data)
+    existing = [f"{name}.png" for name in pngs if (out_dir / f"{name}.png").exists()]
+    if existing and not overwrite:
+        raise TampError(f"{out_dir} already has {', '.join(existing)}: pass --overwrite to replace "
+                        f"{'them' if len(existing) > 1 else 'it'}, or choose another directory")
+    for name, png in pngs.items():
+        with atomic_file(out_dir / f"{name}.png", overwrite=overwrite, protect=protect) as tmp:
+            tmp.write_bytes(png)
     return [out_dir / f"{name}.png" for name in pngs]
 
 
@@ -253,9 +295,11 @@ def _summary_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
             ("model", f"{m.get('source')} ({m.get('architecture')}, {m.get('num_layers')} decoder layers, "
                       f"fingerprint {m.get('fingerprint')})"),
             ("calibration", f"{calibration.get('samples')} samples of {calibration.get('file')}")]
+    rows.append(("planning time", describe_timing(data.get(TIMING_KEY))))
     seconds = [entry["seconds"] for entry in data.get("layers", []) if "seconds" in entry]
     if seconds:
-        rows.append(("planning time", f"{sum(seconds):.1f} s over {len(seconds)} layers (slowest {max(seconds):.2f} s)"))
+        rows.append(("pruning per layer", f"{sum(seconds) / len(seconds):.2f} s mean, {max(seconds):.2f} s slowest, "
+                                          f"over {len(seconds)} layers"))
     host = max((e["peak_host_mib"] for e in data.get("layers", []) if "peak_host_mib" in e), default=None)
     device = max((e["peak_device_mib"] for e in data.get("layers", []) if "peak_device_mib" in e), default=None)
     if host is not None:

@@ -31,6 +31,7 @@ from tamp_fx.pipeline.sequential import LayerResult, layer_structure, profile_la
 from tamp_fx.runtime import distributed
 from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.runtime.progress import Bars
+from tamp_fx.runtime.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,15 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
     GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
     An exported program is planned on the CPU, as stored.
 
+    ``progress``: show progress bars (on stderr) for the capture and the layers; off by default.
+    The plan records how long this took (``Plan.timing``: the wall time and its parts).
+
     Nothing is written: save the result with ``Plan.save``.
 
     Under ``torchrun`` every rank plans on its share of the samples (:mod:`tamp_fx.runtime.distributed`)
     and returns the same plan; save it on rank 0.
     """
+    clock = Stopwatch()
     world = distributed.init_from_env()              # under torchrun: cuda:LOCAL_RANK is the current device
     with distributed.guarded():
         source = resolve_source(model)
@@ -67,7 +72,7 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
         if source.kind == "pt2":
             if device is not None and torch.device(device).type != "cpu" or dtype not in (None, "auto"):
                 raise TampError("an exported program (.pt2) is planned on the CPU in its own dtype: drop --device and --dtype")
-            return _plan_program(source, calib, config, progress)
+            return _plan_program(source, calib, config, progress, clock)
         target = resolve_device(device)
         if world.distributed and target.type == "cuda" and target != world.device:
             raise TampError(f"under torchrun rank {world.rank} computes on {world.device}, not {target}: "
@@ -88,17 +93,19 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
         if n_samples < world.size:
             raise TampError(f"{n_samples} calibration sample(s) for {world.size} processes: every process needs one; "
                             "use more samples or fewer processes")
+    clock.lap("load")
     with Bars(progress and world.rank == 0) as bars:
         with distributed.guarded(), bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance, device=target,
                                         offload=offload_activations)
+        clock.lap("capture")
         if layer_by_layer:
             release(net)                              # the capture parts are done with: keep one layer at a time
         zeroth_order = None
         if ALLOCATORS[config.allocation].needs_zeroth_order:
             zeroth_order = functools.partial(zeroth_order_block_importance, dict(net.named_parameters()), samples,
                                              lm_loss(net, token_ids))
-        results, allocation = _plan_layers(layers, acts, config, bars, LayerExporter(), zeroth_order)
+        results, allocation = _plan_layers(layers, acts, config, bars, LayerExporter(), zeroth_order, clock)
     index = checkpoint_index(source, net)
     model_info = {
         "model_type": net.config.model_type,
@@ -110,23 +117,26 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
         "untouched": list(layout.untouched),
         "calibration": {"file": Path(calib).name, "samples": n_samples},
     }
-    return _assemble(config, model_info, layers, results, allocation, index.key)
+    return _assemble(config, model_info, layers, results, allocation, index.key, clock)
 
 
-def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, progress: bool) -> Plan:
+def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, progress: bool, clock: Stopwatch) -> Plan:
     """Plan an exported program: its decoder layers found by structure (:mod:`tamp_fx.capture.program`)."""
     ep = load_program(source.path)
     samples = load_program_calibration(calib, config.nsamples)
     layout = program_layout(ep, str(source.path))
+    clock.lap("load")
     with Bars(progress) as bars:
         with bars.task("capture decoder inputs", len(samples)) as advance:
             acts = capture_program_inputs(layout, samples, advance)
+        clock.lap("capture")
         zeroth_order = None
         if ALLOCATORS[config.allocation].needs_zeroth_order:
             gm = ep.module()
             zeroth_order = functools.partial(zeroth_order_block_importance, dict(gm.named_parameters()), samples,
                                              program_loss(gm, samples))
-        results, allocation = _plan_layers(ProgramLayers(layout), acts, config, bars, ProgramLayerExporter(), zeroth_order)
+        results, allocation = _plan_layers(ProgramLayers(layout), acts, config, bars, ProgramLayerExporter(),
+                                           zeroth_order, clock)
     model_info = {
         "model_type": "exported_program",
         "architecture": "ExportedProgram",
@@ -137,21 +147,26 @@ def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, pr
         "untouched": [],
         "calibration": {"file": Path(calib).name, "samples": len(samples)},
     }
-    return _assemble(config, model_info, ProgramLayers(layout), results, allocation, lambda name: name)
+    return _assemble(config, model_info, ProgramLayers(layout), results, allocation, lambda name: name, clock)
 
 
 def _plan_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,
-                 zeroth_order: Callable | None) -> tuple[list[LayerResult], Allocation | None]:
+                 zeroth_order: Callable | None, clock: Stopwatch) -> tuple[list[LayerResult], Allocation | None]:
     """The sequential driver over ``layers``: allocate on the dense model, then prune."""
     allocation = _allocate(layers, acts, config, bars, exporter, zeroth_order)
+    if ALLOCATORS[config.allocation].strategy is not None:
+        clock.lap("profile")
     targets = ((lambda i, linears: {w: config.sparsity for w in linears}) if allocation is None
                else (lambda i, linears: {w: allocation.targets[(i, w)] for w in linears}))
-    return prune_layers(layers, acts, config, targets, bars, exporter), allocation
+    results = prune_layers(layers, acts, config, targets, bars, exporter)
+    clock.lap("prune")
+    return results, allocation
 
 
 def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, results: list[LayerResult],
-              allocation: Allocation | None, key: Callable[[str], str]) -> Plan:
-    """The plan of the driver's results; ``key`` maps an in-memory parameter name to its plan key."""
+              allocation: Allocation | None, key: Callable[[str], str], clock: Stopwatch) -> Plan:
+    """The plan of the driver's results; ``key`` maps an in-memory parameter name to its plan key;
+    ``clock`` timed the run since :func:`plan` began."""
     linears, masks, weights, fingerprints = {}, {}, {}, {}
     for result in results:
         for w, d in result.decisions.items():
@@ -167,7 +182,7 @@ def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, resul
                 weights[name] = d.new_weight
     model_info = {"fingerprint": fingerprint_of(fingerprints), **model_info}
     layers_stats = [{"layer": r.index, **r.stats} for r in results]
-    return Plan(config, model_info, linears, layers_stats, masks, weights)
+    return Plan(config, model_info, linears, layers_stats, masks, weights, timing=clock.record())
 
 
 def open_whole(source: ModelSource, device: torch.device, dtype: str | None):

@@ -1,10 +1,11 @@
-"""Progress bars (rich) for the loops over layers and samples; silent when disabled."""
+"""Progress bars (rich, on stderr) for the loops over layers and samples; silent when disabled."""
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Iterator
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -41,7 +42,7 @@ class Bars:
     def __init__(self, enabled: bool = True) -> None:
         self._progress = Progress(TextColumn("{task.description:<28}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TimeRemainingColumn(), ItemColumn(),
-                                  transient=True, disable=not enabled)
+                                  transient=True, disable=not enabled, console=Console(stderr=True))
 
     def __enter__(self) -> Bars:
         self._progress.__enter__()

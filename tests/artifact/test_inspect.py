@@ -177,3 +177,43 @@ def test_inspect_refuses_a_plan_of_another_schema(plans, tmp_path):
     (copy / "plan.json").write_text(json.dumps({**data, "schema_version": 99}))
     r = runner.invoke(app, ["inspect", str(copy), "--html", str(tmp_path / "r.html")])
     assert r.exit_code == 1 and "schema_version 99" in r.output and not (tmp_path / "r.html").exists()
+
+
+def test_html_planning_time_is_the_recorded_wall_time(plans, tmp_path):
+    import html
+    import shutil
+    plan = Plan.load(plans("tamp"))
+    assert plan.wall_seconds > 0 and "dense profile" in plan.timing_text    # tamp: das allocation profiles first
+    r = runner.invoke(app, ["inspect", str(plans("tamp")), "--html", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    row = re.search(r"<th>planning time</th><td>(.*?)</td>", (tmp_path / "r.html").read_text()).group(1)
+    assert row == html.escape(plan.timing_text) and row.startswith(f"{plan.wall_seconds:.1f} s (")
+    old = tmp_path / "old"                                  # a plan.json written before timing was recorded
+    shutil.copytree(plans("tamp"), old)
+    data = json.loads((old / "plan.json").read_text())
+    del data["timing"]
+    (old / "plan.json").write_text(json.dumps(data))
+    assert Plan.load(old).wall_seconds is None
+    r = runner.invoke(app, ["inspect", str(old), "--html", str(tmp_path / "old.html")])
+    assert r.exit_code == 0 and "<th>planning time</th><td>unknown" in (tmp_path / "old.html").read_text()
+
+
+def test_plot_into_an_existing_directory_writes_the_figures_and_prints_the_table(plans, tmp_path):
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "notes.txt").write_text("mine")
+    args = ["inspect", str(plans("wanda")), "--plot", str(figures)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "layer total" in r.stdout                     # the table
+    assert {p.name for p in figures.iterdir()} == {"notes.txt", *(f"{n}.png" for n in _expected_figures("wanda"))}
+    before = (figures / "sparsity.png").stat().st_mtime_ns
+    r = runner.invoke(app, args)                         # the figures are there: refused in one line, table shown
+    assert r.exit_code == 1 and "layer total" in r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "--overwrite" in errors[0] and "sparsity.png" in errors[0]
+    assert (figures / "sparsity.png").stat().st_mtime_ns == before
+    r = runner.invoke(app, [*args, "--overwrite"])
+    assert r.exit_code == 0 and "layer total" in r.stdout
+    assert (figures / "sparsity.png").stat().st_mtime_ns != before and (figures / "notes.txt").read_text() == "mine"
+    assert not list(tmp_path.rglob(".*tmp-*"))          # no temporary left beside the figures

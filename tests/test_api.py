@@ -1,0 +1,73 @@
+"""The Python API as a first-time user meets it: a plan that prints in a line, progress bars on
+request, a record of how long planning took, and no warnings of tamp-fx's dependencies."""
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+
+import tamp_fx
+
+CONFIG = tamp_fx.PlanConfig(method="wanda", sparsity=0.5, nsamples=2)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return tiny_models("llama")
+
+
+@pytest.fixture(scope="module")
+def plan(llama):
+    return tamp_fx.plan(llama, llama / "calib.jsonl", CONFIG)
+
+
+def test_a_plan_prints_in_one_short_line(plan):
+    text = repr(plan)
+    assert len(text) < 300 and "\n" not in text
+    assert "'wanda'" in text and f"{len(plan.linears)} linears" in text
+    assert plan.model["fingerprint"][:19] in text
+
+
+def test_a_plan_records_its_wall_time_and_parts(plan, tmp_path):
+    parts = plan.timing["parts_s"]
+    assert {"load", "capture", "prune"} <= parts.keys() and "profile" not in parts   # wanda: no dense profile
+    assert plan.wall_seconds > 0 and sum(parts.values()) == pytest.approx(plan.wall_seconds, abs=0.01)
+    again = tamp_fx.Plan.load(plan.save(tmp_path / "p"))
+    assert again.timing == plan.timing and again.timing_text == plan.timing_text
+    assert plan.timing_text.startswith(f"{plan.wall_seconds:.1f} s (load ")
+
+
+def test_progress_bars_only_on_request(llama, capsys, monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")      # draw as on a terminal, though pytest captures stderr
+    tamp_fx.plan(llama, llama / "calib.jsonl", CONFIG)
+    assert capsys.readouterr().err == ""           # the library's default: silent
+    tamp_fx.plan(llama, llama / "calib.jsonl", CONFIG, progress=True)
+    captured = capsys.readouterr()
+    assert "layers" in captured.err and captured.out == ""
+
+
+def test_apply_takes_the_plan_as_plan():
+    assert list(inspect.signature(tamp_fx.apply).parameters)[:3] == ["model", "plan", "out"]
+
+
+_SCRIPT = """
+import logging, sys, warnings
+import tamp_fx
+tamp_fx.plan(sys.argv[1], sys.argv[1] + "/calib.jsonl", tamp_fx.PlanConfig(method="wanda", nsamples=2))
+import torchao  # noqa: F401 - imported by the user after planning: still no noise
+logging.getLogger("mine").warning("my own log warning")
+warnings.warn("my own warning")
+"""
+
+
+def test_planning_shows_no_dependency_warnings_but_the_users_own(llama):
+    """In a fresh interpreter, as torchao warns once, on import."""
+    pytest.importorskip("torchao")
+    result = subprocess.run([sys.executable, "-c", _SCRIPT, str(llama)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "my own log warning" in result.stderr and "my own warning" in result.stderr
+    noise = [line for line in lines if any(word in line for word in ("torchao", "pytree", "Enum", "cpp extensions"))]
+    assert not noise, result.stderr
