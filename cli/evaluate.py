@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tamp_fx.cli.app import Device, Dtype, Quiet, app, choices, fail, out_console, setup, user_errors
+from tamp_fx.cli.app import Device, Dtype, Quiet, Verbose, app, choices, fail, out_console, setup, user_errors
 from tamp_fx.testbeds.vqa import SPLITS
 
 VqaSplit = choices("VqaSplit", SPLITS)
@@ -29,9 +29,10 @@ def evaluate(
     device: Device = None,
     dtype: Dtype = None,
     quiet: Quiet = False,
+    verbose: Verbose = False,
 ) -> None:
     """VQA accuracy of MODEL (per task and overall) and its perplexity on --text."""
-    setup(False)
+    setup(verbose)
 
     with user_errors():
         from tamp_fx.evaluate import evaluate as run_eval
