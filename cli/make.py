@@ -10,10 +10,13 @@ import typer
 
 from tamp_fx.allocate.strategies import ALLOCATORS
 from tamp_fx.cli.app import (
+    COMPUTE,
     Allocation,
     Device,
     Dtype,
     Format,
+    Log,
+    LogFormat,
     Method,
     NSamples,
     Overwrite,
@@ -26,61 +29,71 @@ from tamp_fx.cli.app import (
     Verbose,
     app,
     console,
+    done,
     fraction,
+    next_steps,
     positive,
     process_group,
+    quote,
     setup,
     user_errors,
 )
+from tamp_fx.config import ALLOCATIONS, METHODS, SCORE_NAMES, TOKEN_NAMES
+
+METHOD, PARTS = "Method", "A method's parts"        # plan's options, grouped in --help
+WRITE_PLAN = "write plan"                           # the last phase of the plan's progress
 
 
 @app.command()
 def plan(
-    model: Annotated[Path, typer.Argument(help="Hugging Face model directory, .gguf file, or .pt2 exported program.")],
-    calib: Annotated[Path, typer.Option(help="Calibration data: a text file, or LLaVA-style .json/.jsonl conversations; "
-                                             "for a .pt2 program its inputs (.safetensors, e.g. from `tamp-fx export`).")],
-    out: Annotated[Path, typer.Option(help="Directory to write plan.json and masks.safetensors to.")],
-    method: Annotated[Method, typer.Option(
-        help="Pruning method: a shortcut for allocation + score + tokens (tamp = das + wanda + amia). Best measured "
-             "on fixture 2 (README, 'Which method'): sparsegpt where a Hessian per linear fits (das-sparsegpt-atv "
-             "ties it), wanda-atv where it does not.")] = Method.wanda,
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model directory, .gguf file or "
+                                                                ".pt2 program.")],
+    calib: Annotated[Path, typer.Option(help="Calibration data: .txt, LLaVA-style .json/.jsonl conversations, or "
+                                             ".safetensors inputs for a .pt2 program.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the plan to.")],
+    method: Annotated[Method, typer.Option(metavar="NAME", help=f"{', '.join(METHODS)}.", rich_help_panel=METHOD)
+                      ] = Method.wanda,
     sparsity: Annotated[Optional[float], typer.Option(
         callback=fraction,
-        help="Target sparsity of the decoder linears (overall), in [0, 1). Default 0.5; with --pattern, "
-             "N/M under uniform allocation and min(0.5, N/M) otherwise.", show_default=False)] = None,
+        help="Fraction of the decoder's linear weights to prune, in [0, 1) (default: 0.5; N/M with --pattern "
+             "under uniform allocation).",
+        show_default=False, rich_help_panel=METHOD)] = None,
     pattern: Annotated[Optional[str], typer.Option(
-        help="N:M sparsity such as 2:4: N zeros in every M consecutive input weights of each row. With uniform "
-             "allocation every linear is N:M and the sparsity is N/M, whatever --sparsity says; with any other "
-             "allocation each linear is dense or N:M, the least important made N:M until --sparsity "
-             "(at most N/M) is met overall.")] = None,
-    allocation: Annotated[Optional[Allocation], typer.Option(help="Override the method's sparsity allocation.")] = None,
-    score: Annotated[Optional[Score], typer.Option(help="Override the method's weight score.")] = None,
-    tokens: Annotated[Optional[Tokens], typer.Option(help="Override the method's token selection.")] = None,
+        metavar="N:M", help="N zeros in every M consecutive input weights, e.g. 2:4.", rich_help_panel=METHOD)] = None,
+    allocation: Annotated[Optional[Allocation], typer.Option(
+        metavar="NAME", help=f"Instead of the method's: {', '.join(ALLOCATIONS)}.", rich_help_panel=PARTS)] = None,
+    score: Annotated[Optional[Score], typer.Option(
+        metavar="NAME", help=f"Instead of the method's: {', '.join(SCORE_NAMES)}.", rich_help_panel=PARTS)] = None,
+    tokens: Annotated[Optional[Tokens], typer.Option(
+        metavar="NAME", help=f"Instead of the method's: {', '.join(TOKEN_NAMES)}.", rich_help_panel=PARTS)] = None,
     atv_alpha: Annotated[float, typer.Option(
         callback=positive,
-        help="--tokens atv: image tokens kept per text token, as a multiple of the layer's mean change.")] = 1.0,
+        help="atv: image tokens kept per text token, x the layer's mean change.", rich_help_panel=PARTS)] = 1.0,
     max_sparsity_delta: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="DAS / ECoFLaP: no group sparser than sparsity + this.")] = 0.1,
+        min=0.0, max=1.0, help="das, ecoflap: no group sparser than --sparsity + this.", rich_help_panel=PARTS)] = 0.1,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 512,
     seed: Seed = 0,
     device: Device = None,
     dtype: Dtype = None,
     offload_activations: Annotated[bool, typer.Option(
-        help="Keep the calibration activations in host memory (pinned on CUDA) and move them to --device a sample "
-             "at a time, for GPUs smaller than the activations.")] = False,
+        "--offload-activations", help="Keep the activations in host memory (a GPU too small for them).",
+        rich_help_panel=COMPUTE)] = False,
     layer_by_layer: Annotated[bool, typer.Option(
-        "--layer-by-layer/--whole-model",
-        help="Read each decoder layer from the safetensors shards when it is planned (the model is built on the meta "
-             "device; memory holds the embeddings, towers and projector, one decoder layer and the activations), or "
-             "load the model whole. A GGUF file and --allocation ecoflap always load whole (GGUF is de-quantized).")
-    ] = True,
+        "--layer-by-layer/--whole-model", help="Read one decoder layer at a time, or load the model whole.",
+        rich_help_panel=COMPUTE)] = True,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    log_format: Log = LogFormat.auto,
 ) -> None:
-    """Calibrate MODEL on --calib and save a pruning plan to --out."""
-    setup(verbose)
+    """Calibrate MODEL on --calib and save a pruning plan to --out.
+
+    A method is a shortcut for an allocation, a score and a token selection (tamp: das, wanda, amia).
+
+    Best measured on fixture 2: sparsegpt where a Hessian per linear fits in memory, else wanda-atv.
+    """
+    setup(verbose, log_format)
 
     with process_group() as world, user_errors():
         import tamp_fx
@@ -88,6 +101,7 @@ def plan(
         from tamp_fx.load.source import resolve_source
         from tamp_fx.runtime import distributed
         from tamp_fx.runtime.output import check_output
+        from tamp_fx.runtime.progress import Bars
         with distributed.guarded():                      # under torchrun: one line for what every rank refuses
             config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
                                         seqlen=seqlen, seed=seed, allocation=allocation.value if allocation else None,
@@ -96,45 +110,53 @@ def plan(
             source = resolve_source(model)                # once for the command
             protect = plan_inputs(source, calib)
             check_output(out, overwrite=overwrite, protect=protect)
-        start = time.perf_counter()
         whole_only = source.kind == "gguf" or ALLOCATORS[config.allocation].needs_zeroth_order
-        result = tamp_fx.plan(source, calib, config, progress=not quiet, device=device, dtype=dtype,
-                              offload_activations=offload_activations,
-                              layer_by_layer=None if layer_by_layer and whole_only else layer_by_layer)
-        with distributed.guarded():                      # every rank learns whether rank 0 wrote it
-            if world.rank == 0:
-                result.save(out, overwrite=overwrite, protect=protect)
+        with Bars(not quiet and world.rank == 0) as bars:
+            bars.expect(WRITE_PLAN, 1.0)                  # about one pass of the samples through a layer
+            result = tamp_fx.plan(source, calib, config, progress=bars, device=device, dtype=dtype,
+                                  offload_activations=offload_activations,
+                                  layer_by_layer=None if layer_by_layer and whole_only else layer_by_layer)
+            with distributed.guarded():                  # every rank learns whether rank 0 wrote it
+                if world.rank == 0:
+                    with bars.task(WRITE_PLAN, 1) as advance:
+                        result.save(out, overwrite=overwrite, protect=protect)
+                        advance()
         if world.rank:
             return
         s = result.summary()
-        console.print(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}"
-                      f"{', ' + config.pattern if config.pattern else ''}): "
-                      f"planned {s['linears']} linears, {s['sparsity']:.2%} of {s['parameters']:,} parameters "
-                      f"pruned, in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
+        done(f"{config.method} ({config.allocation} + {config.score} + {config.tokens}"
+             f"{', ' + config.pattern if config.pattern else ''}): planned {s['linears']} linears "
+             f"in {result.wall_seconds:.1f} s",        # the plan's own record, as `inspect --html` shows it
+             f"pruned {s['sparsity']:.2%} of {s['parameters']:,} decoder parameters",
+             f"plan written to {out}",
+             *next_steps(f"tamp-fx inspect {quote(out)}", f"tamp-fx apply {quote(model)} {quote(out)} --out pruned/"))
 
 
 @app.command()
 def apply(
-    model: Annotated[Path, typer.Argument(help="The model the plan was made for: Hugging Face directory, .gguf or .pt2.")],
-    plan_dir: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
-    out: Annotated[Path, typer.Option(help="Directory to write the pruned model to (a .pt2 file for a .pt2 model).")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="The model the plan was made for.")],
+    plan_dir: Annotated[Path, typer.Argument(metavar="PLAN", help="A directory written by `tamp-fx plan`.")],
+    out: Annotated[Path, typer.Option(help="Directory to write the pruned model to (a .pt2 file for a .pt2).")],
     quantize: Annotated[Optional[Quantize], typer.Option(
-        help="Also quantize with torchao (pip install --no-deps torchao==0.18.0). int8-weight: the pruned decoder "
-             "linears of a Hugging Face / GGUF model, int8 weight-only, loadable with from_pretrained. pt2e-x86: a "
-             ".pt2 program, PT2E static int8 (X86InductorQuantizer) calibrated on --calib.")] = None,
-    calib: Annotated[Optional[Path], typer.Option(
-        help="Calibration inputs (.safetensors) for --quantize pt2e-x86 of a .pt2 program.")] = None,
+        metavar="NAME", help="Also quantize with torchao: int8-weight (Hugging Face, GGUF) or pt2e-x86 (.pt2).")
+    ] = None,
+    calib: Annotated[Optional[Path], typer.Option(help="Calibration inputs (.safetensors) for pt2e-x86.")] = None,
     format: Annotated[Format, typer.Option(
-        help="dense: as the input. semi-structured: a 2:4 plan (--pattern 2:4) written in bfloat16 with its 2:4 "
-             "linears listed in semi_structured.json; tamp_fx.prune.semi_structured.load runs them with the 2:4 sparse "
-             "kernels of a CUDA GPU (sm80+), from_pretrained loads it dense.")] = Format.dense,
+        metavar="NAME", help="dense, or semi-structured: a 2:4 plan for the 2:4 kernels of CUDA GPUs.")
+    ] = Format.dense,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    log_format: Log = LogFormat.auto,
 ) -> None:
-    """Apply a plan to MODEL and save a pruned model that loads like the original, with tamp-fx.json and a model
-    card (README.md) saying how it was pruned (`tamp-fx inspect OUT` prints it)."""
-    setup(verbose)
+    """Apply a plan to MODEL and save a pruned model that loads like the original, with tamp-fx.json and a
+    model card (README.md) saying how it was pruned (`tamp-fx inspect OUT` prints it).
+
+    --quantize needs torchao: pip install --no-deps torchao==0.18.0.
+
+    --format semi-structured writes bfloat16; tamp_fx.prune.semi_structured.load runs it on a CUDA GPU.
+    """
+    setup(verbose, log_format)
 
     with user_errors():
         import tamp_fx
@@ -145,19 +167,21 @@ def apply(
         tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib,
                       format=format.value, command=["tamp-fx", *sys.argv[1:]])
         semi = format.value == "semi-structured"
-        console.print(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''}"
-                      f"{', 2:4 semi-structured (bfloat16),' if semi else ''} "
-                      f"in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
         problem = cuda_problem() if semi else None
         if problem:
             console.print(f"note: {out} is written, but its 2:4 kernels run only on a CUDA GPU (sm80+) via "
                           f"tamp_fx.prune.semi_structured.load ({problem}); from_pretrained loads it dense",
                           highlight=False, soft_wrap=True)
+        program = model.suffix == ".pt2"                 # eval takes Hugging Face and GGUF models
+        done(f"applied {len(plan_.linears)} masks{f', quantized {scheme},' if scheme else ''}"
+             f"{', 2:4 semi-structured (bfloat16),' if semi else ''} in {time.perf_counter() - start:.1f} s",
+             f"pruned model written to {out}",
+             *([] if program else next_steps(f"tamp-fx eval {quote(out)} --text FILE.txt")))
 
 
 @app.command()
 def export(
-    model: Annotated[Path, typer.Argument(help="Hugging Face model directory or .gguf file.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Hugging Face model directory or .gguf file.")],
     calib: Annotated[Path, typer.Option(help="Calibration data, as for `tamp-fx plan`.")],
     out: Annotated[Path, typer.Option(help="The .pt2 file to write the language decoder to.")],
     calib_out: Annotated[Path, typer.Option(help="The .safetensors file to write its calibration inputs to.")],
@@ -167,32 +191,38 @@ def export(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
+    log_format: Log = LogFormat.auto,
 ) -> None:
-    """Write the language decoder of MODEL as an exported program (inputs_embeds -> logits) and the
-    inputs the full model gives it on --calib (image / audio tokens embedded, modality labels kept),
-    for `tamp-fx plan model.pt2 --calib inputs.safetensors`."""
-    setup(verbose)
+    """Write MODEL's language decoder as a .pt2 program, and its inputs on --calib for `tamp-fx plan`.
+
+    The program maps inputs_embeds to logits; the inputs keep image/audio tokens embedded and modality labels.
+    """
+    setup(verbose, log_format)
 
     with user_errors():
         from tamp_fx.write.export import export_decoder
         start = time.perf_counter()
         result = export_decoder(model, calib, out, calib_out, nsamples=nsamples, seqlen=seqlen, seed=seed,
                                 overwrite=overwrite, progress=not quiet)
-        console.print(f"exported the language decoder to {result.program} and {result.samples} calibration inputs "
-                      f"to {result.calibration} in {time.perf_counter() - start:.1f} s", highlight=False)
+        done(f"exported the language decoder and {result.samples} calibration inputs "
+             f"in {result.wall_seconds:.1f} s",        # the plan's own record, as `inspect --html` shows it
+             f"program written to {result.program}", f"inputs written to {result.calibration}",
+             *next_steps(f"tamp-fx plan {quote(result.program)} --calib {quote(result.calibration)} --out plan/"))
 
 
 @app.command()
 def convert(
-    model: Annotated[Path, typer.Argument(help="A .gguf file.")],
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="A .gguf file.")],
     out: Annotated[Path, typer.Option(help="Directory to write the Hugging Face model to.")],
     overwrite: Overwrite = False,
+    verbose: Verbose = False,
 ) -> None:
     """Convert a GGUF model to a Hugging Face directory (de-quantized), which loads faster."""
-    setup(False)
+    setup(verbose)
 
     with user_errors():
         import tamp_fx
         start = time.perf_counter()
         tamp_fx.convert(model, out, overwrite=overwrite)
-        console.print(f"converted {model.name} in {time.perf_counter() - start:.1f} s -> {out}", highlight=False)
+        done(f"converted {model.name} in {time.perf_counter() - start:.1f} s", f"model written to {out}",
+             *next_steps(f"tamp-fx plan {quote(out)} --calib FILE --out plan/"))

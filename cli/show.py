@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tamp_fx.cli.app import app, console, out_console, setup, user_errors
+from tamp_fx.cli.app import Json, Verbose, app, console, out_console, setup, user_errors
 
 
 def _shorten(names: list[str]) -> list[str]:
@@ -26,20 +26,21 @@ def _shorten(names: list[str]) -> list[str]:
 @app.command()
 def inspect(
     plan_dir: Annotated[Path, typer.Argument(
-        help="A directory written by `tamp-fx plan`, or a pruned model written by `tamp-fx apply` (its tamp-fx.json).",
-        metavar="PLAN_OR_PRUNED_DIR")],
-    plot: Annotated[Optional[Path], typer.Option(help="Also write the plan's figures (PNG) into this directory, "
-                                                 "created if needed (needs matplotlib: pip install "
-                                                 "'tamp-fx\\[plot]').")] = None,
-    html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page (summary and "
-                                                 "figures) to this file.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the --html file and figures already in --plot.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan (plan.json), or the pruned model's "
-                                                         "tamp-fx.json, as JSON on stdout.")] = False,
+        metavar="PLAN", help="A directory written by `tamp-fx plan`, or a pruned model (its tamp-fx.json).")],
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the plan's figures (PNG) into this directory "
+                                                 "(needs matplotlib).")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Also write one self-contained HTML page to this file.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --html and figures already in --plot.")] = False,
+    as_json: Json = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table (with --plot / --html).")] = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Show a plan (per-layer sparsity of every linear; --plot / --html draw its statistics), or how a pruned model
-    was made: method, sparsity planned and written, structure, calibration, fingerprint, command."""
-    setup(False)
+    """Show a plan: per-layer sparsity of every linear; --plot / --html draw its statistics. Or show how a pruned
+    model was made (method, sparsity, structure, calibration, fingerprint, command).
+
+    --plot needs matplotlib: pip install 'tamp-fx\\[plot]'.
+    """
+    setup(verbose)
 
     with user_errors():
         from tamp_fx.artifact import report
@@ -57,24 +58,32 @@ def inspect(
             _show_pruned(plan_dir, as_json)
             return
         data = Plan.load(plan_dir).to_json()          # the whole plan checked against itself (one line if damaged)
-        if as_json:
-            out_console.print_json(json.dumps(data))
-            return
         grid = report.Grid.of(data)
         s = data["summary"]
-        pattern = f" ({data['config']['pattern']})" if data["config"].get("pattern") else ""
-        table = Table(title=f"{data['method']}{pattern} plan for {data['model'].get('source')}: "
-                            f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
-        table.add_column("layer", justify="right")
-        for p in _shorten(grid.projections):
-            table.add_column(p, justify="right")
-        table.add_column("layer total", justify="right", style="bold")
+        rows = {}                                      # layer -> ({projection: sparsity or None}, layer total)
         for layer in grid.layers:
-            cells = [grid.cells.get((layer, p)) for p in grid.projections]
-            sizes = [(lp["shape"][0] * lp["shape"][1], lp["sparsity"]) for lp in cells if lp]
-            total = sum(n * sp for n, sp in sizes) / sum(n for n, _ in sizes)
-            table.add_row(str(layer), *(f"{lp['sparsity']:.1%}" if lp else "-" for lp in cells), f"{total:.1%}")
-        out_console.print(table)
+            cells = {p: grid.cells.get((layer, p)) for p in grid.projections}
+            sizes = [(lp["shape"][0] * lp["shape"][1], lp["sparsity"]) for lp in cells.values() if lp]
+            rows[layer] = ({p: lp and lp["sparsity"] for p, lp in cells.items()},
+                           sum(n * sp for n, sp in sizes) / sum(n for n, _ in sizes))
+        if as_json:
+            out_console.print_json(json.dumps({
+                "plan": str(plan_dir), "method": data["method"], "pattern": data["config"].get("pattern"),
+                "model": data["model"].get("source"), "sparsity": s["sparsity"], "parameters": s["parameters"],
+                "layers": [{"layer": layer, "sparsity": total,
+                            "linears": {p: v for p, v in cells.items() if v is not None}}
+                           for layer, (cells, total) in rows.items()]}))
+        elif not quiet:
+            pattern = f" ({data['config']['pattern']})" if data["config"].get("pattern") else ""
+            table = Table(title=f"{data['method']}{pattern} plan for {data['model'].get('source')}: "
+                                f"{s['sparsity']:.2%} of {s['parameters']:,} parameters pruned")
+            table.add_column("layer", justify="right")
+            for p in _shorten(grid.projections):
+                table.add_column(p, justify="right")
+            table.add_column("layer total", justify="right", style="bold")
+            for layer, (cells, total) in rows.items():
+                table.add_row(str(layer), *("-" if v is None else f"{v:.1%}" for v in cells.values()), f"{total:.1%}")
+            out_console.print(table)
         protect = (plan_dir.resolve(),)
         if plot is not None:
             written = report.write_figures(data, plot, overwrite=overwrite, protect=protect)
@@ -98,14 +107,14 @@ def _show_pruned(directory: Path, as_json: bool) -> None:
 
 @app.command()
 def diff(
-    plan_a: Annotated[Path, typer.Argument(help="A directory written by `tamp-fx plan`.")],
-    plan_b: Annotated[Path, typer.Argument(help="Another plan of the same model.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON on stdout.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Compare plans made for different models (their model "
-                                        "fingerprints differ) if they prune the same linears; a banner says so.")] = False,
+    plan_a: Annotated[Path, typer.Argument(metavar="PLAN_A", help="A directory written by `tamp-fx plan`.")],
+    plan_b: Annotated[Path, typer.Argument(metavar="PLAN_B", help="Another plan of the same model.")],
+    as_json: Json = False,
+    force: Annotated[bool, typer.Option("--force", help="Compare plans of different models (a banner says so).")] = False,
+    verbose: Verbose = False,
 ) -> None:
     """Compare two plans of one model: per linear the sparsity of each and the Jaccard index of their kept weights."""
-    setup(False)
+    setup(verbose)
 
     with user_errors():
         import tamp_fx

@@ -8,7 +8,21 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tamp_fx.cli.app import Overwrite, Quiet, app, choices, console, out_console, setup, user_errors
+from tamp_fx.cli.app import (
+    Log,
+    LogFormat,
+    Overwrite,
+    Quiet,
+    Verbose,
+    app,
+    choices,
+    done,
+    next_steps,
+    out_console,
+    quote,
+    setup,
+    user_errors,
+)
 from tamp_fx.testbeds.fixtures import FIXTURES
 
 FixtureKind = choices("FixtureKind", FIXTURES.names())
@@ -20,13 +34,16 @@ def fixture(
     calib_out: Annotated[Optional[Path], typer.Option(help="Also write calibration conversations (calib.jsonl + "
                                                       "images/) from the training distribution here.")] = None,
     conversations: Annotated[int, typer.Option(min=1, help="How many conversations --calib-out gets.")] = 128,
-    kind: Annotated[FixtureKind, typer.Option(help="llava: fixture 1 (LLaVA, 16 image tokens, question-answer "
-                                              "calibration); next: fixture 2 (LLaVA-NeXT, anyres, 88 image tokens, "
-                                              "ShareGPT4V-style calibration).")] = FixtureKind.llava,
+    kind: Annotated[FixtureKind, typer.Option(help="llava: fixture 1 (LLaVA, 16 image tokens); next: fixture 2 "
+                                                   "(LLaVA-NeXT, 88 image tokens).")] = FixtureKind.llava,
     overwrite: Overwrite = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Assemble a multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA."""
-    setup(False)
+    """Assemble a multimodal fixture: SmolLM2-135M-Instruct + the committed vision tower, projector and LoRA.
+
+    Fixture 1 is calibrated on question-answer conversations, fixture 2 on ShareGPT4V-style descriptions.
+    """
+    setup(verbose)
 
     with user_errors():
         from tamp_fx.runtime.output import check_output
@@ -36,23 +53,27 @@ def fixture(
             check_output(calib_out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, out))
         start = time.perf_counter()
         chosen.model.build_fixture(out, overwrite=overwrite)
-        console.print(f"fixture written to {out} in {time.perf_counter() - start:.1f} s", highlight=False)
+        lines, calib = [f"fixture written to {out} in {time.perf_counter() - start:.1f} s"], "FILE"
         if calib_out is not None:
             path = chosen.data.write_conversations(calib_out, conversations, overwrite=overwrite)
-            console.print(f"{conversations} calibration conversations written to {path}", highlight=False)
+            lines.append(f"{conversations} calibration conversations written to {path}")
+            calib = quote(path)
+        done(*lines, *next_steps(f"tamp-fx plan {quote(out)} --calib {calib} --out plan/"))
 
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes its models and plan.")] = Path("demo-out"),
+    out: Annotated[Path, typer.Option(help="Directory for the demo's models and plan.")] = Path("demo-out"),
     quiet: Quiet = False,
+    verbose: Verbose = False,
+    log_format: Log = LogFormat.auto,
 ) -> None:
     """Prune the multimodal fixture with TAMP at 50%; compare VQA and perplexity before and after."""
-    setup(False)
+    setup(verbose, log_format)
 
     with user_errors():
         from tamp_fx.testbeds.demo import EVAL_TEXT, run_demo
-        r = run_demo(workdir, progress=not quiet)
+        r = run_demo(out, progress=not quiet)
         c, d, p = r.config, r.dense, r.pruned
         table = Table(title=f"fixture (SmolLM2-135M-Instruct + trained SigLIP tower), {c.method} at {c.sparsity:.0%}, "
                             f"calibrated on {c.nsamples} conversations")
@@ -71,8 +92,8 @@ def demo(
                           f"dense: {e.dense.strip()!r}  pruned: {e.pruned.strip()!r}", highlight=False)
         out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
                           + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
-        out_console.print(f"outputs in {r.workdir}/ (try `tamp-fx inspect {r.workdir}/plan "
-                          f"--html {r.workdir}/plan.html`)", highlight=False)
+        done(f"outputs written to {r.workdir}", *next_steps(f"tamp-fx inspect {quote(r.workdir / 'plan')} --html "
+                                                              f"{quote(r.workdir / 'plan.html')}"))
 
 
 def _half_blocks(image, step: int = 2):

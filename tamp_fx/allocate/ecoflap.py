@@ -36,6 +36,9 @@ def lm_targets(sample: Mapping[str, torch.Tensor], token_ids) -> torch.Tensor:
     return labels
 
 
+#: the progress task of the zeroth-order pass (a phase of the plan, :class:`~tamp_fx.runtime.progress.Bars`)
+ZEROTH_ORDER = "ecoflap: zeroth-order"
+
 #: The loss of one calibration sample with some parameters replaced: (sample, {name: tensor}) -> loss.
 Loss = Callable[[Any, Mapping[str, torch.Tensor]], float]
 
@@ -62,7 +65,7 @@ def zeroth_order_block_importance(params: Mapping[str, torch.Tensor], samples: S
     names = [n for members in blocks.values() for n in members]
     block_of = {n: b for b, members in blocks.items() for n in members}
     terms = SampleSums()                                  # per sample: c * (theta_b . z_b) per block
-    with distributed.guarded(), bars.task("ecoflap: zeroth-order", len(samples)) as advance:
+    with distributed.guarded(), bars.task(ZEROTH_ORDER, len(samples)) as advance:
         for index, sample in zip(distributed.sample_indices(len(samples)), samples):
             generator = torch.Generator().manual_seed(distributed.sample_seed(seed, index))
             z = {n: torch.randn(params[n].shape, generator=generator, dtype=params[n].dtype).to(params[n].device)

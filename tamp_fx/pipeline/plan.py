@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tamp_fx.allocate.ecoflap import lm_loss, program_loss, zeroth_order_block_importance
+from tamp_fx.allocate.ecoflap import ZEROTH_ORDER, lm_loss, program_loss, zeroth_order_block_importance
 from tamp_fx.allocate.strategies import ALLOCATORS, Allocation
 from tamp_fx.artifact.plan import LinearPlan, Plan
 from tamp_fx.calibrate.program import load_program_calibration
@@ -27,7 +27,15 @@ from tamp_fx.load.checkpoint import checkpoint_dtype, checkpoint_index, material
 from tamp_fx.load.fingerprint import fingerprint_of
 from tamp_fx.load.program import load_program
 from tamp_fx.load.source import ModelSource, load_model, load_processor, resolve_source
-from tamp_fx.pipeline.sequential import LayerResult, layer_structure, profile_layers, prune_layers
+from tamp_fx.pipeline.sequential import (
+    PROFILE,
+    PRUNE,
+    LayerResult,
+    layer_structure,
+    profile_layers,
+    prune_cost,
+    prune_layers,
+)
 from tamp_fx.runtime import distributed
 from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.runtime.progress import Bars
@@ -35,8 +43,11 @@ from tamp_fx.runtime.timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
+CAPTURE = "capture decoder inputs"          # a phase's progress task (:class:`~tamp_fx.runtime.progress.Bars`)
 
-def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig = PlanConfig(), *, progress: bool = False,
+
+def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig = PlanConfig(), *,
+         progress: bool | Bars = False,
          device: str | torch.device | None = None, dtype: str | None = None, offload_activations: bool = False,
          layer_by_layer: bool | None = None) -> Plan:
     """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
@@ -55,7 +66,8 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
     GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
     An exported program is planned on the CPU, as stored.
 
-    ``progress``: show progress bars (on stderr) for the capture and the layers; off by default.
+    ``progress``: bars on stderr, or the caller's :class:`~tamp_fx.runtime.progress.Bars`, whose ETA then
+    covers what it declared too (the command line: writing the plan); off by default.
     The plan records how long this took (``Plan.timing``: the wall time and its parts).
 
     Nothing is written: save the result with ``Plan.save``.
@@ -72,7 +84,7 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
         if source.kind == "pt2":
             if device is not None and torch.device(device).type != "cpu" or dtype not in (None, "auto"):
                 raise TampError("an exported program (.pt2) is planned on the CPU in its own dtype: drop --device and --dtype")
-            return _plan_program(source, calib, config, progress, clock)
+            return _plan_program(source, calib, config, _bars(progress, world.rank), clock)
         target = resolve_device(device)
         if world.distributed and target.type == "cuda" and target != world.device:
             raise TampError(f"under torchrun rank {world.rank} computes on {world.device}, not {target}: "
@@ -93,9 +105,12 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
         if n_samples < world.size:
             raise TampError(f"{n_samples} calibration sample(s) for {world.size} processes: every process needs one; "
                             "use more samples or fewer processes")
+    log.info("%s: %d decoder layers (%s), %d calibration samples", source.path.name, len(layers),
+             "read layer by layer" if layer_by_layer else "loaded whole", n_samples)
     clock.lap("load")
-    with Bars(progress and world.rank == 0) as bars:
-        with distributed.guarded(), bars.task("capture decoder inputs", len(samples)) as advance:
+    with _bars(progress, world.rank) as bars:
+        _expect(bars, config, len(layers))
+        with distributed.guarded(), bars.task(CAPTURE, len(samples)) as advance:
             acts = capture_layer_inputs(net, layout, samples, token_ids, advance, device=target,
                                         offload=offload_activations)
         clock.lap("capture")
@@ -120,14 +135,32 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
     return _assemble(config, model_info, layers, results, allocation, index.key, clock)
 
 
-def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, progress: bool, clock: Stopwatch) -> Plan:
+def _bars(progress: bool | Bars, rank: int) -> Bars:
+    """The caller's bars, or bars of the plan alone (on rank 0 only)."""
+    return progress if isinstance(progress, Bars) else Bars(progress and rank == 0)
+
+
+def _expect(bars: Bars, config: PlanConfig, n_layers: int) -> None:
+    """Declare the plan's phases, each's cost in passes of the calibration samples through one decoder
+    layer, so that the ETA covers them all (capturing the inputs: about one pass)."""
+    allocator = ALLOCATORS[config.allocation]
+    bars.expect(CAPTURE, 1.0)
+    if allocator.needs_profile:
+        bars.expect(PROFILE, n_layers)
+    if allocator.needs_zeroth_order:
+        bars.expect(ZEROTH_ORDER, 2.0 * n_layers)     # two forward passes of the whole model per sample
+    bars.expect(PRUNE, n_layers * prune_cost(config))
+
+
+def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, bars: Bars, clock: Stopwatch) -> Plan:
     """Plan an exported program: its decoder layers found by structure (:mod:`tamp_fx.capture.program`)."""
     ep = load_program(source.path)
     samples = load_program_calibration(calib, config.nsamples)
     layout = program_layout(ep, str(source.path))
     clock.lap("load")
-    with Bars(progress) as bars:
-        with bars.task("capture decoder inputs", len(samples)) as advance:
+    with bars:
+        _expect(bars, config, len(layout.layers))
+        with bars.task(CAPTURE, len(samples)) as advance:
             acts = capture_program_inputs(layout, samples, advance)
         clock.lap("capture")
         zeroth_order = None

@@ -39,6 +39,18 @@ from tamp_fx.statistics.tokens import TOKEN_SELECTIONS
 
 log = logging.getLogger(__name__)
 
+#: the phases' progress tasks (:class:`~tamp_fx.runtime.progress.Bars`)
+PROFILE, PRUNE = "profile", "prune"
+
+
+def prune_cost(config: PlanConfig) -> float:
+    """What pruning one layer is expected to cost, in passes of the calibration samples through it
+    (the unit of the plan's ETA): ATV's change measure, calibration and propagation when the score
+    reads activations, and the decision itself (SparseGPT's column sweeps about a pass)."""
+    score, selection = SCORES[config.score], TOKEN_SELECTIONS[config.tokens]
+    passes = 2 + int(selection.needs_layer_change) if score.needs_activations else 0
+    return passes + (1.0 if score.needs_hessian else 0.2)
+
 
 @dataclass(frozen=True)
 class LayerResult:
@@ -128,7 +140,7 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
                                          all_tokens_one_modality=config.allocation == "das-alltoken",
                                          collect_inputs=not diversity)  # OWL reads input norms, DAS only diversities
     profiles = []
-    with bars.task("profile layers (dense)", len(layers), item="layer") as advance_layer:
+    with bars.task(PROFILE, len(layers), item="layer") as advance_layer:
         for i in range(len(layers)):
             peak = PeakMemory(acts.device)
             with layers.open(i) as layer:
@@ -151,7 +163,7 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
                     profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
                 profiles.append(profile)
                 del gm
-            advance_layer(note=f"last layer {describe(peak.read())}")
+            advance_layer(note=describe(peak.read()))
     return profiles
 
 
@@ -178,7 +190,7 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                                          selector_diversity=selection.needs_diversity)
     results = []
     n_layers = len(layers)
-    with bars.task("prune layers", n_layers, item="layer") as advance_layer:
+    with bars.task(PRUNE, n_layers, item="layer") as advance_layer:
         for i in range(n_layers):
             start, peak = time.perf_counter(), PeakMemory(acts.device)
             with layers.open(i) as layer:
@@ -206,6 +218,6 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                 stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
                 results.append(LayerResult(i, decisions, linears, stats))
                 del gm, observed
-            advance_layer(note=f"last layer {stats['seconds']:.1f} s, {describe(stats)}")
+            advance_layer(note=describe(stats))
     log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
     return results

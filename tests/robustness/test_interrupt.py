@@ -72,7 +72,7 @@ def _commands(tmp_path: Path, llama: Path, plan: Path) -> dict[str, list]:
             "convert": ["convert", tmp_path / "missing.gguf", "--out", out],
             "eval": ["eval", llama, "--text", llama / "calib.jsonl", "--no-vqa", "-q"],
             "fixture": ["fixture", "--out", out],
-            "demo": ["demo", "--workdir", out, "-q"]}
+            "demo": ["demo", "--out", out, "-q"]}
 
 
 @pytest.mark.parametrize("target", ["typer", "torch"])

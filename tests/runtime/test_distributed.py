@@ -100,7 +100,7 @@ def test_cli_module_under_torchrun_writes_the_one_process_plan(plans, tiny_model
     r = _run([*TORCHRUN, "-m", "tamp_fx.cli", "plan", str(model), "--calib", str(model / "calib.jsonl"),
               "--method", "tamp", "--sparsity", "0.5", "--nsamples", "3", "--out", str(tmp_path / "p")])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stderr.count("tamp (das + wanda + amia): planned") == 1            # the summary from rank 0 only
+    assert r.stdout.count("tamp (das + wanda + amia): planned") == 1            # the summary from rank 0 only
     assert _without_timings(tmp_path / "p") == _without_timings(plans("llava_next", "tamp")[0])
 
 
