@@ -39,7 +39,7 @@ def evaluate(
     json_file: Annotated[Optional[Path], typer.Option(
         "--json", metavar="FILE", help="Also write the results as JSON to FILE; - prints only the JSON, on stdout.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace the --json file if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     device: EvalDevice = None,
     dtype: Dtype = None,
     quiet: Quiet = False,

@@ -60,7 +60,7 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, llama):
 
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.2", "1.5"])
 def test_sparsity_outside_the_unit_interval(tmp_path, llama, sparsity):
-    fails_cleanly(plan_args(llama, llama / "calib.jsonl", tmp_path / "p", "--sparsity", sparsity), "outside [0, 1)", tmp_path / "p")
+    fails_cleanly(plan_args(llama, llama / "calib.jsonl", tmp_path / "p", "--sparsity", sparsity), "is not in [0, 1)", tmp_path / "p")
 
 
 def test_missing_calibration_file(tmp_path, llama):
