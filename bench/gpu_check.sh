@@ -48,7 +48,7 @@ step tests 140 $PY -m pytest -q -m "cuda or torchvision" -p no:cacheprovider tes
 step scale-c 290 $PY bench/scale.py --case c --nsamples "$C_SAMPLES" --out-dir "$OUT" --json "$OUT/scale-c.json"
 step semi-structured 60 $PY bench/semi_structured_speed.py --repeats 30 --warmup 5
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
-if [ "$GPUS" -gt 1 ]; then  # data-parallel planning (README, Multi-GPU): 1 GPU against all of them
+if [ "$GPUS" -gt 1 ]; then  # data-parallel planning (docs/usage.md, Multi-GPU): 1 GPU against all of them
     step multi-gpu 300 $PY bench/plan_speed.py --nproc "$GPUS" --device cuda --nsamples 128 --seqlen 512 --methods wanda tamp
 fi
 

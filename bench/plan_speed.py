@@ -12,7 +12,7 @@ the second half (held out), so the cost of a faster dtype shows beside its time.
 
 With ``--nproc K`` it compares, per method, one process with K threads against K processes
 (``torchrun --standalone --nproc-per-node K``, gloo on the CPU) with one thread each on the same
-samples (the plans are the same: README, Multi-GPU); with ``--device cuda``, one GPU against K:
+samples (the plans are the same: docs/usage.md, Multi-GPU); with ``--device cuda``, one GPU against K:
 
     python bench/plan_speed.py --nproc 2 --nsamples 128 --seqlen 512 --methods wanda tamp
     python bench/plan_speed.py --nproc 8 --device cuda --nsamples 128 --seqlen 512 --methods wanda tamp

@@ -32,7 +32,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "amia": ("uniform", "wanda", "amia"),
     "tamp": ("das", "wanda", "amia"),
     "tamp-sparsegpt": ("das", "sparsegpt", "amia"),   # beyond the paper: AMIA tokens for SparseGPT's Hessian
-    # beyond the paper, named after benchmark v2's screen (README, "Quality on fixture 2")
+    # beyond the paper, named after benchmark v2's screen (docs/results.md, "Methods that use the modalities")
     "das-sparsegpt-atv": ("das", "sparsegpt", "atv"),  # DAS allocation, SparseGPT over text + the most-changed images
     "sparsegpt-atv": ("uniform", "sparsegpt", "atv"),
     "das-sparsegpt": ("das", "sparsegpt", "all"),      # the paper's Table 4b: DAS allocation for SparseGPT

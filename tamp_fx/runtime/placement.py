@@ -74,7 +74,7 @@ def _name(dtype: torch.dtype) -> str:
 def cpu_multiplies_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` matrices natively (for bfloat16 and float16: the
     AVX-512 or AMX instructions oneDNN needs). Without them (an AVX2-only CPU) half-precision
-    matrix products are emulated, and slower than float32 ones (the README has a measurement)."""
+    matrix products are emulated, and slower than float32 ones (docs/results.md measures both on an AVX-512 CPU)."""
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if dtype == torch.float16:

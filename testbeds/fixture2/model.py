@@ -78,5 +78,5 @@ def build_fixture(out: str | Path, *, overwrite: bool = False, weights: str | Pa
     """Assemble the trained fixture 2 and save it as a transformers directory at ``out``."""
     if not Path(weights).is_file():  # before the 30 s of loading SmolLM2
         raise TampError(f"fixture 2 weights {weights} are missing: train them with `{TRAIN_COMMAND}` "
-                        "(about 90 minutes on 2 cores; see the README)")
+                        "(about 90 minutes on 2 cores; see docs/fixtures.md)")
     return fixture1.build_fixture(out, overwrite=overwrite, weights=weights, assembler=assemble, loader=load_trained)

@@ -8,7 +8,7 @@ run alone on the 2-core machine (attempt 9, 2026-12-03, on a 2-core AMD EPYC: sa
 rehearsal text 3 minutes, 3,000 "align" steps at 0.27 s, 950 "answer" steps at about 3.7 s, 80
 minutes in all; log ``docs/fixture2-training.jsonl``; attempt 8, the same recipe without the
 rehearsal, took 88 minutes on a 2-core Xeon).
-What made it work, after seven attempts (the README tells them; logs
+What made it work, after seven attempts (docs/fixtures.md tells them; logs
 ``docs/fixture2-training-attempt*.jsonl``, ``docs/fixture2-ideal-token-probes.jsonl``): a
 language model and LoRA that learn on the tower's noisy tokens from the start stall near 50%,
 while one trained on perfect tokens (``--ideal-tokens``) reads the tower's tokens at 73%; so the
