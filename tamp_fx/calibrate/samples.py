@@ -12,10 +12,8 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import os
 import random
 import re
-import stat
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,25 +22,22 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from tamp_fx.calibrate import files
+from tamp_fx.calibrate.files import checked_file, lines, newlines, open_bytes, pieces
 from tamp_fx.calibrate.video import load_video, video_problem
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.processors import takes_images
 
 log = logging.getLogger(__name__)
 
+STREAM_ABOVE = 16 << 20      # a text file above this many bytes is windowed without tokenising it whole
+
 Sample = dict[str, torch.Tensor]
 _PLACEHOLDER = re.compile(r"(<image>|<video>|<audio>)")
 _MEDIA_KEYS = ("image", "images", "video", "videos", "audio", "audios")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-PIECE = 1 << 20              # bytes read at a time
-STREAM_ABOVE = 16 << 20      # a text file above this many bytes is windowed without tokenising it whole
-MAX_LINE = 16 << 20          # characters in one JSONL line (one conversation)
-_SNIFF = 8192                # a control byte in the first _SNIFF bytes: binary
-_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1a\x1c-\x1f]")   # bytes no text holds (tab, newlines, form feed, ESC do)
-_NON_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                (stat.S_ISBLK, "a block device"))
-_HINT = "pass a text file or a LLaVA-style .json/.jsonl"
+
 
 
 def load_calibration(path: str | Path, processor: Any, *, nsamples: int = 128, seqlen: int = 512,
@@ -53,7 +48,7 @@ def load_calibration(path: str | Path, processor: Any, *, nsamples: int = 128, s
     cut into windows of ``seqlen`` tokens at random offsets. ``shard=(r, K)``: of the list drawn,
     only the samples i with i % K == r (and only those are processed).
     """
-    path = _checked_file(path)
+    path = checked_file(path)
     if _kind(path) != "text":
         return _conversation_samples(path, processor, nsamples, seed, shard)
     return _text_windows(path, processor, nsamples, seqlen, seed, shard)
@@ -63,7 +58,7 @@ def calibration_inputs(path: str | Path) -> tuple[Path, ...]:
     """The calibration file and every media file its conversations name (resolved, whether or
     not they exist): the paths an output must never replace. The file's structure is checked
     on the way, so a malformed file is refused here, before any work."""
-    path = _checked_file(path)
+    path = checked_file(path)
     if _kind(path) == "text":
         return (path.resolve(),)
     media = {p for i, record in _records(path) for key in _MEDIA_KEYS for p in _media(record, key, path, i)}
@@ -74,77 +69,6 @@ def _kind(path: Path) -> str:
     """The format by the extension, in any case: "json", "jsonl" or "text"."""
     suffix = path.suffix.lower()
     return suffix[1:] if suffix in (".json", ".jsonl") else "text"
-
-
-def _checked_file(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise TampError(f"calibration file {path} does not exist: {_HINT}") from None
-    except OSError as error:
-        raise TampError(f"calibration file {path} cannot be read ({first_line(error)}): {_HINT}") from error
-    if stat.S_ISDIR(info.st_mode):
-        raise TampError(f"calibration path {path} is a directory: pass a file in it (a text file or a LLaVA-style "
-                        ".json/.jsonl)")
-    if not stat.S_ISREG(info.st_mode):
-        what = next((name for test, name in _NON_REGULAR if test(info.st_mode)), "a special file")
-        raise TampError(f"calibration path {path} is {what}, not a regular file: {_HINT} (save the data to a file)")
-    if info.st_size == 0:
-        raise TampError(f"calibration file {path} is empty: pass a file with text or conversations")
-    return path
-
-
-def _open(path: Path) -> IO[bytes]:
-    try:
-        return path.open("rb")
-    except OSError as error:
-        raise TampError(f"calibration file {path} cannot be read ({first_line(error)}): {_HINT}") from error
-
-
-def _newlines(text: str) -> str:
-    """Universal newlines, as ``Path.read_text`` gives them: ``\\r\\n`` and ``\\r`` become ``\\n``."""
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def _binary_at(chunk: bytes, offset: int) -> int | None:
-    """The offset in the file of the first byte no text holds in ``chunk``, read at ``offset``:
-    a NUL, or another control byte in the first 8 KiB of the file."""
-    sniffed = _CONTROL.search(chunk, 0, max(0, _SNIFF - offset))
-    found = [i for i in (sniffed.start() if sniffed else -1, chunk.find(b"\0")) if i >= 0]
-    return offset + min(found) if found else None
-
-
-def _pieces(path: Path) -> Iterator[str]:
-    """The file's text, about :data:`PIECE` bytes at a time (joined: what ``read_text`` gives), or
-    a TampError at the first byte that is not UTF-8 text, naming its offset: "looks binary" when
-    the file holds a NUL byte, or another control byte in its first 8 KiB, "not UTF-8" otherwise."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, carry = 0, ""                          # bytes read before this chunk; a "\r" whose "\n" may follow
-    with _open(path) as f:
-        while True:
-            chunk = f.read(PIECE)
-            held = len(decoder.getstate()[0])      # bytes of a character cut by the previous chunk
-            bad = None
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as error:
-                bad = offset - held + error.start
-            binary = _binary_at(chunk, offset)
-            if binary is not None:
-                raise TampError(f"calibration file {path} looks binary (byte {binary if bad is None else min(binary, bad)}): "
-                                "pass a UTF-8 text, .json or .jsonl file")
-            if bad is not None:
-                raise TampError(f"calibration file {path} is not UTF-8 text (invalid byte at offset {bad}): "
-                                "save it as UTF-8")
-            text, carry = carry + text, ""
-            if chunk and text.endswith("\r"):
-                text, carry = text[:-1], "\r"
-            if text:
-                yield _newlines(text)
-            if not chunk:
-                return
-            offset += len(chunk)
 
 
 def _tokenizer(processor: Any) -> Any:
@@ -176,7 +100,7 @@ def _text_windows(path: Path, processor: Any, nsamples: int, seqlen: int, seed: 
     size = path.stat().st_size
     if size > STREAM_ABOVE:
         return _streamed_windows(path, processor, nsamples, seqlen, seed, shard, size)
-    text = "".join(_pieces(path))
+    text = "".join(pieces(path))
     _check_text(path, text, not text.strip())
     ids = torch.tensor(_token_ids(processor, text))  # (T,)
     if ids.numel() <= seqlen:
@@ -196,21 +120,21 @@ def _streamed_windows(path: Path, processor: Any, nsamples: int, seqlen: int, se
     cut, and their first ``seqlen`` tokens are the window (where fewer follow the offset, the
     last ``seqlen`` of the file). Only what the windows need is tokenised."""
     head, blank = "", True
-    for piece in _pieces(path):
+    for piece in pieces(path):
         head, blank = head or piece, blank and piece.isspace()
     _check_text(path, head, blank)
     log.info("%s is %d MiB: its %d windows are read at random byte offsets, not drawn from the whole file "
              "tokenised (as they are up to %d MiB)", path.name, size >> 20, nsamples, STREAM_ABOVE >> 20)
     rng = random.Random(seed)
     offsets = [rng.randrange(0, size) for _ in range(nsamples)][shard[0]::shard[1]]
-    with _open(path) as f:
+    with open_bytes(path) as f:
         return [_window(torch.tensor(_tokens_at(f, path, offset, size, processor, seqlen))) for offset in offsets]
 
 
 def _tokens_at(f: IO[bytes], path: Path, offset: int, size: int, processor: Any, seqlen: int) -> list[int]:
     """``seqlen`` token ids of the file from byte ``offset`` (:func:`_streamed_windows`)."""
     span, tail = 16 * seqlen, False
-    while span <= max(PIECE, 256 * seqlen):
+    while span <= max(files.PIECE, 256 * seqlen):
         start = max(0, size - span) if tail else offset
         f.seek(start)
         raw = f.read(span)
@@ -227,31 +151,12 @@ def _whole_words(raw: bytes, cut_start: bool, cut_end: bool) -> str:
     """The text of bytes read inside a UTF-8 file: from its first whitespace (``cut_start``) to
     before its last (``cut_end``), so no character or word cut in two is kept."""
     skip = next((i for i, byte in enumerate(raw[:4]) if byte & 0xC0 != 0x80), 0) if cut_start else 0
-    text = _newlines(codecs.getincrementaldecoder("utf-8")().decode(raw[skip:]))   # drops a character cut at the end
+    text = newlines(codecs.getincrementaldecoder("utf-8")().decode(raw[skip:]))   # drops a character cut at the end
     if cut_start and (first := re.search(r"\s", text)):
         text = text[first.start():]
     if cut_end and (last := re.search(r"\s\S*\Z", text)):
         text = text[:last.start()]
     return text
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(number, text) of each line of the file, read in pieces; a line over :data:`MAX_LINE`
-    characters is refused before it is read whole."""
-    parts: list[str] = []
-    length, number = 0, 1
-    for piece in _pieces(path):
-        *complete, rest = piece.split("\n")
-        for line in complete:
-            yield number, "".join(parts) + line
-            parts, length, number = [], 0, number + 1
-        parts.append(rest)
-        length += len(rest)
-        if length > MAX_LINE:
-            raise TampError(f"calibration file {path}: line {number} is over {MAX_LINE >> 20} MiB long, too long for "
-                            "one conversation: write one conversation a line")
-    if parts:
-        yield number, "".join(parts)
 
 
 def _parsed(text: str, path: Path, what: str) -> Any:
@@ -269,9 +174,9 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """The checked conversations of a .json / .jsonl file and their indices; a JSONL file is
     read a line at a time, a JSON file whole."""
     if _kind(path) == "jsonl":
-        records: Any = (_parsed(line, path, f"JSONL: line {number}") for number, line in _lines(path) if line.strip())
+        records: Any = (_parsed(line, path, f"JSONL: line {number}") for number, line in lines(path) if line.strip())
     else:
-        records = _parsed("".join(_pieces(path)), path, "JSON")
+        records = _parsed("".join(pieces(path)), path, "JSON")
         records = records if isinstance(records, list) else []
     index = -1
     for index, record in enumerate(records):

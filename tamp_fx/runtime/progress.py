@@ -116,7 +116,7 @@ class _CountColumn(ProgressColumn):
         return Text(f"{int(task.completed)}/{int(task.total or 0)}", style="progress.download")
 
 
-class _InfoColumn(ProgressColumn):
+class InfoColumn(ProgressColumn):
     """The whole job's elapsed time and ETA on its row (on a phase's when no phases were declared); on
     a row with ``item``: the item under way (numbered from 0), how long it has run, the last one's time
     and note. Cut to the width left, never wrapped."""
@@ -159,7 +159,7 @@ class Bars:
         self.declared, self._open, self._entered = False, 0, 0
         self._progress = Progress(TextColumn("{task.description}", table_column=Column(width=22, no_wrap=True,
                                                                                        overflow="ellipsis")),
-                                  BarColumn(bar_width=12), _CountColumn(), _InfoColumn(self),
+                                  BarColumn(bar_width=12), _CountColumn(), InfoColumn(self),
                                   console=self.console, transient=True, get_time=clock,
                                   disable=not enabled or self.plain)
         self._overall = None

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from support.cli import fails_cleanly
-from tamp_fx.calibrate import samples
+from tamp_fx.calibrate import files, samples
 from tamp_fx.calibrate.samples import calibration_inputs, load_calibration
 from tamp_fx.errors import TampError
 from tamp_fx.load.source import load_processor, resolve_source
@@ -77,8 +77,8 @@ def test_pieces_join_to_what_read_text_gives(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_bytes("a\r\nb\rc\n\u00e9\u20ac\U0001f600 d\r\r\n".encode() * 50)
     for piece in (1, 2, 3, 5, 64):
-        monkeypatch.setattr(samples, "PIECE", piece)
-        assert "".join(samples._pieces(path)) == path.read_text(encoding="utf-8")
+        monkeypatch.setattr(files, "PIECE", piece)
+        assert "".join(files.pieces(path)) == path.read_text(encoding="utf-8")
 
 
 # --- format by extension, any case, confirmed by content -------------------------------------
@@ -117,8 +117,8 @@ def test_damaged_json_names_the_line(tmp_path, tokenizer, name, contents, expect
 
 
 def test_a_jsonl_line_too_long_for_a_conversation_is_refused_by_number(tmp_path, monkeypatch):
-    monkeypatch.setattr(samples, "MAX_LINE", 1000)
-    monkeypatch.setattr(samples, "PIECE", 256)
+    monkeypatch.setattr(files, "MAX_LINE", 1000)
+    monkeypatch.setattr(files, "PIECE", 256)
     path = tmp_path / "c.jsonl"
     record = json.dumps({"conversations": [{"from": "human", "value": "hi"}]})
     path.write_text(record + "\n" + json.dumps({"conversations": [{"from": "human", "value": "x" * 5000}]}) + "\n")
@@ -158,7 +158,7 @@ def test_a_safetensors_file_is_refused_as_binary_at_its_first_nul(tmp_path, toke
 @pytest.mark.parametrize("piece", [7, 4096, None])
 def test_invalid_utf8_in_the_middle_is_refused_at_its_offset(tmp_path, tokenizer, monkeypatch, name, piece):
     if piece:
-        monkeypatch.setattr(samples, "PIECE", piece)
+        monkeypatch.setattr(files, "PIECE", piece)
     line = json.dumps({"conversations": [{"from": "human", "value": "caf\u00e9 \u20ac"}]}) + "\n"
     good = (line * 2000).encode()                  # multi-byte characters across every piece border
     path = tmp_path / name
@@ -296,7 +296,7 @@ def test_any_bytes_give_samples_or_one_tamp_error(tmp_path_factory, tokenizer, d
     path = tmp_path_factory.mktemp("fuzz") / name
     path.write_bytes(data)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(samples, "PIECE", piece)
+        patch.setattr(files, "PIECE", piece)
         patch.setattr(samples, "STREAM_ABOVE", 16 if stream else samples.STREAM_ABOVE)
         try:
             calibration_inputs(path)
@@ -323,11 +323,11 @@ def test_pieces_are_the_text_or_stop_at_the_first_byte_that_is_not(tmp_path_fact
     the first byte that is not text, as the whole bytes decoded at once say."""
     path = tmp_path_factory.mktemp("fuzz") / "c.txt"
     path.write_bytes(data)
-    binary, invalid = samples._binary_at(data, 0), _first_invalid(data)
+    binary, invalid = files.binary_at(data, 0), _first_invalid(data)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(samples, "PIECE", piece)
+        patch.setattr(files, "PIECE", piece)
         try:
-            text = "".join(samples._pieces(path))
+            text = "".join(files.pieces(path))
         except TampError as error:
             at = _offset(str(error), r"\((?:byte|invalid byte at offset) (\d+)\)")
             if "looks binary" in str(error):

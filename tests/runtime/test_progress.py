@@ -13,7 +13,7 @@ from rich.console import Console
 
 import tamp_fx
 from tamp_fx.runtime.memory import PeakMemory, describe
-from tamp_fx.runtime.progress import Bars, Eta, _InfoColumn
+from tamp_fx.runtime.progress import Bars, Eta, InfoColumn
 
 
 class FakeClock:
@@ -107,7 +107,7 @@ def test_layer_row_shows_the_layer_under_way_and_the_last_ones_time_and_note():
     clock = FakeClock()
     bars = Bars(enabled=False, clock=clock)
     with bars, bars.task("prune", 3, item="layer") as advance:
-        info = _InfoColumn(bars)
+        info = InfoColumn(bars)
         assert info.render(bars._progress.tasks[0]).plain == "layer 0: 0 s"
         clock.now = 2.0
         advance(note="peak host 10 MiB")
