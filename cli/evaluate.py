@@ -77,9 +77,9 @@ def evaluate(
             out_console.print_json(json.dumps(report))
             return
         out_console.print(_table(report))
-        out_console.print("wall time: " + "; ".join(
-            (f"{name} " if baseline is not None else "") + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items())
-            for name, r in results.items()), highlight=False)
+        for name, r in results.items():                # a short line each, never folded
+            out_console.print(f"wall time{' (' + name + ')' if baseline is not None else ''}: "
+                              + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False, soft_wrap=True)
         if json_file is not None:
             with atomic_file(json_file, overwrite=overwrite, protect=inputs) as tmp:
                 tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
