@@ -88,10 +88,10 @@ def demo(
         out_console.print(table)
         e = r.example
         out_console.print(_half_blocks(e.sample.image))
-        out_console.print(f"{e.image} asks: {e.sample.question}  expected: {e.sample.answer}  "
-                          f"dense: {e.dense.strip()!r}  pruned: {e.pruned.strip()!r}", highlight=False)
-        out_console.print(f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt); wall time: "
-                          + ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), highlight=False)
+        done(f"{e.image} asks: {e.sample.question}",          # short lines, never folded at 80 columns
+             f"  expected: {e.sample.answer}  dense: {e.dense.strip()!r}  pruned: {e.pruned.strip()!r}",
+             f"text: {EVAL_TEXT.name} (bundled WikiText-2 excerpt)",
+             "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.seconds.items()))
         done(f"outputs written to {r.workdir}", *next_steps(f"tamp-fx inspect {quote(r.workdir / 'plan')} --html "
                                                               f"{quote(r.workdir / 'plan.html')}"))
 
