@@ -44,7 +44,7 @@ def inspect(
 
     with user_errors():
         from tamp_fx.artifact import report
-        from tamp_fx.artifact.plan import MASKS_FILE, PLAN_FILE, Plan
+        from tamp_fx.artifact.plan import MASKS_FILE, PLAN_FILE, TIMING_KEY, Plan, describe_timing
         from tamp_fx.errors import TampError
         from tamp_fx.write.provenance import PROVENANCE_FILE
         if not any((plan_dir / name).exists() for name in (PLAN_FILE, MASKS_FILE)):
@@ -70,6 +70,7 @@ def inspect(
             out_console.print_json(json.dumps({
                 "plan": str(plan_dir), "method": data["method"], "pattern": data["config"].get("pattern"),
                 "model": data["model"].get("source"), "sparsity": s["sparsity"], "parameters": s["parameters"],
+                "timing": data.get(TIMING_KEY),
                 "layers": [{"layer": layer, "sparsity": total,
                             "linears": {p: v for p, v in cells.items() if v is not None}}
                            for layer, (cells, total) in rows.items()]}))
@@ -84,6 +85,7 @@ def inspect(
             for layer, (cells, total) in rows.items():
                 table.add_row(str(layer), *("-" if v is None else f"{v:.1%}" for v in cells.values()), f"{total:.1%}")
             out_console.print(table)
+            out_console.print(f"planning time: {describe_timing(data.get(TIMING_KEY))}", highlight=False, soft_wrap=True)
         protect = (plan_dir.resolve(),)
         if plot is not None:
             written = report.write_figures(data, plot, overwrite=overwrite, protect=protect)

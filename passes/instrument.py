@@ -25,12 +25,18 @@ def _sdpa_scale(node: torch.fx.Node) -> float | None:
 
 def instrument(gm: torch.fx.GraphModule, config: InstrumentConfig) -> PassResult:
     """Insert observers; returns ``info["linear"]`` (weight name -> LinearObserver) and
-    ``info["attention"]`` (list of AttentionObserver). Graph outputs are unchanged."""
+    ``info["attention"]`` (list of AttentionObserver). Graph outputs are unchanged. Linears that
+    read the same tensor (q/k/v, gate/up) share one input statistic when their observers
+    collect nothing else (:meth:`LinearObserver.share_inputs`): it is computed once per group."""
     linear_observers: dict[str, LinearObserver] = {}
     attention_observers: list[AttentionObserver] = []
+    first_reader: dict[torch.fx.Node, LinearObserver] = {}
     for node in list(gm.graph.nodes):
         if is_linear(node):
             observer = config.linear_observer(config.context)
+            owner = first_reader.setdefault(node.args[0], observer)
+            if owner is not observer and owner.input_only and observer.input_only:
+                observer.share_inputs(owner)
             name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"
             linear_observers[weight_name(node)] = observer
             args = (node.args[0], node)

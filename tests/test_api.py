@@ -30,13 +30,16 @@ def test_a_plan_prints_in_one_short_line(plan):
     assert plan.model["fingerprint"][:19] in text
 
 
-def test_a_plan_records_its_wall_time_and_parts(plan, tmp_path):
+def test_a_plan_records_its_wall_time_stages_and_placement(plan, tmp_path):
     parts = plan.timing["parts_s"]
-    assert {"load", "capture", "prune"} <= parts.keys() and "profile" not in parts   # wanda: no dense profile
+    stages = {"load", "capture", "trace", "layer forwards", "statistics", "pruning", "prune"}
+    assert stages <= parts.keys() and "profile" not in parts   # wanda: no dense profile
+    assert (plan.timing["device"], plan.timing["dtype"]) == ("cpu", "float32")
     assert plan.wall_seconds > 0 and sum(parts.values()) == pytest.approx(plan.wall_seconds, abs=0.01)
-    again = tamp_fx.Plan.load(plan.save(tmp_path / "p"))
+    again = tamp_fx.Plan.load(plan.save(tmp_path / "p"))         # writing is part of the record, saved and shown
     assert again.timing == plan.timing and again.timing_text == plan.timing_text
-    assert plan.timing_text.startswith(f"{plan.wall_seconds:.1f} s (load ")
+    assert "writing" in plan.timing["parts_s"] and plan.wall_seconds == pytest.approx(sum(plan.timing["parts_s"].values()), abs=0.01)
+    assert plan.timing_text.startswith(f"{plan.wall_seconds:.1f} s on cpu in float32 (load ")
 
 
 def test_progress_only_on_request(llama, capsys):

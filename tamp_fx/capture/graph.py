@@ -118,6 +118,15 @@ def export_layer(layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
     return gm
 
 
+def drop_tensors(gm: torch.nn.Module) -> None:
+    """Let go of the tensors ``gm`` and its submodules hold (a layer's weights, rewritten or not).
+    fx graph modules sit in reference cycles, so without this they would wait for the garbage
+    collector, and layers would pile up in memory between its runs."""
+    for module in gm.modules():
+        module._parameters.clear()
+        module._buffers.clear()
+
+
 def weight_name(node: torch.fx.Node) -> str:
     """The parameter name (relative to the layer) of a linear node's weight."""
     weight = node.args[1]

@@ -15,7 +15,6 @@ any cast to the compute dtype), keyed by in-memory name, for the plan's model fi
 from __future__ import annotations
 
 import contextlib
-import gc
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -25,10 +24,13 @@ from tamp_fx.errors import TampError
 from tamp_fx.load.adapters import DecoderLayout
 from tamp_fx.load.checkpoint import CheckpointIndex, materialise, release
 from tamp_fx.load.fingerprint import FingerprintSample, fingerprint_sample
+from tamp_fx.runtime.memory import collect_if_short
+from tamp_fx.runtime.timing import LOAD, stage
 
 
 class DecoderLayers(Protocol):
     device: torch.device
+    dtype: torch.dtype                            # of the forward passes (plan.json's timing records both)
     fingerprints: dict[str, FingerprintSample]   # in-memory weight name -> sample of its stored values
 
     def __len__(self) -> int: ...
@@ -64,7 +66,7 @@ class ResidentLayers(_LayoutLayers):
     the fingerprint samples are taken."""
 
     def __init__(self, model: torch.nn.Module, layout: DecoderLayout, device: torch.device, dtype: torch.dtype) -> None:
-        self.layout, self.device = layout, device
+        self.layout, self.device, self.dtype = layout, device, dtype
         self.fingerprints = {n: fingerprint_sample(w) for i in range(len(self))
                              for n, w in _weights(layout.layers[i], layout.layer_prefix(i)).items()}
         model.to(device)
@@ -93,12 +95,14 @@ class CheckpointLayers(_LayoutLayers):
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[torch.nn.Module]:
-        stored = self.index.read(self._names[index], self.dtype, self.fingerprints)
-        materialise(self.model, stored, self.dtype, self.device, within=self.prefix(index))
-        del stored
+        with stage(LOAD):
+            stored = self.index.read(self._names[index], self.dtype, self.fingerprints)
+            materialise(self.model, stored, self.dtype, self.device, within=self.prefix(index))
+            del stored
         layer = self.layout.layers[index]
         try:
             yield layer
         finally:
-            release(layer)
-            gc.collect()        # graphs of the layer (fx modules hold reference cycles) free its tensors now
+            with stage(LOAD):
+                release(layer)
+                collect_if_short(self.device)   # fx graphs of the layer hold reference cycles: free them when memory is short

@@ -182,6 +182,8 @@ class ProgramLayers:
 
     def __init__(self, layout: ProgramLayout) -> None:
         self.layout = layout
+        self.dtype = next((p.dtype for layer in layout.layers for p in layer.parameters() if p.is_floating_point()),
+                          torch.float32)          # as stored
         self.fingerprints = {f"{name}.{w}": fingerprint_sample(p) for name, layer in zip(layout.names, layout.layers)
                              for w, p in layer.named_parameters() if p.dim() == 2}
 

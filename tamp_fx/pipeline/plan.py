@@ -39,7 +39,7 @@ from tamp_fx.pipeline.sequential import (
 from tamp_fx.runtime import distributed
 from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.runtime.progress import Bars
-from tamp_fx.runtime.timing import Stopwatch
+from tamp_fx.runtime.timing import ALLOCATION, Stopwatch, stage
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
 
     Where it runs is no part of the plan (:mod:`tamp_fx.runtime.placement`): ``device`` (``"cpu"``,
     ``"cuda"``, ``"cuda:N"``; None: CUDA when available), ``dtype`` of the forward passes
-    (``"auto"`` = the checkpoint's, ``"float32"``, ``"bfloat16"``, ``"float16"``; None: float32
-    on the CPU, auto on CUDA), ``offload_activations`` (keep the calibration activations in host
+    (``"auto"`` = the checkpoint's, ``"float32"``, ``"bfloat16"``, ``"float16"``; None: bfloat16
+    where the device computes it natively, else float32 on the CPU and auto on CUDA; see
+    :mod:`tamp_fx.runtime.placement`; the plan's ``timing`` records what ran), ``offload_activations`` (keep the calibration activations in host
     memory and move them to ``device`` a sample at a time). ``layer_by_layer`` (None: yes for a
     Hugging Face directory) builds the model on the meta device, materialises only what computes
     the decoder's inputs, and reads each decoder layer from the checkpoint when it is planned; a
@@ -76,6 +77,13 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
     and returns the same plan; save it on rank 0.
     """
     clock = Stopwatch()
+    with clock.running():          # the stages of the run charge it (plan.json's timing)
+        return _plan(model, calib, config, progress, device, dtype, offload_activations, layer_by_layer, clock)
+
+
+def _plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig, progress: bool | Bars,
+          device: str | torch.device | None, dtype: str | None, offload_activations: bool, layer_by_layer: bool | None,
+          clock: Stopwatch) -> Plan:
     world = distributed.init_from_env()              # under torchrun: cuda:LOCAL_RANK is the current device
     with distributed.guarded():
         source = resolve_source(model)
@@ -215,7 +223,8 @@ def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, resul
                 weights[name] = d.new_weight
     model_info = {"fingerprint": fingerprint_of(fingerprints), **model_info}
     layers_stats = [{"layer": r.index, **r.stats} for r in results]
-    return Plan(config, model_info, linears, layers_stats, masks, weights, timing=clock.record())
+    run = {"device": str(layers.device), "dtype": str(layers.dtype).removeprefix("torch.")}   # where it ran: not compared
+    return Plan(config, model_info, linears, layers_stats, masks, weights, timing={**clock.record(), **run})
 
 
 def open_whole(source: ModelSource, device: torch.device, dtype: str | None):
@@ -223,7 +232,7 @@ def open_whole(source: ModelSource, device: torch.device, dtype: str | None):
     net = load_model(source)
     layout = decoder_layout(net)
     index = checkpoint_index(source, net)
-    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(net, layout)))
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(net, layout)), native_default=True)
     return net, layout, ResidentLayers(net, layout, device, compute)
 
 
@@ -232,7 +241,8 @@ def open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str | 
     ``device``; its decoder layers are read from the checkpoint one at a time."""
     probe = meta_model(source, torch.float32)
     index = checkpoint_index(source, probe)
-    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(probe, decoder_layout(probe))))
+    compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(probe, decoder_layout(probe))),
+                            native_default=True)
     net = probe if compute == torch.float32 else meta_model(source, compute)
     layout = decoder_layout(net)
     output = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
@@ -273,4 +283,5 @@ def _allocate(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars
             for w, info in p.linears.items():
                 blocks.setdefault(f"{p.index}:{info.block}", []).append(f"{layers.prefix(p.index)}.{w}")
         extra["block_importance"] = zeroth_order(blocks, epsilon=config.ecoflap_epsilon, seed=config.seed, bars=bars)
-    return allocator.strategy(profiles, config, extra)
+    with stage(ALLOCATION):
+        return allocator.strategy(profiles, config, extra)

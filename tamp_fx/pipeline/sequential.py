@@ -19,7 +19,7 @@ import torch
 
 from tamp_fx.allocate.strategies import LayerProfile
 from tamp_fx.capture.activations import Activations
-from tamp_fx.capture.graph import LayerExporter, LinearInfo, analyse_linears
+from tamp_fx.capture.graph import LayerExporter, LinearInfo, analyse_linears, drop_tensors
 from tamp_fx.capture.layers import DecoderLayers
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError, first_line
@@ -33,6 +33,7 @@ from tamp_fx.prune.scores import SCORES
 from tamp_fx.runtime.distributed import guarded, sample_indices
 from tamp_fx.runtime.memory import PeakMemory, describe
 from tamp_fx.runtime.progress import Bars
+from tamp_fx.runtime.timing import FORWARD, PRUNING, STATISTICS, TRACE, stage
 from tamp_fx.statistics.atv import LayerChange
 from tamp_fx.statistics.observers import LinearObserver, ObserverContext, reduce_statistics
 from tamp_fx.statistics.tokens import TOKEN_SELECTIONS
@@ -73,17 +74,19 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
             hidden, kwargs = acts.inputs(j, layer)
             context.labels, context.sample = acts.labels[j].to(acts.device), sample
             try:
-                out = gm(hidden, **kwargs)
+                with stage(FORWARD):
+                    out = gm(hidden, **kwargs)
             except TampError:
                 raise
             except Exception as error:  # noqa: BLE001
                 raise TampError(f"decoder layer {layer} failed on calibration sample {sample}: {first_line(error)}") from error
             attention = attention_observers[0].current if attention_observers else None
-            for observer in linear_observers:
-                observer.finish_sample(attention)
             out = out[0] if isinstance(out, tuple) else out
-            if change is not None:
-                change.add(sample, context.labels, hidden, out)
+            with stage(STATISTICS):
+                for observer in linear_observers:
+                    observer.finish_sample(attention)
+                if change is not None:
+                    change.add(sample, context.labels, hidden, out)
             if keep_outputs:
                 acts.set_hidden(j, out)
             advance()
@@ -103,7 +106,8 @@ def _check_pattern(gm: torch.nn.Module, linears: Mapping[str, LinearInfo], confi
 
 def _reduce(observed: Mapping[str, Any]) -> None:
     """Every rank's statistics of this layer summed over all samples (one process: unchanged)."""
-    reduce_statistics([*observed["linear"].values(), *observed["attention"]])
+    with stage(STATISTICS):
+        reduce_statistics([*observed["linear"].values(), *observed["attention"]])
 
 
 def _attention_stats(observed: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,8 +122,9 @@ def _graph(exporter: LayerExporter, layers: DecoderLayers, layer: torch.nn.Modul
            config: PlanConfig) -> tuple[torch.fx.GraphModule, dict[str, LinearInfo]]:
     """The layer's graph (traced on sample 0) and what it says about the linears."""
     hidden, kwargs = acts.inputs(0, index)
-    gm = exporter(layer, (hidden,), kwargs)
-    linears = analyse_linears(gm)
+    with stage(TRACE):
+        gm = exporter(layer, (hidden,), kwargs)
+        linears = analyse_linears(gm)
     _check_pattern(gm, linears, config, layers.prefix(index))
     return gm, linears
 
@@ -162,7 +167,7 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
                                         for w in linears])                  # (sum P_g,)
                     profile.outlier_ratio = float((scores > config.owl_m * scores.mean()).float().mean())
                 profiles.append(profile)
-                del gm
+                drop_tensors(gm)
             advance_layer(note=describe(peak.read()))
     return profiles
 
@@ -174,7 +179,7 @@ def layer_structure(layers: DecoderLayers, acts: Activations, config: PlanConfig
         with layers.open(i) as layer:
             gm, linears = _graph(exporter, layers, layer, acts, i, config)
             profiles.append(LayerProfile(i, linears, {w: gm.get_parameter(w).numel() for w in linears}))
-            del gm
+            drop_tensors(gm)
     return profiles
 
 
@@ -209,15 +214,16 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                         _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
                 _reduce(observed)
                 with guarded():      # the same decisions on every rank, then each propagates its samples
-                    decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"],
-                                                             config.nm)).info["decisions"]
-                    decisions = {w: _on_host(d) for w, d in decisions.items()}
-                    rewrite(gm)
+                    with stage(PRUNING):
+                        decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"],
+                                                                 config.nm)).info["decisions"]
+                        decisions = {w: _on_host(d) for w, d in decisions.items()}
+                        rewrite(gm)
                     if score.needs_activations and i + 1 < n_layers:
                         _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
                 stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
                 results.append(LayerResult(i, decisions, linears, stats))
-                del gm, observed
+                drop_tensors(gm)
             advance_layer(note=describe(stats))
     log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
     return results

@@ -2,6 +2,7 @@
 work runs on a CUDA device, that device's allocated memory."""
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -63,3 +64,28 @@ def describe(stats: dict[str, float]) -> str:
     if "peak_device_mib" in stats:
         parts.append(f"device {stats['peak_device_mib']:,.0f} MiB")
     return "peak " + ", ".join(parts)
+
+
+#: below this share of memory free (host, or the CUDA device computed on), the garbage collector
+#: runs after each decoder layer (:func:`collect_if_short`)
+SHORT_SHARE = 0.25
+
+
+def free_share(device: torch.device) -> float:
+    """The share of ``device``'s memory free now (the host's for a CPU: ``MemAvailable``; 0.0 where it cannot be read)."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free / total
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return int(info["MemAvailable"].split()[0]) / int(info["MemTotal"].split()[0])
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        return 0.0
+
+
+def collect_if_short(device: torch.device) -> None:
+    """Run the garbage collector when memory is short (:data:`SHORT_SHARE`), else leave it to Python:
+    a full collection costs a fraction of a second, and a released layer frees its tensors
+    without one (:func:`tamp_fx.capture.graph.drop_tensors`)."""
+    if free_share(device) < SHORT_SHARE:
+        gc.collect()

@@ -2,8 +2,12 @@
 
 ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (None: ``cuda`` when CUDA is available, else ``cpu``).
 ``dtype`` of the forward passes: ``auto`` (the checkpoint's), ``float32``, ``bfloat16`` or
-``float16`` (None: ``float32`` on the CPU, ``auto`` on CUDA). Statistics stay float32 / float64
-whatever the compute dtype (observers, Hessians and Gram matrices upcast their inputs).
+``float16``. None: for planning (``native_default=True``) ``bfloat16`` where the device computes it
+natively (:func:`computes_bf16_natively`: CUDA with bf16, CPUs with AVX512-BF16 or AMX), else
+``float32`` on the CPU and ``auto`` on CUDA; the environment variable ``TAMP_FX_DTYPE`` sets
+another default (``float32`` keeps plans independent of the CPU's instruction set; the tests use
+it). Evaluation's default is ``float32`` on the CPU and ``auto`` on CUDA. Statistics stay float32 /
+float64 whatever the compute dtype (observers, Hessians and Gram matrices upcast their inputs).
 
 >>> resolve_device("cpu"), resolve_dtype("bfloat16", torch.device("cpu"), torch.float32)
 (device(type='cpu'), torch.bfloat16)
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import torch
 
@@ -53,10 +58,31 @@ def check_dtype(dtype: str | None) -> None:
         raise TampError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
 
 
-def resolve_dtype(dtype: str | None, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
-    """The compute dtype: ``dtype`` by name, ``auto`` = ``checkpoint_dtype``; None = float32 on the
-    CPU and the checkpoint's dtype on CUDA."""
+#: the environment variable that sets the default compute dtype of planning
+DTYPE_VARIABLE = "TAMP_FX_DTYPE"
+
+
+def computes_bf16_natively(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: CUDA with bf16 support, a CPU with
+    AVX512-BF16 or AMX (oneDNN's bf16 kernels; plain AVX-512 only converts)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_dtype(dtype: str | None, device: torch.device, checkpoint_dtype: torch.dtype, *,
+                  native_default: bool = False) -> torch.dtype:
+    """The compute dtype: ``dtype`` by name, ``auto`` = ``checkpoint_dtype``; None: see the module
+    (``native_default``: planning's default, bfloat16 where the device computes it natively)."""
     check_dtype(dtype)
+    if dtype is None and native_default:
+        dtype = os.environ.get(DTYPE_VARIABLE) or None
+        if dtype is not None and dtype not in DTYPES:
+            raise TampError(f"{DTYPE_VARIABLE}={dtype!r} is not a dtype: use one of {', '.join(DTYPES)} or unset it")
+        if dtype is None and computes_bf16_natively(device):
+            dtype = "bfloat16"
     if dtype is None:
         dtype = "float32" if device.type == "cpu" else "auto"
     resolved = DTYPES[dtype] or checkpoint_dtype

@@ -1,16 +1,19 @@
 """SparseGPT's Hessian H = 2 X^T X of a linear's inputs, summed over calibration tokens."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+#: inputs wait to be multiplied until they fill this many rows or :data:`FLUSH_ELEMENTS` values:
+#: one large ``x^T x`` is faster than many small ones (1.5x for 512 x 1536 -> 4096 x 1536 on a CPU)
+FLUSH_ROWS, FLUSH_ELEMENTS = 4096, 2**24
 
 
 class HessianAccumulator:
     """Streaming ``H = 2/n X^T X`` (C_in, C_in) float32 over every calibration token seen.
 
     Kept in the reference's running-average form (``H *= n/(n+t); H += 2/(n+t) x^T x``), so
-    its scale does not grow with the number of tokens. Lives on the device of the first input.
+    its scale does not grow with the number of tokens; inputs are gathered into products of
+    :data:`FLUSH_ROWS` rows (float32 accumulation throughout). Lives on the device of the first input.
 
     >>> acc = HessianAccumulator()
     >>> acc.add(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
@@ -20,7 +23,14 @@ class HessianAccumulator:
 
     def __init__(self) -> None:
         self._h: torch.Tensor | None = None  # (C_in, C_in) float32
-        self.n_tokens: float = 0             # tokens seen, each counted with its weight
+        self._n: float = 0                   # tokens in _h
+        self._waiting: list[torch.Tensor] = []   # float32 (t, C_in) inputs not yet in _h
+        self._waiting_n: float = 0
+
+    @property
+    def n_tokens(self) -> float:
+        """Tokens seen, each counted with its weight."""
+        return self._n + self._waiting_n
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, weight: float | None = None) -> None:
@@ -37,19 +47,28 @@ class HessianAccumulator:
         t = x2.shape[0] if weight is None else weight
         if t == 0:
             return
-        n = self.n_tokens + t
-        self._h.mul_(self.n_tokens / n)
-        x2 = x2 * math.sqrt(2.0 / n)  # (t, C_in)
-        self._h.addmm_(x2.T, x2)  # (C_in, C_in)
-        self.n_tokens = n
+        self._waiting.append(x2)
+        self._waiting_n += t
+        if sum(w.shape[0] for w in self._waiting) >= min(FLUSH_ROWS, FLUSH_ELEMENTS // c_in):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._waiting:
+            return
+        x = self._waiting[0] if len(self._waiting) == 1 else torch.cat(self._waiting)   # (T, C_in)
+        n = self._n + self._waiting_n
+        self._h.mul_(self._n / n)
+        self._h.addmm_(x.T, x, alpha=2.0 / n)          # (C_in, C_in)
+        self._n, self._waiting, self._waiting_n = n, [], 0
 
     def merge(self, hessian: torch.Tensor, n_tokens: float) -> None:
         """Replace the running Hessian by one over ``n_tokens`` tokens (the ranks' Hessians combined)."""
-        self._h, self.n_tokens = hessian, n_tokens
+        self._h, self._n, self._waiting, self._waiting_n = hessian, n_tokens, [], 0
 
     @property
     def hessian(self) -> torch.Tensor:
         """``2/n X^T X`` (C_in, C_in) float32. The live buffer, not a copy: do not modify it."""
+        self._flush()
         if self._h is None or self.n_tokens == 0:
             raise ValueError("the Hessian accumulator saw no calibration tokens; run calibration data through the layer first")
         return self._h

@@ -15,6 +15,7 @@ import torch
 
 from tamp_fx.modality import Modality
 from tamp_fx.runtime import distributed
+from tamp_fx.runtime.timing import SELECTION, STATISTICS, stage
 from tamp_fx.statistics.diversity import diversity_terms, importance
 from tamp_fx.statistics.hessian import HessianAccumulator
 
@@ -79,9 +80,9 @@ class InputStats:
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Count the tokens ``x`` (..., C_in), each with its ``weight`` (T,) (None: 1 each)."""
         x = x.reshape(-1, x.shape[-1])                   # (T, C_in)
-        xf = x.float()
+        xf = x.float()                                   # float32 inputs: x itself, no copy
         if weight is None:
-            sq = (xf * xf).sum(0).double()               # (C_in,)
+            sq = xf.square().sum(0).double()             # (C_in,)
             self.sums.add(torch.cat([sq, sq.new_full((1,), x.shape[0])]))   # no host-to-device copy
             if self.hessian_acc is not None:
                 self.hessian_acc.add(xf)
@@ -146,9 +147,24 @@ class LinearObserver(torch.nn.Module):
         self.track_diversity = track_diversity
         self.selector_diversity = selector_diversity   # the selector reads the sample's diversity (AMIA)
         self.all_tokens_one_modality = all_tokens_one_modality
+        self.owns_stats = True               # False: a linear reading the same tensor fills ``stats`` (share_inputs)
         self.diversity_sums = SampleSums()   # per sample: term values (T), term present (T), importance
         self.token_sums = SampleSums()       # per sample: modality present (M), share of its tokens chosen (M)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def input_only(self) -> bool:
+        """Whether its statistics depend on the linear's input alone (every token counts, no
+        diversity): then linears that read one tensor can share them (:meth:`share_inputs`)."""
+        return self.selector is None and not self.track_diversity and self.collect_inputs
+
+    def share_inputs(self, owner: LinearObserver) -> None:
+        """Use ``owner``'s input statistics, which ``owner`` (an :attr:`input_only` observer of a
+        linear that reads the same tensor, q/k/v or gate/up) computes once for both."""
+        same = (owner.stats.hessian_acc is None) == (self.stats.hessian_acc is None)
+        if not (self.input_only and owner.input_only and same):
+            raise ValueError("only input-only observers that collect the same statistics can share them")
+        self.stats, self.owns_stats = owner.stats, False
 
     def _labels(self, n: int, device: torch.device) -> torch.Tensor:
         labels = self.context.labels
@@ -158,10 +174,15 @@ class LinearObserver(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        with stage(STATISTICS):
+            self._see(x, z)
+
+    def _see(self, x: torch.Tensor, z: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])              # (N, C_in)
         z = z.detach().reshape(-1, z.shape[-1])              # (N, C_out)
-        if self.selector is None and not self.track_diversity:
-            self.stats.add(x)
+        if self.input_only:
+            if self.owns_stats:
+                self.stats.add(x)
             self._count(None, self._labels(x.shape[0], x.device))
             return
         self._pending = (x, z)                               # finished once the sample's attention is known
@@ -194,7 +215,11 @@ class LinearObserver(torch.nn.Module):
             self.diversity_sums.add(torch.tensor([*values, *present, div], dtype=torch.float64))
         if not self.collect_inputs:
             return
-        chosen = Chosen() if self.selector is None else self.selector(z, attention, labels, div, self.context)
+        if self.selector is None:
+            chosen = Chosen()
+        else:
+            with stage(SELECTION):
+                chosen = self.selector(z, attention, labels, div, self.context)
         index = None if chosen.index is None else chosen.index.to(x.device)
         self.stats.add(x if index is None else x[index], chosen.weight)
         self._count(index, labels)
@@ -246,11 +271,11 @@ def last_row_attention(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | No
     expanded); mask broadcastable to (B, H, N_q, N), bool (True = attend) or additive float.
     Costs O(H N d): no N x N matrix is formed. Returns (B, N) float32.
     """
-    d = q.shape[-1]
+    (b, h, _, d), (h_kv, n) = q.shape, k.shape[1:3]
     scale = d ** -0.5 if scale is None else scale
-    q_last = q[:, :, -1:, :].float()                                     # (B, H, 1, d)
-    k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)     # (B, H, N, d)
-    logits = (q_last @ k.transpose(-1, -2)) * scale                     # (B, H, 1, N)
+    q_last = q[:, :, -1, :].float().reshape(b, h_kv, h // h_kv, d)      # (B, H_kv, G, d): G query heads per key head
+    logits = (q_last @ k.float().transpose(-1, -2)) * scale             # (B, H_kv, G, N)
+    logits = logits.reshape(b, h, 1, n)                                  # (B, H, 1, N)
     if mask is not None:
         m = mask[..., -1:, :]                                            # (B|1, H|1, 1, N)
         logits = logits.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else logits + m.float()
@@ -271,6 +296,11 @@ class AttentionObserver(torch.nn.Module):
     def forward(self, q: torch.Tensor | None, k: torch.Tensor | None, mask: torch.Tensor | None = None,
                 scale: float | None = None, probs: torch.Tensor | None = None) -> None:
         """Either q, k (mask, scale) of an SDPA node, or ``probs`` (B, H, N_q, N) of an eager softmax."""
+        with stage(STATISTICS):
+            self._see(q, k, mask, scale, probs)
+
+    def _see(self, q: torch.Tensor | None, k: torch.Tensor | None, mask: torch.Tensor | None,
+             scale: float | None, probs: torch.Tensor | None) -> None:
         if probs is not None:
             row = probs[0, :, -1, :].float().mean(0)                     # (N,)
         else:
@@ -302,7 +332,7 @@ def reduce_statistics(observers: Iterable[LinearObserver | AttentionObserver]) -
     if not w.distributed:
         return
     observers = list(observers)
-    tables = [t for o in observers for t in o.sample_sums() if t.rows]
+    tables = list({id(t): t for o in observers for t in o.sample_sums() if t.rows}.values())  # shared ones once
     if tables:
         n_local = len(tables[0].rows)
         if any(len(t.rows) != n_local for t in tables):
@@ -314,8 +344,9 @@ def reduce_statistics(observers: Iterable[LinearObserver | AttentionObserver]) -
             width = t.rows[0].numel()
             t.replace(list(full[:, start:start + width].to(t.rows[0].device).unbind(0)))
             start += width
-    for o in observers:
-        acc = getattr(getattr(o, "stats", None), "hessian_acc", None)
+    shared = {id(o.stats): o for o in observers if getattr(o, "stats", None) is not None}.values()
+    for o in shared:
+        acc = o.stats.hessian_acc
         if acc is not None:                       # every rank has one: the same code ran on each
             n = distributed.total_count(acc.n_tokens)
             c_in = o.stats.sums.rows[0].numel() - 1

@@ -24,6 +24,17 @@ def _layer_and_acts(seed: int, seq_lens: list[int], kv_heads: int = 2):
     return model.model.layers[0], acts
 
 
+def _linear_inputs(layer, acts) -> dict[str, list[torch.Tensor]]:
+    """Every linear's inputs (T, C_in) per sample, recorded with hooks on the eager layer."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    _run(layer, acts)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 def _run(module, acts, context=None):
     outs = []
     with torch.no_grad():
@@ -73,13 +84,7 @@ def test_a_keep_all_plan_is_the_identity(seed, seq_lens):
 def test_wanda_plan_equals_a_brute_force_reference_and_leaves_the_model_untouched():
     layer, acts = _layer_and_acts(3, [7, 12, 5])
     original = {n: p.detach().clone() for n, p in layer.named_parameters()}
-    # brute force: record every linear's inputs with hooks on the eager layer
-    seen: dict[str, list[torch.Tensor]] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
-             for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
-    _run(layer, acts)
-    for h in hooks:
-        h.remove()
+    seen = _linear_inputs(layer, acts)                                     # brute force: the eager layer's
 
     gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
     context = ObserverContext()
@@ -240,3 +245,62 @@ def test_rewrite_composes_with_another_graph_pass_under_torch_fx_pass_manager():
     assert not any(str(n.target).startswith(OBSERVER_PREFIX) for n in result.graph_module.graph.nodes)
     for name, d in decisions.items():
         assert torch.equal(result.graph_module.get_parameter(name) != 0, d.mask & (layer.get_parameter(name) != 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linears_reading_one_tensor_share_one_statistic_equal_to_a_float64_recomputation(dtype):
+    import functools
+
+    from tamp_fx.statistics.observers import LinearObserver
+    layer, acts = _layer_and_acts(5, [9, 14, 6])
+    layer = layer.to(dtype)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t   # noqa: E731
+    acts.hidden = [cast(h) for h in acts.hidden]
+    acts.layer_kwargs = [[torch.utils._pytree.tree_map(cast, kw) for kw in kws] for kws in acts.layer_kwargs]
+    seen = _linear_inputs(layer, acts)
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    context = ObserverContext()
+    observers = instrument(gm, InstrumentConfig(context, functools.partial(LinearObserver, hessian=True))).info["linear"]
+    _run(gm, acts, context)
+    q, k, v = (observers[f"self_attn.{p}_proj.weight"] for p in "qkv")
+    gate, up, down = (observers[f"mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
+    assert q.stats is k.stats is v.stats and gate.stats is up.stats and down.stats is not gate.stats   # computed once per group
+    for name, inputs in seen.items():
+        x = torch.cat(inputs).double()                                   # (T, C_in): the layer's own inputs, exactly
+        stats = observers[f"{name}.weight"].stats
+        assert stats.n_tokens == x.shape[0]
+        torch.testing.assert_close(stats.sum_sq, (x * x).sum(0), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(stats.hessian().double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+
+
+def test_observers_that_select_tokens_by_their_outputs_keep_their_own_statistics():
+    import functools
+
+    from tamp_fx.statistics.observers import Chosen, LinearObserver
+    layer, acts = _layer_and_acts(6, [8, 5])
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    first_half = lambda z, attention, labels, div, context: Chosen(torch.arange(z.shape[0] // 2))   # noqa: E731
+    observers = instrument(gm, InstrumentConfig(ObserverContext(), functools.partial(LinearObserver, selector=first_half))).info["linear"]
+    stats = [o.stats for o in observers.values()]
+    assert len({id(s) for s in stats}) == len(stats)
+
+
+def test_a_planned_layer_frees_its_weights_without_the_garbage_collector(monkeypatch):
+    import gc
+    import weakref
+
+    from tamp_fx.capture.graph import LayerExporter, drop_tensors
+    layer, acts = _layer_and_acts(7, [6])
+    exporter = LayerExporter()
+    gm = exporter(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    observers = instrument(gm, InstrumentConfig(ObserverContext())).info["linear"]
+    _run(gm, acts)
+    plan(gm, PlanPassConfig("wanda", {n: 0.5 for n in observers}, observers))
+    rewrite(gm)                                           # new (masked) weights that only gm holds
+    rewritten = weakref.ref(gm.get_parameter("mlp.down_proj.weight"))
+    gc.disable()
+    try:
+        drop_tensors(gm)
+        assert rewritten() is None                        # freed by reference counting, not by a collection
+    finally:
+        gc.enable()
