@@ -6,6 +6,10 @@ import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# plans' default dtype is bfloat16 on CPUs that compute it natively: the tests pin float32, so that
+# their plans (and references) do not depend on the machine's instruction set (tests/runtime/test_placement.py
+# checks the native default itself)
+os.environ["TAMP_FX_DTYPE"] = "float32"
 
 
 @pytest.fixture(scope="session")

@@ -241,3 +241,29 @@ def test_half_precision_on_a_cpu_without_native_products_warns_and_training_stay
     with placement.cpu_autocast():
         product = a @ b
     assert product.dtype == (torch.bfloat16 if native else torch.float32)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_plans_default_to_bfloat16_where_the_device_computes_it_natively(native, monkeypatch):
+    from tamp_fx.errors import TampError
+    from tamp_fx.runtime import placement
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(placement, "computes_bf16_natively", lambda device: native)
+    monkeypatch.delenv(placement.DTYPE_VARIABLE, raising=False)
+    assert placement.resolve_dtype(None, cpu, torch.float32, native_default=True) == (torch.bfloat16 if native else torch.float32)
+    assert placement.resolve_dtype(None, cpu, torch.float32) == torch.float32          # eval's default
+    assert placement.resolve_dtype("float32", cpu, torch.float32, native_default=True) == torch.float32   # --dtype wins
+    monkeypatch.setenv(placement.DTYPE_VARIABLE, "float32")
+    assert placement.resolve_dtype(None, cpu, torch.float32, native_default=True) == torch.float32
+    monkeypatch.setenv(placement.DTYPE_VARIABLE, "fp8")
+    with pytest.raises(TampError, match="TAMP_FX_DTYPE='fp8' is not a dtype"):
+        placement.resolve_dtype(None, cpu, torch.float32, native_default=True)
+
+
+def test_a_plan_records_the_dtype_it_ran_in(tiny_models, monkeypatch):
+    from tamp_fx.runtime import placement
+    monkeypatch.delenv(placement.DTYPE_VARIABLE)
+    monkeypatch.setattr(placement, "computes_bf16_natively", lambda device: True)
+    plan = _plan(tiny_models("llama"), "wanda", device="cpu")
+    assert (plan.timing["device"], plan.timing["dtype"]) == ("cpu", "bfloat16")
