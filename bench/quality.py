@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/wikitext2-valid.txt"))
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/quality"))
     parser.add_argument("--docs", type=Path, default=Path("docs"))
-    from quality_v2_runs import method_name, plan_options   # (it imports this module's run)
+    from quality_v2_runs import method_name, plan_options  # (it imports this module's run)
     parser.add_argument("--methods", nargs="+", default=METHODS, type=method_name,
                         help="method names as benchmark v2 reads them: a shortcut, then +score/+tokens/+allocation "
                              "(wanda+atv, das+sparsegpt)")

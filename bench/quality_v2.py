@@ -41,8 +41,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import Results, pyplot  # noqa: E402
 from quality_v2_runs import (  # noqa: E402
-    FIRST_CPU, begin_runs, cpu_of, hits_of, method_name, plan_options, plan_statistics, rel_with_interval,
-    task_interval, weights_id)
+    FIRST_CPU,
+    begin_runs,
+    cpu_of,
+    hits_of,
+    method_name,
+    plan_options,
+    plan_statistics,
+    rel_with_interval,
+    task_interval,
+    weights_id,
+)
 
 __all__ = ["FIRST_CPU", "METHODS", "SEEDS", "plan_statistics", "rel_with_interval", "weights_id", "write_outputs"]
 
