@@ -27,7 +27,8 @@ from typing import Any
 from tamp_fx.artifact.colours import ColourScale, difference_scale, percent, sparsity_scale, token_scale
 from tamp_fx.artifact.plan import TIMING_KEY, describe_timing
 from tamp_fx.errors import TampError
-from tamp_fx.runtime.output import atomic_directory, atomic_file, check_output
+from tamp_fx.runtime.output import check_output
+from tamp_fx.runtime.transaction import Outputs
 
 PLOT_HINT = "drawing figures needs matplotlib: pip install 'tamp-fx[plot]' (or pip install matplotlib)"
 
@@ -257,29 +258,27 @@ def render(data: dict[str, Any], *, dpi: int = 110) -> dict[str, bytes]:
     return pngs
 
 
-def write_figures(data: dict[str, Any], out_dir: str | Path, *, overwrite: bool = False,
-                  protect: tuple[Path, ...] = ()) -> list[Path]:
-    """Write the plan's figures as ``NAME.png`` into ``out_dir``: a new directory is created
-    atomically; into an existing one each figure is written atomically beside what is there,
-    replacing a file of the same name only with ``overwrite``."""
+def write_figures(data: dict[str, Any], out_dir: str | Path, outputs: Outputs) -> list[Path]:
+    """Stage the plan's figures as ``NAME.png`` in ``outputs`` (committed with the command's
+    other outputs): a new directory ``out_dir`` as a whole; into an existing one each figure
+    beside what is there, replacing a file of the same name only with ``--overwrite``."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        check_output(out_dir, overwrite=overwrite, protect=protect)            # before drawing
+        outputs.check(out_dir)                                                 # before drawing
         pngs = render(data)
-        with atomic_directory(out_dir, overwrite=overwrite, protect=protect) as tmp:
-            for name, png in pngs.items():
-                (tmp / f"{name}.png").write_bytes(png)
+        tmp = outputs.directory(out_dir)
+        for name, png in pngs.items():
+            (tmp / f"{name}.png").write_bytes(png)
         return [out_dir / f"{name}.png" for name in pngs]
     for name in FIGURES:                                                       # inputs, writability
-        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True)
+        check_output(out_dir / f"{name}.png", overwrite=True, protect=outputs.protect, file=True)
     pngs = render(data)
     existing = [f"{name}.png" for name in pngs if (out_dir / f"{name}.png").exists()]
-    if existing and not overwrite:
+    if existing and not outputs.overwrite:
         raise TampError(f"{out_dir} already has {', '.join(existing)}: pass --overwrite to replace "
                         f"{'them' if len(existing) > 1 else 'it'}, or choose another directory")
     for name, png in pngs.items():
-        with atomic_file(out_dir / f"{name}.png", overwrite=overwrite, protect=protect) as tmp:
-            tmp.write_bytes(png)
+        outputs.file(out_dir / f"{name}.png").write_bytes(png)
     return [out_dir / f"{name}.png" for name in pngs]
 
 
@@ -348,11 +347,9 @@ img{{max-width:100%}}figure{{margin:2em 0}}figcaption{{color:#555}}</style></hea
 """
 
 
-def write_html(data: dict[str, Any], out_file: str | Path, *, overwrite: bool = False,
-               protect: tuple[Path, ...] = ()) -> Path:
-    """Write :func:`html_page` of the plan to ``out_file`` (atomically)."""
+def write_html(data: dict[str, Any], out_file: str | Path, outputs: Outputs) -> Path:
+    """Stage :func:`html_page` of the plan as the file ``out_file`` in ``outputs``."""
+    outputs.check(out_file, file=True)                                         # before drawing
     page = html_page(data, render(data))
-    out_file = Path(out_file)
-    with atomic_file(out_file, overwrite=overwrite, protect=protect) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return out_file
+    outputs.file(out_file).write_text(page, encoding="utf-8")
+    return Path(out_file)
