@@ -16,17 +16,18 @@ draws on its Agg canvas, so no display is needed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tamp_fx.artifact.colours import ColourScale, difference_scale, percent, sparsity_scale, token_scale
 from tamp_fx.artifact.plan import TIMING_KEY, describe_timing
-from tamp_fx.errors import TampError
+from tamp_fx.errors import TampError, first_line
 from tamp_fx.runtime.output import check_output
 from tamp_fx.runtime.transaction import Outputs
 
@@ -245,15 +246,31 @@ FIGURES: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
+#: What drawing from a plan whose statistics were edited or damaged raises (a string where a
+#: number belongs, a missing key, a list where a mapping belongs, NaN everywhere).
+_DAMAGE = (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError)
+
+
+@contextlib.contextmanager
+def _damaged(what: str) -> Iterator[None]:
+    """Turn what a damaged plan's statistics make a drawer raise into one line naming ``what``."""
+    try:
+        yield
+    except _DAMAGE as error:
+        raise TampError(f"{what} cannot be drawn: the plan's statistics are damaged ({type(error).__name__}: "
+                        f"{first_line(error)}): re-run `tamp-fx plan` to write them again") from error
+
+
 def render(data: dict[str, Any], *, dpi: int = 110) -> dict[str, bytes]:
     """Every figure the plan has statistics for, as PNG bytes keyed by figure name."""
     pngs = {}
     for name, draw in FIGURES.items():
-        fig = draw(data)
-        if fig is None:
-            continue
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
+        with _damaged(f"the {name} figure"):                # drawing reads the statistics, saving lays them out
+            fig = draw(data)
+            if fig is None:
+                continue
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=dpi)
         pngs[name] = buffer.getvalue()
     return pngs
 
@@ -325,7 +342,9 @@ def _layer_table(data: dict[str, Any]) -> str:
 def html_page(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
     """One self-contained HTML page: the plan's summary and parts, then its figures inline."""
     e = html.escape
-    rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary_rows(data))
+    with _damaged("the report's summary"):
+        rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary_rows(data))
+        layer_table = _layer_table(data)
     config = e(json.dumps(data.get("config", {}), indent=1))
     figures = "\n".join(
         f'<figure><img alt="{e(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
@@ -341,7 +360,7 @@ img{{max-width:100%}}figure{{margin:2em 0}}figcaption{{color:#555}}</style></hea
 {rows}
 </table>
 <details><summary>config</summary><pre>{config}</pre></details>
-{_layer_table(data)}
+{layer_table}
 {figures}
 </body></html>
 """

@@ -112,8 +112,8 @@ class Outputs:
         if _disk_full(error):
             nearest = next((p for p in (outs[0] if outs else Path.cwd()).parents if p.exists()), Path("/"))
             free = shutil.disk_usage(nearest).free
-            return TampError(f"no space left on device while writing {names} ({_mib(free)} free there, and the output "
-                             f"needs more than the {_mib(written)} written before the disk filled): free space or "
+            return TampError(f"no space left on device while writing {names} ({_bytes(free)} free there, and the output "
+                             f"needs more than the {_bytes(written)} written before the disk filled): free space or "
                              "choose another --out, then retry; nothing was written")
         reason = getattr(error, "strerror", None) or first_line(error)
         return TampError(f"could not write {names} ({reason}): nothing was written")
@@ -192,8 +192,12 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:,.1f} MiB"
+def _bytes(size: int) -> str:
+    """``size`` in the largest binary unit it fills at least once (``12.3 MiB``)."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):,.1f} {unit}"
+    return f"{size} bytes"
 
 
 @contextlib.contextmanager
