@@ -153,6 +153,20 @@ def test_a_layer_failing_on_one_ranks_sample_stops_every_rank(tiny_models, tmp_p
     assert not (tmp_path / "p").exists()
 
 
+def test_a_rank_killed_mid_work_is_one_line_from_the_rank_left(tiny_models, tmp_path):
+    """Rank 0 is gone without a word (the OOM killer): rank 1, waiting for it in a collective, says
+    so in one line and exits 1; no traceback from any rank (torchrun's own report aside)."""
+    model = tiny_models("llava_next")
+    p = _cli(tmp_path / "state", "die:0", model, tmp_path / "p")
+    _, stderr = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    errors = _errors(stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: another of the 2 processes stopped"), stderr[-3000:]
+    assert not [line for line in stderr.splitlines() if line.startswith("[rank")], stderr[-3000:]   # a rank's traceback
+    assert _exits(tmp_path / "state") == {1: "1"}
+    assert not (tmp_path / "p").exists()
+
+
 def test_ctrl_c_stops_every_rank(tiny_models, tmp_path):
     model, state = tiny_models("llava_next"), tmp_path / "state"
     p = _cli(state, "wait", model, tmp_path / "p", start_new_session=True)
