@@ -150,6 +150,8 @@ def attention_figure(data: dict[str, Any]):
     if not layers:
         return None
     modalities = [m for m in layers[0][key] if any(entry[key].get(m, 0.0) > 0 for entry in layers)]
+    if not modalities:
+        return None                                # no mass anywhere (all zero or NaN): nothing to draw
     fig = _figure_class()(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.subplots()
     xs = [entry["layer"] for entry in layers]
