@@ -104,10 +104,11 @@ class Outputs:
             raise error
 
     def _failure(self, error: BaseException, written: int) -> TampError:
-        """One line for a failed write: which output, and for a full disk, how much is free there."""
-        where = getattr(error, "filename", None) or ""
-        outs = [out for tmp, out, _ in self._staged if str(where).startswith(str(tmp))] or \
-               [out for _, out, _ in self._staged]
+        """One line for a failed write: which output (the one the error names, else the last one
+        staged: outputs are staged as they are written), and for a full disk, how much is free there."""
+        where = str(getattr(error, "filename", None) or "")
+        outs = [out for tmp, out, _ in self._staged if where.startswith(str(tmp))] or \
+               [out for _, out, _ in self._staged[-1:]]
         names = " and ".join(map(str, outs)) or "the output"
         if _disk_full(error):
             nearest = next((p for p in (outs[0] if outs else Path.cwd()).parents if p.exists()), Path("/"))

@@ -39,6 +39,7 @@ for name, case in cases.items():
         result = CliRunner().invoke(app, case["args"])
         failure = result.exception if not isinstance(result.exception, SystemExit) else None
         results[name] = {"code": result.exit_code, "output": result.output, "exception": repr(failure),
+                         "filled": case["args"][-1],
                          "changed": sorted(k for k, v in snapshot(disk, *case["inputs"]).items() ^ before.items())}
     finally:
         subprocess.run(["umount", disk], check=True)
@@ -80,17 +81,17 @@ def full_disk(llama, saved_plan, tmp_path_factory):
         "plan.json": (PAGE, plan + ["--out", disk / "a" / "b" / "plan"], hf_inputs),
         "plan masks": (_pages(plan_json) + PAGE, plan + ["--out", disk / "a" / "plan"], hf_inputs),
         "apply shards": (_pages(*[f for f in llama.iterdir() if f.suffix != ".safetensors"]) + 2 * PAGE,
-                         ["apply", llama, saved_plan, "--out", disk / "a" / "pruned", "-q"], hf_inputs),
-        "apply pt2": (PAGE, ["apply", exported.program, root / "program-plan", "--out", disk / "a" / "pruned.pt2",
-                             "-q"], [root]),
-        "export pt2": (PAGE, export + ["--out", disk / "a" / "m.pt2", "--calib-out", disk / "c" / "i.safetensors"],
+                         ["apply", llama, saved_plan, "-q", "--out", disk / "a" / "pruned"], hf_inputs),
+        "apply pt2": (PAGE, ["apply", exported.program, root / "program-plan", "-q", "--out",
+                             disk / "a" / "pruned.pt2"], [root]),
+        "export pt2": (PAGE, export + ["--calib-out", disk / "c" / "i.safetensors", "--out", disk / "a" / "m.pt2"],
                        [llama]),
         "export calibration": (_pages(exported.program) + 2 * PAGE,
                                export + ["--out", disk / "m.pt2", "--calib-out", disk / "a" / "i.safetensors"],
                                [llama]),
-        "inspect plot": (PAGE, ["inspect", saved_plan, "--plot", disk / "a" / "figs", "-q"], [saved_plan]),
-        "inspect html": (PAGE, ["inspect", saved_plan, "--html", disk / "a" / "r.html", "-q"], [saved_plan]),
-    }
+        "inspect plot": (PAGE, ["inspect", saved_plan, "-q", "--plot", disk / "a" / "figs"], [saved_plan]),
+        "inspect html": (PAGE, ["inspect", saved_plan, "-q", "--html", disk / "a" / "r.html"], [saved_plan]),
+    }                                                  # the last argument: the output the disk fills on
     spec = {name: {"size": size, "args": [str(a) for a in args], "inputs": [str(p) for p in inputs]}
             for name, (size, args, inputs) in cases.items()}
     (root / "cases.json").write_text(json.dumps(spec))
@@ -111,7 +112,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(full_disk, case):
     assert "crash" not in result, result                              # a C++ terminate kills the process
     lines = [line for line in result["output"].splitlines() if line.strip()]
     assert result["code"] == 1 and len(lines) == 1, result
-    assert lines[0].startswith("error: no space left on device while writing "), result
+    assert lines[0].startswith(f"error: no space left on device while writing {result['filled']} ("), result
     assert "Traceback" not in result["output"] and "terminate" not in result["output"]
     assert result["exception"] == "None", result
     assert result["changed"] == [], result                            # nothing new on the disk, inputs the same
