@@ -1,6 +1,7 @@
 """The tamp-fx command line. :func:`main` is the console entry point; it lives here, not in
 ``main.py``, so that Ctrl-C is taken over before anything heavy (typer, torch, transformers)
 is imported: however early it comes, the user sees one line and exit status 130."""
+import os
 import signal
 import sys
 
@@ -33,6 +34,23 @@ def run() -> int:
     return 0
 
 
+def _signals_end_quietly(code: int | str | None) -> None:
+    """The command is over: a Ctrl-C or SIGTERM from now on (torchrun stopping the other ranks
+    once one has failed, while this one leaves its process group) ends the process with the
+    command's own status, not with a traceback from wherever it lands."""
+    status = code if isinstance(code, int) else 0 if code is None else 1
+
+    def stop(signum, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):                # a closed pipe: nothing more to say
+                pass
+        os._exit(status)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
     """The console entry point (and ``python -m tamp_fx.cli``): :func:`run`, then exit with its
     status; under torchrun through :func:`tamp_fx.runtime.distributed.end_process`."""
@@ -40,6 +58,7 @@ def main() -> None:
         code = run()
     except SystemExit as done:                          # typer ends every command this way
         code = done.code
+    _signals_end_quietly(code)
     if lenient().size > 1:                              # a bad WORLD_SIZE: the command said so in one line
         from tamp_fx.runtime.distributed import end_process
         end_process(code)

@@ -212,14 +212,20 @@ def fail(message: str, code: int = 1, every_rank: bool = False) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a TampError (or an OSError) in a command into a one-line message and exit status 1 (Ctrl-C reaches
-    :func:`tamp_fx.cli.main` as ``Interrupted``; a KeyboardInterrupt here is the API's own)."""
+    """Turn a TampError (or an OSError, or a collective that lost another rank) in a command into a one-line
+    message and exit status 1 (Ctrl-C reaches :func:`tamp_fx.cli.main` as ``Interrupted``; a KeyboardInterrupt
+    here is the API's own)."""
     from tamp_fx.errors import TampError, first_line
-    from tamp_fx.runtime.distributed import RankFailed
+    from tamp_fx.runtime.distributed import RankFailed, peer_lost, world
     try:
         yield
     except TampError as error:
         fail(str(error), every_rank=isinstance(error, RankFailed))
+    except RuntimeError as error:
+        if not peer_lost(error):
+            raise
+        fail(f"another of the {world().size} processes stopped without a word (killed, out of memory?): see torchrun's "
+             "report below for which one; nothing was written")
     except OSError as error:        # the file system said no (permissions, a full disk) somewhere tamp-fx did not expect
         fail(f"{error.filename or 'a file'}: {error.strerror or first_line(error)}: check the path, its permissions "
               "and the free space")

@@ -50,8 +50,9 @@ def evaluate(
 
     with user_errors():
         from tamp_fx.evaluate import evaluate as run_eval
-        from tamp_fx.runtime.output import atomic_file, check_output
+        from tamp_fx.runtime.output import check_output
         from tamp_fx.runtime.progress import Bars
+        from tamp_fx.runtime.transaction import atomic_file
         to_stdout, inputs = str(json_file) == STDOUT, tuple(p for p in (model, baseline, text) if p is not None)
         if json_file is not None and not to_stdout:
             if str(json_file).startswith("-"):

@@ -86,12 +86,14 @@ def inspect(
                 table.add_row(str(layer), *("-" if v is None else f"{v:.1%}" for v in cells.values()), f"{total:.1%}")
             out_console.print(table)
             out_console.print(f"planning time: {describe_timing(data.get(TIMING_KEY))}", highlight=False, soft_wrap=True)
-        protect = (plan_dir.resolve(),)
+        from tamp_fx.runtime.transaction import Outputs
+        with Outputs(overwrite=overwrite, protect=(plan_dir.resolve(),)) as outputs:    # figures and page, or neither
+            written = report.write_figures(data, plot, outputs) if plot is not None else []
+            if html is not None:
+                report.write_html(data, html, outputs)
         if plot is not None:
-            written = report.write_figures(data, plot, overwrite=overwrite, protect=protect)
             console.print(f"{len(written)} figures ({', '.join(p.stem for p in written)}) -> {plot}", highlight=False)
         if html is not None:
-            report.write_html(data, html, overwrite=overwrite, protect=protect)
             console.print(f"report -> {html}", highlight=False)
 
 

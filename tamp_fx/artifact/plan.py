@@ -18,8 +18,8 @@ from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.fingerprint import fingerprint
 from tamp_fx.prune.masks import PackedMask, PackedMasks, achieved_sparsity, apply_mask, unpack_mask
-from tamp_fx.runtime.output import atomic_directory
 from tamp_fx.runtime.timing import WRITING, with_part
+from tamp_fx.runtime.transaction import atomic_directory
 
 SCHEMA_VERSION = 1
 PLAN_FILE = "plan.json"

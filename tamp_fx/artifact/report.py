@@ -16,18 +16,20 @@ draws on its Agg canvas, so no display is needed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tamp_fx.artifact.colours import ColourScale, difference_scale, percent, sparsity_scale, token_scale
 from tamp_fx.artifact.plan import TIMING_KEY, describe_timing
-from tamp_fx.errors import TampError
-from tamp_fx.runtime.output import atomic_directory, atomic_file, check_output
+from tamp_fx.errors import TampError, first_line
+from tamp_fx.runtime.output import check_output
+from tamp_fx.runtime.transaction import Outputs
 
 PLOT_HINT = "drawing figures needs matplotlib: pip install 'tamp-fx[plot]' (or pip install matplotlib)"
 
@@ -148,6 +150,8 @@ def attention_figure(data: dict[str, Any]):
     if not layers:
         return None
     modalities = [m for m in layers[0][key] if any(entry[key].get(m, 0.0) > 0 for entry in layers)]
+    if not modalities:
+        return None                                # no mass anywhere (all zero or NaN): nothing to draw
     fig = _figure_class()(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.subplots()
     xs = [entry["layer"] for entry in layers]
@@ -244,42 +248,56 @@ FIGURES: dict[str, Callable[[dict[str, Any]], Any]] = {
 }
 
 
+#: What drawing from a plan whose statistics were edited or damaged raises (a string where a
+#: number belongs, a missing key, a list where a mapping belongs, NaN everywhere).
+_DAMAGE = (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError)
+
+
+@contextlib.contextmanager
+def _damaged(what: str) -> Iterator[None]:
+    """Turn what a damaged plan's statistics make a drawer raise into one line naming ``what``."""
+    try:
+        yield
+    except _DAMAGE as error:
+        raise TampError(f"{what} cannot be drawn: the plan's statistics are damaged ({type(error).__name__}: "
+                        f"{first_line(error)}): re-run `tamp-fx plan` to write them again") from error
+
+
 def render(data: dict[str, Any], *, dpi: int = 110) -> dict[str, bytes]:
     """Every figure the plan has statistics for, as PNG bytes keyed by figure name."""
     pngs = {}
     for name, draw in FIGURES.items():
-        fig = draw(data)
-        if fig is None:
-            continue
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
+        with _damaged(f"the {name} figure"):                # drawing reads the statistics, saving lays them out
+            fig = draw(data)
+            if fig is None:
+                continue
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=dpi)
         pngs[name] = buffer.getvalue()
     return pngs
 
 
-def write_figures(data: dict[str, Any], out_dir: str | Path, *, overwrite: bool = False,
-                  protect: tuple[Path, ...] = ()) -> list[Path]:
-    """Write the plan's figures as ``NAME.png`` into ``out_dir``: a new directory is created
-    atomically; into an existing one each figure is written atomically beside what is there,
-    replacing a file of the same name only with ``overwrite``."""
+def write_figures(data: dict[str, Any], out_dir: str | Path, outputs: Outputs) -> list[Path]:
+    """Stage the plan's figures as ``NAME.png`` in ``outputs`` (committed with the command's
+    other outputs): a new directory ``out_dir`` as a whole; into an existing one each figure
+    beside what is there, replacing a file of the same name only with ``--overwrite``."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        check_output(out_dir, overwrite=overwrite, protect=protect)            # before drawing
+        outputs.check(out_dir)                                                 # before drawing
         pngs = render(data)
-        with atomic_directory(out_dir, overwrite=overwrite, protect=protect) as tmp:
-            for name, png in pngs.items():
-                (tmp / f"{name}.png").write_bytes(png)
+        tmp = outputs.directory(out_dir)
+        for name, png in pngs.items():
+            (tmp / f"{name}.png").write_bytes(png)
         return [out_dir / f"{name}.png" for name in pngs]
     for name in FIGURES:                                                       # inputs, writability
-        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True)
+        check_output(out_dir / f"{name}.png", overwrite=True, protect=outputs.protect, file=True)
     pngs = render(data)
     existing = [f"{name}.png" for name in pngs if (out_dir / f"{name}.png").exists()]
-    if existing and not overwrite:
+    if existing and not outputs.overwrite:
         raise TampError(f"{out_dir} already has {', '.join(existing)}: pass --overwrite to replace "
                         f"{'them' if len(existing) > 1 else 'it'}, or choose another directory")
     for name, png in pngs.items():
-        with atomic_file(out_dir / f"{name}.png", overwrite=overwrite, protect=protect) as tmp:
-            tmp.write_bytes(png)
+        outputs.file(out_dir / f"{name}.png").write_bytes(png)
     return [out_dir / f"{name}.png" for name in pngs]
 
 
@@ -326,7 +344,9 @@ def _layer_table(data: dict[str, Any]) -> str:
 def html_page(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
     """One self-contained HTML page: the plan's summary and parts, then its figures inline."""
     e = html.escape
-    rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary_rows(data))
+    with _damaged("the report's summary"):
+        rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary_rows(data))
+        layer_table = _layer_table(data)
     config = e(json.dumps(data.get("config", {}), indent=1))
     figures = "\n".join(
         f'<figure><img alt="{e(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
@@ -342,17 +362,15 @@ img{{max-width:100%}}figure{{margin:2em 0}}figcaption{{color:#555}}</style></hea
 {rows}
 </table>
 <details><summary>config</summary><pre>{config}</pre></details>
-{_layer_table(data)}
+{layer_table}
 {figures}
 </body></html>
 """
 
 
-def write_html(data: dict[str, Any], out_file: str | Path, *, overwrite: bool = False,
-               protect: tuple[Path, ...] = ()) -> Path:
-    """Write :func:`html_page` of the plan to ``out_file`` (atomically)."""
+def write_html(data: dict[str, Any], out_file: str | Path, outputs: Outputs) -> Path:
+    """Stage :func:`html_page` of the plan as the file ``out_file`` in ``outputs``."""
+    outputs.check(out_file, file=True)                                         # before drawing
     page = html_page(data, render(data))
-    out_file = Path(out_file)
-    with atomic_file(out_file, overwrite=overwrite, protect=protect) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-    return out_file
+    outputs.file(out_file).write_text(page, encoding="utf-8")
+    return Path(out_file)

@@ -185,6 +185,16 @@ def _agree(error: BaseException | None, w: World) -> None:
     raise RankFailed(message) from error
 
 
+#: How gloo words a rank that is gone (a plain RuntimeError): killed, out of memory, crashed.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_lost(error: BaseException, w: World | None = None) -> bool:
+    """Whether ``error`` (raised by a collective) says another rank of this run is gone."""
+    w = w or _world
+    return w.distributed and (isinstance(error, dist.DistNetworkError) or any(t in str(error) for t in _PEER_GONE))
+
+
 def barrier(w: World | None = None) -> None:
     """Wait until every rank is here (over the CPU: gloo)."""
     w = w or _world

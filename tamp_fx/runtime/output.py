@@ -1,5 +1,6 @@
-"""Safe output: every output is written to a temporary beside its target and committed by
-rename, checked before any work against the inputs it must never replace."""
+"""Safe output: every output is checked before any work against the inputs it must never
+replace, and the temporaries tamp-fx creates beside it carry an ownership marker so that only
+they are ever cleaned up (:mod:`tamp_fx.runtime.transaction` stages and commits them)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,14 +27,13 @@ WRITTEN: list[Path] = []
 #: The file every output directory gets: ``--overwrite`` replaces a directory only when it has
 #: one (or is empty), so a mistyped ``--out`` (a home directory, a dataset) is never deleted.
 OUTPUT_MARKER = ".tamp-fx-output"
-_MARKER_TEXT = "written by tamp-fx: `--overwrite` may replace this directory as a whole\n"
 
 _FS_IOC_GETFLAGS = 0x80086601                # ioctl: a file's ext2-style attribute flags (Linux)
 _IMMUTABLE_OR_APPEND_ONLY = 0x10 | 0x20      # FS_IMMUTABLE_FL | FS_APPEND_FL (chattr +i / +a)
 
 #: The suffix of an ownership marker: ``.NAME.KIND-PID-TOKEN`` + this claims the paths beside it
 #: named ``.NAME.KIND-PID-TOKEN-*`` (KIND: ``tmp`` for temporaries, ``old`` for the backup of a
-#: replaced output) for process PID of the host the marker names (see :func:`_owned`).
+#: replaced output) for process PID of the host the marker names (see :func:`owned`).
 OWNER_SUFFIX = ".tamp-fx-owner"
 _TOKEN = secrets.token_hex(6)                 # this process's: a pid alone is reused
 _HOST = socket.gethostname()
@@ -50,7 +48,7 @@ def _prefix(out: Path, kind: str = "tmp") -> str:
 
 def temp_prefix(out: Path) -> str:
     """Name prefix of this process's temporary paths beside ``out``: ``.NAME.tmp-PID-TOKEN-``.
-    Only what is created under it inside :func:`atomic_directory` / :func:`atomic_file` carries
+    Only what is created under it inside :func:`~tamp_fx.runtime.transaction.Outputs` carries
     the marker a later run's clean-up asks for."""
     return _prefix(out) + "-"
 
@@ -59,7 +57,7 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path
     """Refuse ``out`` in one line, before any work, if writing it could replace or change an
     input (a path in ``protect``, a directory holding one, or a path inside an input
     directory), if it exists and ``overwrite`` is off, or if its directory cannot be written.
-    ``file``: ``out`` is one file (:func:`atomic_file`) rather than a directory. Returns
+    ``file``: ``out`` is one file (:meth:`~tamp_fx.runtime.transaction.Outputs.file`) rather than a directory. Returns
     ``out`` as an absolute path."""
     out = _absolute(out)
     for given in map(_absolute, protect):
@@ -118,12 +116,6 @@ def _special(path: Path) -> str | None:
     return next((what for test, what in _SPECIAL if test(mode)), "not a regular file")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _replaceable(directory: Path) -> bool:
     """Whether ``--overwrite`` may replace ``directory``: it is empty or tamp-fx wrote it."""
     try:
@@ -172,7 +164,7 @@ def _check_writable(out: Path) -> None:
 
 def remove_stale_temporaries(out: Path, protect: tuple[Path, ...] = ()) -> None:
     """Remove what runs killed before they finished (SIGKILL, power loss) left beside ``out``,
-    and only that: the paths a marker (:func:`_owned`) claims for a process of this host that no
+    and only that: the paths a marker (:func:`owned`) claims for a process of this host that no
     longer exists, a backup of a replaced output only once ``out`` exists again (before that it
     is the only copy of the previous output). A path without a marker is never touched,
     whatever its name, and neither is a path in ``protect`` (the inputs), one holding one or
@@ -190,7 +182,7 @@ def remove_stale_temporaries(out: Path, protect: tuple[Path, ...] = ()) -> None:
             path = out.parent / name
             if not name.startswith(claimed) or any(_overlap(path, _absolute(given)) for given in protect):
                 continue                           # not claimed, or an input: the user's, whatever its name
-            _remove(path)
+            remove(path)
             log.warning("removed %s, left by an interrupted run (process %s)", path, owner[1])
         (out.parent / marker).unlink(missing_ok=True)
 
@@ -240,7 +232,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove(path: Path) -> None:
+def remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -248,7 +240,7 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _owned(out: Path, kind: str = "tmp") -> Iterator[str]:
+def owned(out: Path, kind: str = "tmp") -> Iterator[str]:
     """Claim the names ``.NAME.KIND-PID-TOKEN-*`` beside ``out`` for this process while the block
     runs (a marker beside them names pid, host and token): :func:`remove_stale_temporaries`
     removes only what such a marker claims, once its process is gone. Yields the prefix."""
@@ -258,95 +250,3 @@ def _owned(out: Path, kind: str = "tmp") -> Iterator[str]:
     finally:
         if marker is not None:
             marker.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends: a rename pair is never cut in half."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (only with ``overwrite``) is moved aside
-    first (under a marker, :func:`_owned`) and removed after, a file or a directory alike."""
-    with _owned(out, "old") as prefix:
-        old = out.with_name(prefix + "previous")
-        with _signals_deferred():
-            exists = out.exists() or out.is_symlink()
-            if exists and not overwrite:
-                raise TampError(f"output {out} appeared while this ran: choose another --out or pass --overwrite")
-            if exists:
-                os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                if exists:
-                    os.replace(old, out)               # put the previous output back
-                raise
-            WRITTEN.append(out)
-        if exists:
-            _remove(old)
-
-
-def _umask_modes(tmp: Path) -> None:
-    """Give ``tmp`` and every path in it the modes the umask gives new paths (0666 / 0777 less
-    it): mkstemp, mkdtemp and some writers (safetensors) make private 0600 / 0700 paths, and an
-    output should be readable by the services and people the umask lets read it. Symbolic links
-    are left alone (chmod would change what they point to)."""
-    mask = _umask()
-    for path in [tmp, *(tmp.rglob("*") if tmp.is_dir() else ())]:
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-@contextlib.contextmanager
-def _atomic(out: Path, overwrite: bool, protect: tuple[Path, ...], file: bool) -> Iterator[Path]:
-    out = check_output(out, overwrite=overwrite, protect=protect, file=file)
-    remove_stale_temporaries(out, protect)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _owned(out), _temporary(out, overwrite, file) as tmp:
-        yield tmp
-
-
-@contextlib.contextmanager
-def _temporary(out: Path, overwrite: bool, file: bool) -> Iterator[Path]:
-    """A temporary beside ``out`` (inside :func:`_owned`) that becomes ``out`` if the block finishes."""
-    if file:
-        fd, name = tempfile.mkstemp(prefix=temp_prefix(out), suffix=out.suffix, dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
-    else:
-        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
-    try:
-        yield tmp
-        if not file:
-            (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT)
-        _umask_modes(tmp)
-        _commit(tmp, out, overwrite)
-    except OSError as error:
-        raise TampError(f"could not write {out} ({error.strerror or error}): nothing was written") from error
-    finally:
-        if tmp.exists() or tmp.is_symlink():
-            _remove(tmp)
-
-
-def atomic_directory(out: Path, *, overwrite: bool, protect: tuple[Path, ...] = ()) -> contextlib.AbstractContextManager[Path]:
-    """Yield a temporary directory beside ``out`` that becomes ``out`` only if the block
-    finishes; an interrupted run leaves nothing at ``out``. Refuses (:func:`check_output`) any
-    ``out`` that would replace, hold or sit inside a path in ``protect`` (the inputs), an
-    existing ``out`` unless ``overwrite``, and an ``out`` that cannot be written."""
-    return _atomic(out, overwrite, protect, file=False)
-
-
-def atomic_file(out: Path, *, overwrite: bool, protect: tuple[Path, ...] = ()) -> contextlib.AbstractContextManager[Path]:
-    """Like :func:`atomic_directory` for one file: yield a temporary path beside ``out`` (same
-    suffix) that replaces ``out`` only if the block finishes."""
-    return _atomic(out, overwrite, protect, file=True)

@@ -24,8 +24,9 @@ from tamp_fx.load.program import load_program
 from tamp_fx.load.source import ModelSource, load_model, load_processor, resolve_source
 from tamp_fx.prune import semi_structured
 from tamp_fx.prune.semi_structured import FORMATS
-from tamp_fx.runtime.output import atomic_directory, check_output, temp_prefix
+from tamp_fx.runtime.output import check_output, temp_prefix
 from tamp_fx.runtime.progress import Bars
+from tamp_fx.runtime.transaction import atomic_directory
 from tamp_fx.write.hf import copy_companions
 from tamp_fx.write.int8_weight import save_int8_weight
 from tamp_fx.write.program import apply_program

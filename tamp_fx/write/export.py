@@ -29,8 +29,10 @@ from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.adapters import modality_token_ids
 from tamp_fx.load.source import load_model, load_processor, resolve_source
 from tamp_fx.modality import modality_labels
-from tamp_fx.runtime.output import atomic_file, check_output
+from tamp_fx.runtime.output import check_output
 from tamp_fx.runtime.progress import Bars
+from tamp_fx.runtime.transaction import Outputs
+from tamp_fx.write.program import save_program
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,7 @@ def export_decoder(model: str | Path, calib: str | Path, out: str | Path, calib_
         except Exception as error:  # noqa: BLE001
             raise TampError(f"torch.export could not export the language decoder of {source.path}: "
                             f"{first_line(error)}") from error
-    with atomic_file(out, overwrite=overwrite, protect=protect) as tmp_program, \
-            atomic_file(calib_out, overwrite=overwrite, protect=protect) as tmp_calib:
-        torch.export.save(ep, tmp_program)
-        save_program_calibration(tmp_calib, program_samples)
+    with Outputs(overwrite=overwrite, protect=protect) as outputs:      # both or neither
+        save_program(ep, outputs.file(out))
+        save_program_calibration(outputs.file(calib_out), program_samples)
     return Exported(out, calib_out, len(program_samples))

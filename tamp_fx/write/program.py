@@ -1,6 +1,7 @@
 """An exported program written with the plan's masks applied (``.pt2``), optionally PT2E-quantized."""
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -12,9 +13,55 @@ from tamp_fx.artifact.plan import Plan
 from tamp_fx.calibrate.program import load_program_calibration
 from tamp_fx.capture.graph import linear_nodes
 from tamp_fx.errors import TampError, first_line
-from tamp_fx.runtime.output import atomic_file
+from tamp_fx.runtime.transaction import atomic_file
 
 log = logging.getLogger(__name__)
+
+
+class _Sink(io.RawIOBase):
+    """The file torch's archive writer writes a ``.pt2`` through, which never lets an error reach
+    it: PyTorchFileWriter is C++, and an exception it meets (a full disk) ends in ``terminate``
+    when its destructor writes again, so the first OSError is kept in :attr:`error` and every
+    later call is a no-op."""
+
+    def __init__(self, file: io.BufferedWriter) -> None:
+        super().__init__()
+        self.file, self.error = file, None
+
+    def _guarded(self, call, *args):
+        if self.error is None:
+            try:
+                return call(*args)
+            except OSError as error:
+                self.error = error
+        return None
+
+    def write(self, data) -> int:
+        self._guarded(self.file.write, data)
+        return memoryview(data).nbytes
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._guarded(self.file.seek, offset, whence) or 0
+
+    def flush(self) -> None:
+        self._guarded(self.file.flush)
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+def save_program(program: ExportedProgram, path: Path) -> None:
+    """``torch.export.save(program, path)``, with a write that fails (a full disk) raised here
+    as its OSError rather than aborting the process in torch's C++ writer."""
+    with open(path, "wb") as file:
+        sink = _Sink(file)
+        torch.export.save(program, sink)
+        sink.flush()
+    if sink.error is not None:
+        raise sink.error
 
 
 def _dynamic_shapes(ep: ExportedProgram) -> tuple | None:
@@ -92,5 +139,5 @@ def apply_program(ep: ExportedProgram, plan: Plan, out: Path, where: str | Path,
         _drop_unused_parameters(converted)
         program = _reexport(converted, samples[0].args, _dynamic_shapes(ep))
     with atomic_file(out, overwrite=overwrite, protect=protect) as tmp:
-        torch.export.save(program, tmp)
+        save_program(program, tmp)
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tamp_fx.runtime.output import atomic_directory, atomic_file
+from tamp_fx.runtime.transaction import atomic_directory, atomic_file
 from tamp_fx.testbeds.fixture2 import scenes
 
 CALIB_SEED, DESCRIPTION_SEED = 103, 104

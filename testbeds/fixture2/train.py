@@ -67,8 +67,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tamp_fx.runtime.output import atomic_file
 from tamp_fx.runtime.placement import cpu_autocast, cpu_multiplies_natively
+from tamp_fx.runtime.transaction import atomic_file
 from tamp_fx.testbeds.fixture import model as fixture1
 from tamp_fx.testbeds.fixture import train as train1
 from tamp_fx.testbeds.fixture2 import model as fixture2

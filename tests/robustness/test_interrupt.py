@@ -104,3 +104,26 @@ def test_a_real_ctrl_c_one_second_in(tmp_path, llama):
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)
     _interrupted_cleanly(process, before, tmp_path, llama)
+
+
+_STOPPED_WHILE_LEAVING = """
+import os, signal, sys, types
+import tamp_fx.cli as cli
+from tamp_fx.runtime.launch import Launch
+def command():                                    # the command ends with status 1 (another rank failed)
+    signal.signal(signal.SIGTERM, cli._interrupt)
+    return 1
+def leave(code):                                  # torchrun's SIGTERM while this rank leaves its process group
+    os.kill(os.getpid(), signal.SIGTERM)
+    sys.exit(code)
+cli.run, cli.lenient = command, lambda: Launch(rank=1, size=2)
+sys.modules["tamp_fx.runtime.distributed"] = types.SimpleNamespace(end_process=leave)
+cli.main()
+"""
+
+
+def test_a_rank_stopped_by_torchrun_while_it_leaves_exits_quietly():
+    """Once one rank fails torchrun sends SIGTERM to the others, which may be past their command,
+    leaving the process group: that ends them with the command's status, no traceback."""
+    r = subprocess.run([sys.executable, "-c", _STOPPED_WHILE_LEAVING], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "")

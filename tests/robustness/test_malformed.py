@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from support.cli import fails_cleanly
+from support.cli import fails_cleanly, invoke
 from support.corrupt import decompression_bomb_png, deeply_nested_json, gguf_cut_in_header, wav
 
 # --- GGUF -------------------------------------------------------------------------------
@@ -183,3 +183,48 @@ def test_damaged_plans_are_refused_by_inspect_and_apply(case, plan_copy, llama, 
     fails_cleanly(["inspect", plan_copy], expected, unchanged=[tmp_path])
     fails_cleanly(["apply", llama, plan_copy, "--out", tmp_path / "out", "-q"], expected, tmp_path / "out",
                   unchanged=[tmp_path, llama])
+
+
+# --- statistics that inspect --plot / --html draw ------------------------------------------
+
+def _set_layers(layers):
+    return lambda data: data.update(layers=layers)
+
+
+#: name -> damage to statistics Plan.load does not read (a linear's ``stats``, the ``layers`` records)
+STATISTICS = {
+    "diversity a string": _set_linear("stats", {"diversity": "garbage"}),
+    "importance a list": _set_linear("stats", {"diversity": {"intra": 0.5}, "importance": [1, 2]}),
+    "a layer record a string": _set_layers(["not a record"]),
+    "a layer record without its layer": _set_layers([{"last_token_attention_per_modality": {"text": 1.0}}]),
+    "attention mass a string": _set_layers([{"layer": 0, "last_token_attention_per_modality": {"text": "x"}}]),
+    "attention a list": _set_layers([{"layer": 0, "last_token_attention_per_modality": [0.5]}]),
+}
+#: damage only the report's summary reads (per-layer time and memory)
+SUMMARY = {
+    "seconds a string": _set_layers([{"layer": 0, "seconds": "slow"}]),
+    "peak memory a mapping": _set_layers([{"layer": 0, "peak_host_mib": {"a": 1}}]),
+}
+#: damage that is still a plan to draw: NaN and infinity are gaps in a figure, not errors
+DRAWABLE = {
+    "diversity NaN": _set_linear("stats", {"diversity": {"intra": math.nan}, "importance": math.inf}),
+    "attention NaN": _set_layers([{"layer": 0, "last_token_attention_per_modality": {"text": math.nan}}]),
+    "seconds NaN": _set_layers([{"layer": 0, "seconds": math.nan, "peak_host_mib": math.inf}]),
+}
+
+
+@pytest.mark.parametrize(("case", "option"), [(c, o) for c in STATISTICS for o in ("--plot", "--html")]
+                         + [(c, "--html") for c in SUMMARY])
+def test_damaged_statistics_are_one_line_for_plot_and_html(case, option, plan_copy, tmp_path):
+    _edit_json(plan_copy, {**STATISTICS, **SUMMARY}[case])
+    out = tmp_path / "new" / ("figs" if option == "--plot" else "report.html")
+    fails_cleanly(["inspect", plan_copy, option, out, "-q"], "the plan's statistics are damaged", out,
+                  unchanged=[tmp_path])
+
+
+@pytest.mark.parametrize("case", DRAWABLE)
+def test_non_finite_statistics_are_drawn_as_gaps(case, plan_copy, tmp_path):
+    _edit_json(plan_copy, DRAWABLE[case])
+    result = invoke(["inspect", plan_copy, "--plot", tmp_path / "figs", "--html", tmp_path / "r.html", "-q"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert (tmp_path / "r.html").is_file() and list((tmp_path / "figs").glob("*.png"))

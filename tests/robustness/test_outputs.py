@@ -148,7 +148,7 @@ def test_a_device_or_fifo_out_is_refused(specials, tmp_path, llama, saved_plan, 
 _KILLED_WHILE_WRITING = """
 import os, signal, sys
 from pathlib import Path
-from tamp_fx.runtime.output import atomic_directory
+from tamp_fx.runtime.transaction import atomic_directory
 with atomic_directory(Path(sys.argv[1]), overwrite=False) as tmp:
     (tmp / "half-written").write_text("...")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -21,7 +21,7 @@ from tamp_fx.runtime.output import OUTPUT_MARKER, OWNER_SUFFIX, remove_stale_tem
 _WRITER = """
 import os, signal, sys
 from pathlib import Path
-from tamp_fx.runtime.output import atomic_directory
+from tamp_fx.runtime.transaction import atomic_directory
 out, how = Path(sys.argv[1]), sys.argv[2]
 if how == "die-between":
     replace, calls = os.replace, []

@@ -44,6 +44,8 @@ def cli(state: Path, fault: str, args: list[str]) -> None:
         if fault == f"corrupt:{rank}":
             h = acts.hidden[-1]                                         # (1, N, C)
             acts.hidden[-1] = torch.cat([h, h[..., :1]], -1)           # (1, N, C + 1): layer 0 fails on it
+        if fault == f"die:{rank}":                                     # killed mid-work (the OOM killer)
+            os._exit(1)
         if fault == "wait":
             (state / f"ready-{rank}").write_text(str(os.getpid()))
             time.sleep(120)

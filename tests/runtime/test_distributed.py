@@ -142,14 +142,20 @@ def _exits(state: Path) -> dict[int, str]:
     return {int(f.name.split("-")[1]): f.read_text() for f in state.glob("exit-*")}
 
 
-def test_a_layer_failing_on_one_ranks_sample_stops_every_rank(tiny_models, tmp_path):
+@pytest.mark.parametrize(("fault", "expected", "exits"), [
+    ("corrupt:1", "error: rank 1 of 2: decoder layer 0 failed on calibration sample 3", {0: "1", 1: "1"}),
+    ("die:0", "error: rank 1: another of the 2 processes stopped", {1: "1"}),    # gone without a word (OOM killer)
+])
+def test_a_rank_failing_stops_every_rank_in_one_line(tiny_models, tmp_path, fault, expected, exits):
+    """No traceback from any rank either (torchrun's own report of the failed worker aside)."""
     model = tiny_models("llava_next")
-    p = _cli(tmp_path / "state", "corrupt:1", model, tmp_path / "p")
+    p = _cli(tmp_path / "state", fault, model, tmp_path / "p")
     _, stderr = p.communicate(timeout=TIMEOUT)
     assert p.returncode != 0
     errors = _errors(stderr)
-    assert len(errors) == 1 and errors[0].startswith("error: rank 1 of 2: decoder layer 0 failed on calibration sample 3"), stderr[-3000:]
-    assert _exits(tmp_path / "state") == {0: "1", 1: "1"}
+    assert len(errors) == 1 and errors[0].startswith(expected), stderr[-3000:]
+    assert not [line for line in stderr.splitlines() if line.startswith("[rank")], stderr[-3000:]   # a rank's traceback
+    assert _exits(tmp_path / "state") == exits
     assert not (tmp_path / "p").exists()
 
 
