@@ -83,7 +83,7 @@ def write_windows(model: Path, calib: Path, nsamples: int, seqlen: int, path: Pa
     from tamp_fx.load.source import load_config, load_processor, resolve_source
     source = resolve_source(model)
     samples = load_calibration(calib, load_processor(source, load_config(source)), nsamples=nsamples, seqlen=seqlen)
-    save_file({"input_ids": torch.cat([s.input_ids.reshape(1, -1) for s in samples]).contiguous()}, path)
+    save_file({"input_ids": torch.cat([s["input_ids"].reshape(1, -1) for s in samples]).contiguous()}, path)
 
 
 def peer_one(method: str, model: Path, windows: Path, dtype: str, out: Path | None) -> dict:
@@ -98,7 +98,8 @@ def peer_one(method: str, model: Path, windows: Path, dtype: str, out: Path | No
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     start = time.perf_counter()
     net = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
-    recipe = getattr(pruning, PEER_METHODS[method])(sparsity=0.5, mask_structure="0:0", targets="__ALL__", ignore=["lm_head"])
+    recipe = getattr(pruning, PEER_METHODS[method])(sparsity=0.5, mask_structure="0:0",   # every decoder layer's linears
+                                                     targets=[r"re:model\.layers\.\d+$"], ignore=["re:.*lm_head"])
     oneshot(model=net, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1],
             pipeline="sequential", shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
