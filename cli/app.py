@@ -112,6 +112,8 @@ Dtype = Annotated[Optional[str], typer.Option(
     help="Of the forward passes: auto (the checkpoint's), float32, bfloat16 or float16 (default: float32 on "
          "the CPU, auto on CUDA).", show_default=False, rich_help_panel=COMPUTE)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Use weights holding NaN or inf (refused "
+                                                                        "by default).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step (with bars: each layer too).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Log = Annotated[LogFormat, typer.Option(
