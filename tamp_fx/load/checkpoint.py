@@ -137,8 +137,10 @@ def torch_dtype(stored: str, key: str, where: Path) -> torch.dtype:
 
 
 def check_finite(tensor: torch.Tensor, key: str, where: Path | str) -> None:
-    """Refuse, in one line naming ``key``, a floating ``tensor`` holding NaN or inf."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Refuse, in one line naming ``key``, a floating ``tensor`` holding NaN or inf. Tensor subclasses
+    (torchao's quantized weights, whose ops do not include ``isfinite``) are left to their own code."""
+    plain = type(tensor) in (torch.Tensor, torch.nn.Parameter)
+    if plain and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise TampError(f"tensor {key} of {where} holds NaN or infinite values: re-download or re-save the model, "
                         "or pass --allow-nonfinite to use it as it is")
 

@@ -37,11 +37,14 @@ def check_checkpoint(source: ModelSource, model: torch.nn.Module | None = None,
     stores one in another shape than the config gives, or stores a floating weight in a dtype
     other than F32, F16, BF16 or F64: from the shards' headers, before anything is read.
     ``model`` (on the meta device) and ``index``: the caller's, when it has them; the index is
-    returned. A GGUF file has no headers of that kind (None): :func:`load_checked` checks it once loaded."""
+    returned. A GGUF file has no headers of that kind (None), and a quantized checkpoint's tensors are
+    its quantizer's: :func:`load_checked` checks those once loaded."""
     if source.kind != "hf":
         return None
     model = model if model is not None else meta_model(source, torch.float32)
     index = index if index is not None else checkpoint_index(source, model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        return index                 # laid out by its quantizer (torchao): from_pretrained's own check applies
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     optional = set(getattr(model, "all_tied_weights_keys", None) or {})
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]

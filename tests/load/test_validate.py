@@ -97,6 +97,16 @@ def test_nonfinite_values_are_refused_as_they_are_read_unless_allowed(how, llava
     load_checked(source, allow_nonfinite=True)
 
 
+def test_an_int8_weight_output_of_apply_passes(tiny_models, tmp_path):
+    """A torchao-quantized checkpoint is laid out by its quantizer: no false refusal (eval takes it)."""
+    pytest.importorskip("torchao")
+    import tamp_fx
+    model = tiny_models("llama")
+    plan = tamp_fx.plan(model, model / "calib.jsonl", tamp_fx.PlanConfig(method="magnitude", nsamples=1, seqlen=16))
+    out = tamp_fx.apply(model, plan, tmp_path / "q", quantize="int8-weight")
+    load_checked(resolve_source(out))
+
+
 def test_whole_model_loading_never_initialises_a_missing_tensor(llava_copy):
     """from_pretrained alone fills a missing tensor at random; load_model refuses it too (the GGUF path)."""
     damage_checkpoint(llava_copy, "missing vision weight")
