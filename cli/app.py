@@ -113,6 +113,8 @@ Dtype = Annotated[Optional[str], typer.Option(
          "bfloat16 where the device computes it natively, else as for eval: float32 on the CPU, auto on CUDA; "
          "env TAMP_FX_DTYPE sets another).", show_default=False, rich_help_panel=COMPUTE)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Use weights holding NaN or inf (refused "
+                                                                        "by default).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step (with bars: each layer too).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Log = Annotated[LogFormat, typer.Option(

@@ -9,7 +9,20 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from tamp_fx.cli.app import DEVICES, Dtype, Quiet, Verbose, app, choices, console, fail, out_console, setup, user_errors
+from tamp_fx.cli.app import (
+    DEVICES,
+    AllowNonfinite,
+    Dtype,
+    Quiet,
+    Verbose,
+    app,
+    choices,
+    console,
+    fail,
+    out_console,
+    setup,
+    user_errors,
+)
 from tamp_fx.testbeds.vqa import SPLITS
 
 VqaSplit = choices("VqaSplit", SPLITS)
@@ -42,6 +55,7 @@ def evaluate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the --json file if it exists.")] = False,
     device: EvalDevice = None,
     dtype: Dtype = None,
+    allow_nonfinite: AllowNonfinite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -67,7 +81,8 @@ def evaluate(
         with Bars(not quiet and not to_stdout) as bars:
             for name, path in models.items():
                 results[name] = run_eval(path, text=text, task=task, task_required=task is not None, seqlen=seqlen,
-                                         max_windows=max_windows, bars=bars, device=device, dtype=dtype)
+                                         max_windows=max_windows, bars=bars, device=device, dtype=dtype,
+                                         allow_nonfinite=allow_nonfinite)
         reports = {name: _report(models[name], text, task, r) for name, r in results.items()}
         report = reports.pop("pruned" if baseline is not None else "value")
         if baseline is not None:

@@ -12,6 +12,7 @@ from tamp_fx.allocate.strategies import ALLOCATORS
 from tamp_fx.cli.app import (
     COMPUTE,
     Allocation,
+    AllowNonfinite,
     Device,
     Dtype,
     Format,
@@ -82,6 +83,7 @@ def plan(
     layer_by_layer: Annotated[bool, typer.Option(
         "--layer-by-layer/--whole-model", help="Read one decoder layer at a time, or load the model whole.",
         rich_help_panel=COMPUTE)] = True,
+    allow_nonfinite: AllowNonfinite = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -115,7 +117,8 @@ def plan(
             bars.expect(WRITE_PLAN, 1.0)                  # about one pass of the samples through a layer
             result = tamp_fx.plan(source, calib, config, progress=bars, device=device, dtype=dtype,
                                   offload_activations=offload_activations,
-                                  layer_by_layer=None if layer_by_layer and whole_only else layer_by_layer)
+                                  layer_by_layer=None if layer_by_layer and whole_only else layer_by_layer,
+                                  allow_nonfinite=allow_nonfinite)
             with distributed.guarded():                  # every rank learns whether rank 0 wrote it
                 if world.rank == 0:
                     with bars.task(WRITE_PLAN, 1) as advance:
@@ -144,6 +147,7 @@ def apply(
     format: Annotated[Format, typer.Option(
         metavar="NAME", help="dense, or semi-structured: a 2:4 plan for the 2:4 kernels of CUDA GPUs.")
     ] = Format.dense,
+    allow_nonfinite: AllowNonfinite = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -165,7 +169,7 @@ def apply(
         start = time.perf_counter()
         scheme = quantize.value if quantize else None
         tamp_fx.apply(model, plan_, out, overwrite=overwrite, progress=not quiet, quantize=scheme, calib=calib,
-                      format=format.value, command=["tamp-fx", *sys.argv[1:]])
+                      format=format.value, command=["tamp-fx", *sys.argv[1:]], allow_nonfinite=allow_nonfinite)
         semi = format.value == "semi-structured"
         problem = cuda_problem() if semi else None
         if problem:
@@ -188,6 +192,7 @@ def export(
     nsamples: NSamples = 128,
     seqlen: SeqLen = 512,
     seed: Seed = 0,
+    allow_nonfinite: AllowNonfinite = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -203,7 +208,7 @@ def export(
         from tamp_fx.write.export import export_decoder
         start = time.perf_counter()
         result = export_decoder(model, calib, out, calib_out, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                                overwrite=overwrite, progress=not quiet)
+                                overwrite=overwrite, progress=not quiet, allow_nonfinite=allow_nonfinite)
         done(f"exported the language decoder and {result.samples} calibration inputs "
              f"in {time.perf_counter() - start:.1f} s",
              f"program written to {result.program}", f"inputs written to {result.calibration}",

@@ -77,20 +77,24 @@ class Evaluation:
 
 def evaluate(model: str | Path, *, text: str | Path | None = None, task: Task | None = None,
              task_required: bool = False, seqlen: int = 512, max_windows: int | None = None, bars=None,
-             device: str | torch.device | None = None, dtype: str | None = None) -> Evaluation:
+             device: str | torch.device | None = None, dtype: str | None = None,
+             allow_nonfinite: bool = False) -> Evaluation:
     """Run ``task`` (when given and it applies to the model; refused where it does not and
     ``task_required``) and perplexity on ``text`` (when given). ``bars`` is a
     :class:`tamp_fx.runtime.progress.Bars`. ``device`` and ``dtype`` as for :func:`tamp_fx.plan`
-    (:mod:`tamp_fx.runtime.placement`)."""
+    (:mod:`tamp_fx.runtime.placement`). The model is checked before any work
+    (:func:`~tamp_fx.load.validate.load_checked`; NaN or inf weights refused unless ``allow_nonfinite``)."""
     from tamp_fx.load.checkpoint import stored_dtype
-    from tamp_fx.load.source import load_model, load_processor, resolve_source
+    from tamp_fx.load.source import load_processor, resolve_source
+    from tamp_fx.load.validate import load_checked
     from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
     from tamp_fx.runtime.progress import Bars
 
     source = resolve_source(model)
     target = resolve_device(device)
     check_dtype(dtype)
-    net = load_model(source, dtype=resolve_dtype(dtype, target, stored_dtype(source))).to(target)
+    net = load_checked(source, resolve_dtype(dtype, target, stored_dtype(source)),
+                       allow_nonfinite=allow_nonfinite).to(target)
     processor = load_processor(source, net.config)
     applies = task is not None and task.applies(processor)
     if task is not None and task_required and not applies:

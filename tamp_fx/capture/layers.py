@@ -20,7 +20,6 @@ from typing import Protocol
 
 import torch
 
-from tamp_fx.errors import TampError
 from tamp_fx.load.adapters import DecoderLayout
 from tamp_fx.load.checkpoint import CheckpointIndex, materialise, release
 from tamp_fx.load.fingerprint import FingerprintSample, fingerprint_sample
@@ -83,20 +82,20 @@ class CheckpointLayers(_LayoutLayers):
     """The decoder layers of a meta-device ``model``, read from the checkpoint one at a time."""
 
     def __init__(self, model: torch.nn.Module, layout: DecoderLayout, index: CheckpointIndex,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, *, allow_nonfinite: bool = False) -> None:
+        """``index`` holds every tensor of the layers (:func:`tamp_fx.load.validate.check_checkpoint`);
+        a tensor holding NaN or inf is refused as its layer is read, unless ``allow_nonfinite``."""
         self.model, self.layout, self.index, self.device, self.dtype = model, layout, index, device, dtype
+        self.allow_nonfinite = allow_nonfinite
         self.fingerprints: dict[str, FingerprintSample] = {}
-        names = [n for n in model.state_dict() if n.startswith(layout.prefix + ".")]
-        missing = [n for n in names if n not in index.entries]
-        if missing:
-            raise TampError(f"the checkpoint has no tensor for {missing[0]} ({len(missing)} missing): "
-                            "is the model directory complete?")
+        names = [n for n in model.state_dict() if n.startswith(layout.prefix + ".") and n in index.entries]
         self._names = [[n for n in names if n.startswith(layout.layer_prefix(i) + ".")] for i in range(len(self))]
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[torch.nn.Module]:
         with stage(LOAD):
-            stored = self.index.read(self._names[index], self.dtype, self.fingerprints)
+            stored = self.index.read(self._names[index], self.dtype, self.fingerprints,
+                                     allow_nonfinite=self.allow_nonfinite)
             materialise(self.model, stored, self.dtype, self.device, within=self.prefix(index))
             del stored
         layer = self.layout.layers[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,43 +40,44 @@ class CheckpointIndex:
     with the model's own conversion mapping (``get_model_conversion_mapping``, as
     ``from_pretrained`` does), so a checkpoint saved in another layout (``language_model.model.layers``
     for ``model.language_model.layers``) is read without loading any tensor. A GGUF file has no
-    shards: its names map to themselves.
+    shards: its names map to themselves. ``unmatched``: what the other checkpoint keys would be
+    loaded as (renamed name -> key), no tensor of the model having that name.
     """
 
     entries: dict[str, tuple[str, Path | None]]
+    unmatched: dict[str, str] = field(default_factory=dict)
     _headers: dict[Path, tuple[int, dict]] = field(default_factory=dict, compare=False, repr=False)
 
     def key(self, name: str) -> str:
         return self.entries[name][0] if name in self.entries else name
 
     def _header(self, shard: Path) -> tuple[int, dict]:
-        """(offset of the data, key -> {"dtype", "shape", "data_offsets"}) of a safetensors shard."""
         if shard not in self._headers:
-            try:
-                with open(shard, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(size))
-                self._headers[shard] = (8 + size, header)
-            except (OSError, ValueError, MemoryError) as error:
-                raise TampError(f"could not load model {shard.parent}: weights file {shard.name} is unreadable "
-                                f"({first_line(error)}): re-download or re-save the model") from error
+            self._headers[shard] = read_header(shard)
         return self._headers[shard]
 
-    def read(self, names: list[str], dtype: torch.dtype,
-             fingerprints: dict[str, FingerprintSample] | None = None) -> dict[str, torch.Tensor]:
+    def stored(self, name: str) -> tuple[str, list[int]]:
+        """(safetensors dtype, shape) of the in-memory tensor ``name`` as its shard's header gives them."""
+        key, shard = self.entries[name]
+        meta = self._header(shard)[1][key]
+        return meta["dtype"], meta["shape"]
+
+    def read(self, names: list[str], dtype: torch.dtype, fingerprints: dict[str, FingerprintSample] | None = None,
+             *, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
         """The tensors ``names`` on the CPU, floating ones converted to ``dtype``.
 
         Read with plain file reads, :data:`READ_CHUNK_BYTES` at a time, converted chunk by chunk: no memory map
         (its pages would count as this process's memory) and no whole stored copy beside the
         converted one, so reading costs the result's memory only. With ``fingerprints``, the
         :func:`fingerprint_sample` of every stored 2-D floating tensor (before conversion) is put there.
+        A tensor holding NaN or inf is refused as it is read (:func:`check_finite`) unless ``allow_nonfinite``.
         """
         out = {}
         for name in names:
             key, shard = self.entries[name]
             start, header = self._header(shard)
             meta = header[key]
-            stored = _SAFETENSORS_DTYPES[meta["dtype"]]
+            stored = torch_dtype(meta["dtype"], key, shard.parent)
             target = dtype if stored.is_floating_point else stored
             tensor = torch.empty(meta["shape"], dtype=target)
             flat, numel = tensor.view(-1), tensor.numel()
@@ -91,6 +93,8 @@ class CheckpointIndex:
                     if f.readinto(chunk.view(torch.uint8).numpy()) != n * stored.itemsize:
                         raise TampError(f"could not load model {shard.parent}: weights file {shard.name} ends inside "
                                         f"tensor {key}: re-download or re-save the model")
+                    if not allow_nonfinite:
+                        check_finite(chunk, key, shard.parent)
                     if target != stored:
                         flat[a:a + n].copy_(chunk)
                     if idx is not None:
@@ -106,16 +110,73 @@ class CheckpointIndex:
         for name in names:
             key, shard = self.entries.get(name, (name, None))
             if shard is not None:
-                dtype = _SAFETENSORS_DTYPES.get(self._header(shard)[1][key]["dtype"])
+                dtype = SAFETENSORS_DTYPES.get(self._header(shard)[1][key]["dtype"])
                 if dtype is not None and dtype.is_floating_point:
                     counts[dtype] = counts.get(dtype, 0) + 1
         return max(counts, key=counts.get) if counts else torch.float32
 
 
 READ_CHUNK_BYTES = 64 << 20       # checkpoint tensors are read and converted this much at a time
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+#: the safetensors dtypes tamp-fx reads; floating weights must be stored in one of the floating ones
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+FLOATING = tuple(k for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point)
+#: bytes per element of every safetensors dtype, read or not (a header's offsets are checked with it)
+_ITEMSIZE = {**{k: v.itemsize for k, v in SAFETENSORS_DTYPES.items()}, "U16": 2, "U32": 4, "U64": 8,
+             "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
+_MAX_HEADER = 100 << 20           # as the safetensors library: a longer header is damage, not a model
+
+
+def torch_dtype(stored: str, key: str, where: Path) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name, or one line naming ``key``, its dtype and those read."""
+    if stored not in SAFETENSORS_DTYPES:
+        raise TampError(f"tensor {key} of {where} is stored as {stored}, which tamp-fx does not read: "
+                        f"re-save the model with its weights in {', '.join(FLOATING)}")
+    return SAFETENSORS_DTYPES[stored]
+
+
+def check_finite(tensor: torch.Tensor, key: str, where: Path | str) -> None:
+    """Refuse, in one line naming ``key``, a floating ``tensor`` holding NaN or inf. Tensor subclasses
+    (torchao's quantized weights, whose ops do not include ``isfinite``) are left to their own code."""
+    plain = type(tensor) in (torch.Tensor, torch.nn.Parameter)
+    if plain and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise TampError(f"tensor {key} of {where} holds NaN or infinite values: re-download or re-save the model, "
+                        "or pass --allow-nonfinite to use it as it is")
+
+
+def read_header(shard: Path) -> tuple[int, dict]:
+    """(offset of the data, key -> {"dtype", "shape", "data_offsets"}) of a safetensors file, every
+    entry checked against the file (its offsets within it and as long as its dtype and shape
+    say), or one line saying what is wrong: a reader of damaged headers never raises anything else."""
+    def bad(why: str) -> TampError:
+        return TampError(f"could not load model {shard.parent}: weights file {shard.name} is unreadable ({why}): "
+                         "re-download or re-save the model")
+    try:
+        with open(shard, "rb") as f:
+            length = f.read(8)
+            size = int.from_bytes(length, "little")
+            end = f.seek(0, 2)
+            if len(length) < 8 or size > min(end - 8, _MAX_HEADER):
+                raise bad(f"its header length {size if len(length) == 8 else 'is cut short'} does not fit the file")
+            f.seek(8)
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, RecursionError) as error:      # UnicodeDecodeError is a ValueError
+        raise bad(first_line(error)) from error
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and isinstance(meta.get("shape"), list)
+                and all(type(d) is int and d >= 0 for d in meta["shape"]) and isinstance(meta.get("data_offsets"), list)
+                and len(meta["data_offsets"]) == 2 and all(type(o) is int for o in meta["data_offsets"])):
+            raise bad(f"the header entry of {key} is not a dtype, a shape and two offsets")
+        begin, stop = meta["data_offsets"]
+        nbytes = math.prod(meta["shape"]) * _ITEMSIZE.get(meta["dtype"], 0)
+        if not 0 <= begin <= stop <= end - 8 - size or (meta["dtype"] in _ITEMSIZE and stop - begin != nbytes):
+            raise bad(f"tensor {key}'s offsets {meta['data_offsets']} do not fit its shape or the file")
+    return 8 + size, header
 
 
 def checkpoint_index(source: ModelSource, model: torch.nn.Module) -> CheckpointIndex:
@@ -130,6 +191,7 @@ def checkpoint_index(source: ModelSource, model: torch.nn.Module) -> CheckpointI
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     entries: dict[str, tuple[str, Path | None]] = {}
+    unmatched: dict[str, str] = {}
     for key, shard in checkpoint_keys(source).items():
         name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
         if name not in meta_state and key in meta_state:
@@ -139,7 +201,9 @@ def checkpoint_index(source: ModelSource, model: torch.nn.Module) -> CheckpointI
                             "layer-by-layer loading does not do: plan with --whole-model")
         if name in meta_state:
             entries[name] = (key, shard)
-    return CheckpointIndex(entries)
+        else:
+            unmatched[name] = key
+    return CheckpointIndex(entries, unmatched)
 
 
 def checkpoint_dtype(source: ModelSource, index: CheckpointIndex, names: list[str]) -> torch.dtype:

@@ -30,21 +30,58 @@ log = logging.getLogger(__name__)
 
 
 def _scan_archive(path: Path) -> bool:
-    """Refuse archives with pickled non-tensor constants; return whether the program uses
-    ``quantized_decomposed`` ops (a pt2e-quantized program), which must be registered first."""
-    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+    """Check the archive (every member's CRC, :func:`_check_payloads`) and refuse pickled non-tensor
+    constants; return whether the program uses ``quantized_decomposed`` ops (a pt2e-quantized
+    program), which must be registered first."""
     try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise TampError(f"{path} is not an exported program ({error}): write it with torch.export.save") from error
-    with archive:
-        names = archive.namelist()
-        for name in (n for n in names if n.endswith("constants_config.json")):
-            for fqn, payload in json.loads(archive.read(name)).get("config", {}).items():
-                if str(payload.get("path_name", "")).startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)):
-                    raise TampError(f"{path} holds a pickled object constant {fqn!r}: tamp-fx does not load "
-                                    "pickles, which can run code; export a program whose constants are tensors")
-        return any(b"quantized_decomposed" in archive.read(n) for n in names if "/models/" in n and n.endswith(".json"))
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()               # reads every member: flipped bytes fail their CRC
+            if damaged is not None:
+                raise TampError(f"exported program {path} is damaged ({damaged} fails its CRC check): "
+                                "write it again with torch.export.save")
+            names = archive.namelist()
+            for name in (n for n in names if n.endswith(("constants_config.json", "weights_config.json"))):
+                _check_payloads(archive, name, path)
+            return any(b"quantized_decomposed" in archive.read(n) for n in names
+                       if "/models/" in n and n.endswith(".json"))
+    except TampError:
+        raise
+    except Exception as error:  # noqa: BLE001 - BadZipFile, zlib.error, OSError, JSON and UTF-8 errors, ...
+        raise TampError(f"{path} is not an exported program or is damaged ({first_line(error, limit=120)}): "
+                        "write it with torch.export.save") from error
+
+
+def _check_payloads(archive: zipfile.ZipFile, name: str, path: Path) -> None:
+    """Check one payload config (``*_weights_config.json`` or ``*_constants_config.json``): a JSON object
+    of entries, no pickled object constant, and every tensor's file as long as its shape and dtype
+    need (torch.export.load reads an empty one as zeros and a short one fails deep inside torch)."""
+    from torch._export.serde.schema import ScalarType
+    from torch._export.serde.serialize import deserialize_scalar_type
+    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+    config, members = json.loads(archive.read(name)), set(archive.namelist())
+    entries = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise TampError(f"exported program {path} has a damaged {name}: write it again with torch.export.save")
+    for fqn, payload in entries.items():
+        if str(payload.get("path_name", "")).startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)):
+            raise TampError(f"{path} holds a pickled object constant {fqn!r}: tamp-fx does not load "
+                            "pickles, which can run code; export a program whose constants are tensors")
+        meta = payload.get("tensor_meta")
+        if payload.get("use_pickle") or not isinstance(meta, dict):
+            continue
+        sizes = [d.get("as_int") for d in meta.get("sizes", [])]
+        strides = [d.get("as_int") for d in meta.get("strides", [])]
+        offset = (meta.get("storage_offset") or {}).get("as_int", 0)
+        if not all(type(n) is int for n in (*sizes, *strides, offset)):
+            continue                                  # symbolic: torch checks it
+        itemsize = deserialize_scalar_type(ScalarType(meta.get("dtype"))).itemsize
+        need = 0 if 0 in sizes else (offset + sum((s - 1) * t for s, t in zip(sizes, strides)) + 1) * itemsize
+        member = f"{name.rpartition('/')[0]}/{payload.get('path_name')}"
+        held = archive.getinfo(member).file_size if member in members else None
+        if held is None or held < need:
+            raise TampError(f"exported program {path} is damaged: {fqn} needs {need} bytes of {member}, which "
+                            f"{'is missing' if held is None else f'holds {held}'}; write it again with "
+                            "torch.export.save")
 
 
 @contextlib.contextmanager

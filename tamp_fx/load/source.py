@@ -123,7 +123,9 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch
     try:
         if source.kind == "gguf":
             with _quiet_gguf_reader():
-                quantized = cls.from_pretrained(source.directory, gguf_file=source.path.name, dtype=dtype)
+                quantized, info = cls.from_pretrained(source.directory, gguf_file=source.path.name, dtype=dtype,
+                                                      output_loading_info=True)
+            _refuse_missing(source, info)
             cls, config = type(quantized), quantized.config
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
@@ -134,12 +136,26 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch
             del quantized
         else:
             # use_safetensors: never fall back to pickled *.bin weights; trust_remote_code is never passed
-            model = cls.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+            model, info = cls.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
+                                              output_loading_info=True)
+            _refuse_missing(source, info)
     except TampError:
         raise
     except Exception as error:  # noqa: BLE001 - corrupt files surface from deep inside transformers
         raise TampError(f"could not load model {source.path}: {first_line(error)}") from error
     return model.eval()
+
+
+def _refuse_missing(source: ModelSource, info: dict) -> None:
+    """Refuse what ``from_pretrained`` would initialise at random: a tensor missing from the file or of another shape."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise TampError(f"model {source.path} has no tensor {missing[0]}"
+                        f"{f' ({len(missing)} missing)' if len(missing) > 1 else ''}, which the model needs: "
+                        "re-download or re-save the model")
+    for key, found, expected in info.get("mismatched_keys") or []:
+        raise TampError(f"tensor {key} of {source.path} has shape {list(found)} where its config gives "
+                        f"{list(expected)}: re-download or re-save the model")
 
 
 def load_processor(source: ModelSource, config=None):

@@ -26,7 +26,8 @@ from tamp_fx.load.adapters import decoder_layout, modality_token_ids
 from tamp_fx.load.checkpoint import checkpoint_dtype, checkpoint_index, materialise, meta_model, release
 from tamp_fx.load.fingerprint import fingerprint_of
 from tamp_fx.load.program import load_program
-from tamp_fx.load.source import ModelSource, load_model, load_processor, resolve_source
+from tamp_fx.load.source import ModelSource, load_processor, resolve_source
+from tamp_fx.load.validate import check_checkpoint, check_program, load_checked
 from tamp_fx.pipeline.sequential import (
     PROFILE,
     PRUNE,
@@ -49,7 +50,7 @@ CAPTURE = "capture decoder inputs"          # a phase's progress task (:class:`~
 def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig = PlanConfig(), *,
          progress: bool | Bars = False,
          device: str | torch.device | None = None, dtype: str | None = None, offload_activations: bool = False,
-         layer_by_layer: bool | None = None) -> Plan:
+         layer_by_layer: bool | None = None, allow_nonfinite: bool = False) -> Plan:
     """Calibrate on ``calib`` and decide a keep-mask for every linear of the language decoder.
 
     A Hugging Face / GGUF model and an exported program (``.pt2``) go through the same
@@ -66,6 +67,10 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
     the decoder's inputs, and reads each decoder layer from the checkpoint when it is planned; a
     GGUF file and ECoFLaP's allocation (a loss over the whole model) load the model whole.
     An exported program is planned on the CPU, as stored.
+
+    The model is checked before any work (:mod:`tamp_fx.load.validate`): a tensor missing, of
+    another shape than the config gives or of a dtype tamp-fx does not compute with is refused in
+    one line, and so is one holding NaN or inf (as it is read) unless ``allow_nonfinite``.
 
     ``progress``: bars on stderr, or the caller's :class:`~tamp_fx.runtime.progress.Bars`, whose ETA then
     covers what it declared too (the command line: writing the plan); off by default.
@@ -92,7 +97,7 @@ def _plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig
         if source.kind == "pt2":
             if device is not None and torch.device(device).type != "cpu" or dtype not in (None, "auto"):
                 raise TampError("an exported program (.pt2) is planned on the CPU in its own dtype: drop --device and --dtype")
-            return _plan_program(source, calib, config, _bars(progress, world.rank), clock)
+            return _plan_program(source, calib, config, _bars(progress, world.rank), clock, allow_nonfinite)
         target = resolve_device(device)
         if world.distributed and target.type == "cuda" and target != world.device:
             raise TampError(f"under torchrun rank {world.rank} computes on {world.device}, not {target}: "
@@ -103,7 +108,8 @@ def _plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig
             raise TampError(f"layer-by-layer loading needs a Hugging Face directory and an allocation other than ecoflap "
                             f"({source.path.name}, {config.allocation}): load the model whole")
         layer_by_layer = not whole_only if layer_by_layer is None else layer_by_layer
-        net, layout, layers = (open_layer_by_layer if layer_by_layer else open_whole)(source, target, dtype)
+        opener = open_layer_by_layer if layer_by_layer else open_whole
+        net, layout, layers = opener(source, target, dtype, allow_nonfinite=allow_nonfinite)
         processor = load_processor(source, net.config)
         token_ids = modality_token_ids(net.config)
         samples = load_calibration(calib, processor, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed,
@@ -160,9 +166,11 @@ def _expect(bars: Bars, config: PlanConfig, n_layers: int) -> None:
     bars.expect(PRUNE, n_layers * prune_cost(config))
 
 
-def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, bars: Bars, clock: Stopwatch) -> Plan:
+def _plan_program(source: ModelSource, calib: str | Path, config: PlanConfig, bars: Bars, clock: Stopwatch,
+                  allow_nonfinite: bool) -> Plan:
     """Plan an exported program: its decoder layers found by structure (:mod:`tamp_fx.capture.program`)."""
     ep = load_program(source.path)
+    check_program(ep, source.path, allow_nonfinite=allow_nonfinite)
     samples = load_program_calibration(calib, config.nsamples)
     layout = program_layout(ep, str(source.path))
     clock.lap("load")
@@ -227,20 +235,23 @@ def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, resul
     return Plan(config, model_info, linears, layers_stats, masks, weights, timing={**clock.record(), **run})
 
 
-def open_whole(source: ModelSource, device: torch.device, dtype: str | None):
-    """The model loaded whole (float32, then its parameters cast to the compute dtype on ``device``)."""
-    net = load_model(source)
+def open_whole(source: ModelSource, device: torch.device, dtype: str | None, *, allow_nonfinite: bool = False):
+    """The model checked and loaded whole (float32, then its parameters cast to the compute dtype on ``device``)."""
+    net = load_checked(source, allow_nonfinite=allow_nonfinite)
     layout = decoder_layout(net)
     index = checkpoint_index(source, net)
     compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(net, layout)), native_default=True)
     return net, layout, ResidentLayers(net, layout, device, compute)
 
 
-def open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str | None):
-    """The model on the meta device with the parts that compute the decoder's inputs read onto
-    ``device``; its decoder layers are read from the checkpoint one at a time."""
+def open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str | None, *,
+                        allow_nonfinite: bool = False):
+    """The model on the meta device, its checkpoint checked (:func:`~tamp_fx.load.validate.check_checkpoint`),
+    with the parts that compute the decoder's inputs read onto ``device``; its decoder layers are
+    read from the checkpoint one at a time (values checked as they are read, unless ``allow_nonfinite``)."""
     probe = meta_model(source, torch.float32)
     index = checkpoint_index(source, probe)
+    check_checkpoint(source, probe, index)
     compute = resolve_dtype(dtype, device, checkpoint_dtype(source, index, _layer_names(probe, decoder_layout(probe))),
                             native_default=True)
     net = probe if compute == torch.float32 else meta_model(source, compute)
@@ -249,8 +260,9 @@ def open_layer_by_layer(source: ModelSource, device: torch.device, dtype: str | 
     head = next((name + "." for name, m in net.named_modules() if m is output), None)  # the LM head: not run
     capture = [n for n in net.state_dict() if not n.startswith(layout.prefix + ".")
                and not (head and n.startswith(head)) and n in index.entries]
-    materialise(net, index.read(capture, compute), compute, device, exclude=layout.prefix)
-    return net, layout, CheckpointLayers(net, layout, index, device, compute)
+    materialise(net, index.read(capture, compute, allow_nonfinite=allow_nonfinite), compute, device,
+                exclude=layout.prefix)
+    return net, layout, CheckpointLayers(net, layout, index, device, compute, allow_nonfinite=allow_nonfinite)
 
 
 def _layer_names(net: torch.nn.Module, layout) -> list[str]:

@@ -7,6 +7,7 @@ nothing written, a model already loaded (:func:`apply_in_memory`). A Hugging Fac
 records where it came from (:mod:`tamp_fx.write.provenance`)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -19,9 +20,10 @@ from safetensors.torch import save_file
 
 from tamp_fx.artifact.plan import Plan
 from tamp_fx.errors import TampError
-from tamp_fx.load.checkpoint import checkpoint_keys
+from tamp_fx.load.checkpoint import check_finite, checkpoint_keys
 from tamp_fx.load.program import load_program
 from tamp_fx.load.source import ModelSource, load_model, load_processor, resolve_source
+from tamp_fx.load.validate import check_checkpoint, check_program, load_checked
 from tamp_fx.prune import semi_structured
 from tamp_fx.prune.semi_structured import FORMATS
 from tamp_fx.runtime.output import check_output, temp_prefix
@@ -45,7 +47,7 @@ def apply_inputs(model: str | Path | ModelSource, plan: Plan | str | Path, calib
 
 def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwrite: bool = False,
           progress: bool = False, quantize: str | None = None, calib: str | Path | None = None,
-          format: str = "dense", command: Sequence[str] | None = None) -> Path:
+          format: str = "dense", command: Sequence[str] | None = None, allow_nonfinite: bool = False) -> Path:
     """Write ``model`` with the plan's masks applied to ``out``: a directory that loads with
     ``from_pretrained`` like the input, every tensor the plan does not prune bit-identical.
 
@@ -64,6 +66,9 @@ def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwr
     structure and calibration, the sparsity written, the model's fingerprint, ``command`` (the
     command line; None: the Python API), the input and the date) and a model card ``README.md``
     saying the same, or the input's card with a section appended (:mod:`tamp_fx.write.provenance`).
+
+    The model is checked before anything is written (:mod:`tamp_fx.load.validate`); a tensor holding
+    NaN or inf is refused unless ``allow_nonfinite``.
     """
     source = resolve_source(model)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -75,10 +80,13 @@ def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwr
         _check_scheme_takes(QUANTIZERS[quantize], "program" if source.kind == "pt2" else "model")
     out = Path(out)
     if source.kind == "pt2":
-        return apply_program(load_program(source.path), plan, out, source.path, overwrite=overwrite, protect=protect,
+        ep = load_program(source.path)
+        check_program(ep, source.path, allow_nonfinite=allow_nonfinite)
+        return apply_program(ep, plan, out, source.path, overwrite=overwrite, protect=protect,
                              quantize=quantize, calib=calib)
     record = Provenance(plan, source.path, out, command=command, format=format, quantize=quantize)
-    write = _write_gguf if source.kind == "gguf" else _write_shards
+    check_checkpoint(source)
+    write = functools.partial(_write_gguf if source.kind == "gguf" else _write_shards, allow_nonfinite=allow_nonfinite)
     if quantize is not None:
         return _apply_quantized(source, plan, out, overwrite, protect, progress, quantize, write, record)
     return write(source, plan, out, overwrite, protect, progress, dtype, _then(finish, record.write), record)
@@ -95,15 +103,16 @@ def _then(*steps: Callable[[Path], None] | None) -> Callable[[Path], None]:
 
 def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
                   progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None,
-                  record: Provenance) -> Path:
+                  record: Provenance, *, allow_nonfinite: bool = False) -> Path:
     """A Hugging Face directory, shard by shard: every tensor through :meth:`Plan.pruned` (the
-    plan's linears counted in ``record``), the companions (config, processor, ...) copied."""
+    plan's linears counted in ``record``), the companions (config, processor, ...) copied; a tensor
+    holding NaN or inf refused as it is read, unless ``allow_nonfinite``."""
     keys = checkpoint_keys(source)
     tensors = {}
     for name in plan.linears:
         if name in keys:
             with safe_open(keys[name], "pt") as f:
-                tensors[name] = f.get_tensor(name)
+                tensors[name] = _read(f, name, source.path, allow_nonfinite)
     plan.check_model(tensors, source.path)
     shards = sorted(set(keys.values()))
     with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, Bars(progress) as bars:
@@ -114,7 +123,8 @@ def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, p
             for shard in shards:
                 with safe_open(shard, "pt") as f:
                     metadata = f.metadata()
-                    out_tensors = {k: _cast(plan.pruned(k, f.get_tensor(k)), dtype) for k in f.keys()}
+                    out_tensors = {k: _cast(plan.pruned(k, _read(f, k, source.path, allow_nonfinite)), dtype)
+                                   for k in f.keys()}
                 for name in plan.linears.keys() & out_tensors.keys():
                     record.count(out_tensors[name])
                 save_file(out_tensors, tmp / shard.name, metadata=metadata)
@@ -122,6 +132,14 @@ def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, p
         if finish:
             finish(tmp)
     return out
+
+
+def _read(f, key: str, where: Path, allow_nonfinite: bool) -> torch.Tensor:
+    """Tensor ``key`` of the open shard ``f``, refused if it holds NaN or inf (unless ``allow_nonfinite``)."""
+    tensor = f.get_tensor(key)
+    if not allow_nonfinite:
+        check_finite(tensor, key, where)
+    return tensor
 
 
 @torch.no_grad()
@@ -146,10 +164,10 @@ def apply_in_memory(net: torch.nn.Module, plan: Plan | str | Path, *,
 
 def _write_gguf(source: ModelSource, plan: Plan, out: Path, overwrite: bool, protect: tuple[Path, ...],
                 progress: bool, dtype: torch.dtype | None, finish: Callable[[Path], None] | None,
-                record: Provenance) -> Path:
+                record: Provenance, *, allow_nonfinite: bool = False) -> Path:
     """A GGUF model (de-quantized) as a Hugging Face directory, every tensor through :meth:`Plan.pruned`
     (the plan's linears counted in ``record``)."""
-    net = apply_in_memory(load_model(source), plan, where=source.path)
+    net = apply_in_memory(load_checked(source, allow_nonfinite=allow_nonfinite), plan, where=source.path)
     if dtype is not None:
         net.to(dtype)
     params = dict(net.named_parameters(remove_duplicate=False))

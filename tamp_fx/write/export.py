@@ -27,7 +27,8 @@ from tamp_fx.calibrate.samples import calibration_inputs, load_calibration
 from tamp_fx.capture.record import recording, run
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.adapters import modality_token_ids
-from tamp_fx.load.source import load_model, load_processor, resolve_source
+from tamp_fx.load.source import load_processor, resolve_source
+from tamp_fx.load.validate import load_checked
 from tamp_fx.modality import modality_labels
 from tamp_fx.runtime.output import check_output
 from tamp_fx.runtime.progress import Bars
@@ -81,9 +82,11 @@ class Exported:
 
 def export_decoder(model: str | Path, calib: str | Path, out: str | Path, calib_out: str | Path, *,
                    nsamples: int = 128, seqlen: int = 512, seed: int = 0, overwrite: bool = False,
-                   progress: bool = False) -> Exported:
+                   progress: bool = False, allow_nonfinite: bool = False) -> Exported:
     """Write the language decoder of ``model`` to the ``.pt2`` file ``out`` and its calibration
-    inputs, drawn from ``calib`` as ``tamp-fx plan`` draws them, to ``calib_out`` (module docstring)."""
+    inputs, drawn from ``calib`` as ``tamp-fx plan`` draws them, to ``calib_out`` (module docstring).
+    The model is checked as it loads (:func:`~tamp_fx.load.validate.load_checked`): NaN or inf in
+    its weights is refused unless ``allow_nonfinite``."""
     source = resolve_source(model)
     out, calib_out = Path(out), Path(calib_out)
     if source.kind == "pt2":
@@ -98,7 +101,7 @@ def export_decoder(model: str | Path, calib: str | Path, out: str | Path, calib_
     protect = (source.path, *calibration_inputs(calib))   # the calibration file checked before the model loads
     for path in (out, calib_out):                   # refuse before the work, not after
         check_output(path, overwrite=overwrite, protect=protect, file=True)
-    net = load_model(source)
+    net = load_checked(source, allow_nonfinite=allow_nonfinite)
     processor = load_processor(source, net.config)
     token_ids = modality_token_ids(net.config)
     samples = load_calibration(calib, processor, nsamples=nsamples, seqlen=seqlen, seed=seed)

@@ -18,7 +18,8 @@ COMMANDS = sorted(GROUP.commands)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 #: one name (and short form) for one thing, in every command that takes it
-CANONICAL = [{"--verbose", "-v"}, {"--quiet", "-q"}, {"--json"}, {"--out"}, {"--overwrite"}, {"--log-format"}]
+CANONICAL = [{"--verbose", "-v"}, {"--quiet", "-q"}, {"--json"}, {"--out"}, {"--overwrite"}, {"--log-format"},
+             {"--allow-nonfinite"}]
 
 
 def _help(*command: str) -> str:

@@ -21,8 +21,10 @@ def no_work(monkeypatch):
     """Loading the model is the first piece of work: a refusal must come before it."""
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
-    monkeypatch.setattr(tamp_fx.pipeline.plan, "load_model", refuse)
-    monkeypatch.setattr(tamp_fx.write.apply, "load_model", refuse)
+    for name in ("load_checked", "meta_model"):                     # whole, or layer by layer
+        monkeypatch.setattr(tamp_fx.pipeline.plan, name, refuse)
+    for name in ("load_model", "load_checked", "check_checkpoint"):
+        monkeypatch.setattr(tamp_fx.write.apply, name, refuse)
 
 
 def _plan(llama, out, *extra):

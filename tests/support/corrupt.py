@@ -7,6 +7,7 @@ import json
 import struct
 import wave
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,112 @@ def damaged_bytes(draw, data: bytes) -> bytes:
 def write_json(path: Path, document: Any) -> Path:
     path.write_text(json.dumps(document))
     return path
+
+
+def rewrite_checkpoint(directory: Path, change: Callable[[dict], None]) -> Path:
+    """Rewrite every ``*.safetensors`` shard of a model directory with ``change`` applied to its
+    tensors (a dict, name -> tensor, changed in place: keys removed or renamed, tensors replaced)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    for shard in sorted(directory.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        change(tensors)
+        save_file(tensors, shard, metadata=metadata)
+    return directory
+
+
+def flip_bytes(path: Path, *offsets: int) -> Path:
+    """``path`` with the byte at each offset inverted (negative offsets count from the end)."""
+    data = bytearray(path.read_bytes())
+    for at in offsets:
+        data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _damage(part: str, how: Callable[[dict, str], None]) -> Callable[[dict], str]:
+    """A change for :func:`rewrite_checkpoint` of the first tensor whose name holds ``part``; returns that name."""
+    def change(tensors: dict) -> str:
+        key = next(k for k in sorted(tensors) if part in k)
+        how(tensors, key)
+        return key
+    return change
+
+
+def _set(value: float, at: tuple[int, ...]) -> Callable[[dict, str], None]:
+    def how(tensors: dict, key: str) -> None:
+        tensors[key] = tensors[key].clone()
+        tensors[key][at] = value
+    return how
+
+
+def _as(dtype_name: str) -> Callable[[dict, str], None]:
+    def how(tensors: dict, key: str) -> None:
+        import torch
+        tensors[key] = tensors[key].to(getattr(torch, dtype_name))
+    return how
+
+
+def _shorter(dim: int) -> Callable[[dict, str], None]:
+    def how(tensors: dict, key: str) -> None:
+        tensors[key] = tensors[key].narrow(dim, 0, tensors[key].shape[dim] - 1).contiguous()
+    return how
+
+
+def _renamed(tensors: dict, key: str) -> None:
+    tensors[key.replace("q_proj", "q_prj")] = tensors.pop(key)
+
+
+#: ways to damage a model's checkpoint: name -> (change of its tensors, what the refusal says besides the
+#: tensor's name). "vision" ones need a model with a vision tower (the tiny llava).
+CHECKPOINT_DAMAGE: dict[str, tuple[Callable[[dict], str], str]] = {
+    "missing decoder weight": (_damage("layers.1.mlp.up_proj.weight", lambda t, k: t.pop(k)), "has no tensor"),
+    "missing embedding": (_damage("embed_tokens.weight", lambda t, k: t.pop(k)), "has no tensor"),
+    "missing lm_head": (_damage("lm_head.weight", lambda t, k: t.pop(k)), "has no tensor"),
+    "missing vision weight": (_damage("vision_tower.encoder.layers.0.mlp.fc1.weight", lambda t, k: t.pop(k)),
+                              "has no tensor"),
+    "renamed decoder weight": (_damage("layers.0.self_attn.q_proj.weight", _renamed), "q_prj"),
+    "decoder weight of the wrong shape": (_damage("layers.0.mlp.down_proj.weight", _shorter(1)), "has shape"),
+    "vision weight of the wrong shape": (_damage("vision_tower.encoder.layers.1.mlp.fc2.weight", _shorter(0)),
+                                         "has shape"),
+    "fp8 e4m3 decoder weight": (_damage("layers.0.mlp.gate_proj.weight", _as("float8_e4m3fn")), "F8_E4M3"),
+    "fp8 e5m2 vision weight": (_damage("vision_tower.encoder.layers.0.self_attn.k_proj.weight",
+                                       _as("float8_e5m2")), "F8_E5M2"),
+    "int32 decoder weight": (_damage("layers.1.self_attn.v_proj.weight", _as("int32")), "I32"),
+    "int64 norm weight": (_damage("norm.weight", _as("int64")), "I64"),
+    "bool embedding": (_damage("embed_tokens.weight", _as("bool")), "BOOL"),
+    "NaN in a decoder weight": (_damage("layers.1.mlp.down_proj.weight", _set(float("nan"), (3, 5))), "NaN"),
+    "inf in the embedding": (_damage("embed_tokens.weight", _set(float("inf"), (7, 1))), "NaN or infinite"),
+    "-inf in a vision weight": (_damage("vision_tower.embeddings.patch_embedding.weight",
+                                        _set(float("-inf"), (0, 0, 0, 0))), "NaN or infinite"),
+}
+
+
+def damage_checkpoint(directory: Path, how: str) -> str:
+    """Damage the model ``directory`` in the :data:`CHECKPOINT_DAMAGE` way ``how``; returns the tensor changed."""
+    change, _ = CHECKPOINT_DAMAGE[how]
+    names: list[str] = []
+    rewrite_checkpoint(directory, lambda tensors: names.append(change(tensors)))
+    return names[0]
+
+
+def config_disagrees(directory: Path, key: str = "hidden_size", factor: float = 0.5) -> Path:
+    """The model's config.json with ``key`` (in its text_config, if it has one) scaled by ``factor``."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    node = config.get("text_config", config)
+    node[key] = int(node[key] * factor)
+    path.write_text(json.dumps(config))
+    return path
+
+
+def rewrite_member(src: Path, dst: Path, suffix: str, change: Callable[[bytes], bytes]) -> Path:
+    """A copy of the zip archive ``src`` (a ``.pt2``) at ``dst``, each member whose name ends with
+    ``suffix`` rewritten by ``change`` (the archive's CRCs then match the damaged bytes)."""
+    import zipfile
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            zout.writestr(item.filename, change(data) if item.filename.endswith(suffix) else data)
+    return dst
