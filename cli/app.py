@@ -109,9 +109,8 @@ Seed = Annotated[int, typer.Option(help="Seed for drawing calibration samples.",
 DEVICES = "cpu, cuda or cuda:N (default: cuda if there is one)"
 Device = Annotated[Optional[str], typer.Option(help=f"{DEVICES}.", show_default=False, rich_help_panel=COMPUTE)]
 Dtype = Annotated[Optional[str], typer.Option(
-    help="Of the forward passes: auto (the checkpoint's), float32, bfloat16 or float16 (default for plan: "
-         "bfloat16 where the device computes it natively, else as for eval: float32 on the CPU, auto on CUDA; "
-         "env TAMP_FX_DTYPE sets another).", show_default=False, rich_help_panel=COMPUTE)]
+    help="Of the forward passes: auto (the checkpoint's), float32, bfloat16 or float16 (default: plan bfloat16 "
+         "where the hardware has it; else float32 on CPU, auto on CUDA).", show_default=False, rich_help_panel=COMPUTE)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 AllowNonfinite = Annotated[bool, typer.Option("--allow-nonfinite", help="Use weights holding NaN or inf (refused "
                                                                         "by default).")]

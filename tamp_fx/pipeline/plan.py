@@ -83,12 +83,13 @@ def plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig 
     """
     clock = Stopwatch()
     with clock.running():          # the stages of the run charge it (plan.json's timing)
-        return _plan(model, calib, config, progress, device, dtype, offload_activations, layer_by_layer, clock)
+        return _plan(model, calib, config, progress, device, dtype, offload_activations, layer_by_layer, allow_nonfinite,
+                     clock)
 
 
 def _plan(model: str | Path | ModelSource, calib: str | Path, config: PlanConfig, progress: bool | Bars,
           device: str | torch.device | None, dtype: str | None, offload_activations: bool, layer_by_layer: bool | None,
-          clock: Stopwatch) -> Plan:
+          allow_nonfinite: bool, clock: Stopwatch) -> Plan:
     world = distributed.init_from_env()              # under torchrun: cuda:LOCAL_RANK is the current device
     with distributed.guarded():
         source = resolve_source(model)
