@@ -106,9 +106,12 @@ def peer_one(method: str, model: Path, windows: Path, dtype: str, out: Path | No
     linears = [m.weight for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     sparsity = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
     if out is not None:                        # a plain checkpoint (dense tensors) for the shared evaluator
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
+        state = {k: v.float().contiguous() for k, v in net.state_dict().items()}
+        if net.config.tie_word_embeddings:     # stored once, as transformers does
+            state.pop("lm_head.weight", None)
         out.mkdir(parents=True)
-        save_model(net.float(), str(out / "model.safetensors"))
+        save_file(state, out / "model.safetensors")
     import llmcompressor
     return {"tool": f"llm-compressor {llmcompressor.__version__}", "method": method, "dtype": dtype,
             "seconds": round(seconds, 1), "peak_rss_gib": _rss_gib(), "threads": torch.get_num_threads(),
