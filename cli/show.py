@@ -58,6 +58,8 @@ def inspect(
             _show_pruned(plan_dir, as_json)
             return
         data = Plan.load(plan_dir).to_json()          # the whole plan checked against itself (one line if damaged)
+        protect = (plan_dir.resolve(),)
+        report.check_outputs(plot, html, overwrite=overwrite, protect=protect)   # a refusal is all that is printed
         grid = report.Grid.of(data)
         s = data["summary"]
         rows = {}                                      # layer -> ({projection: sparsity or None}, layer total)
@@ -84,7 +86,6 @@ def inspect(
             for layer, (cells, total) in rows.items():
                 table.add_row(str(layer), *("-" if v is None else f"{v:.1%}" for v in cells.values()), f"{total:.1%}")
             out_console.print(table)
-        protect = (plan_dir.resolve(),)
         if plot is not None:
             written = report.write_figures(data, plot, overwrite=overwrite, protect=protect)
             console.print(f"{len(written)} figures ({', '.join(p.stem for p in written)}) -> {plot}", highlight=False)

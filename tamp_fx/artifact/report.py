@@ -257,21 +257,38 @@ def render(data: dict[str, Any], *, dpi: int = 110) -> dict[str, bytes]:
     return pngs
 
 
+def check_outputs(plot_dir: str | Path | None, html_file: str | Path | None, *, overwrite: bool = False,
+                  protect: tuple[Path, ...] = ()) -> None:
+    """Refuse ``--plot`` and ``--html`` as :func:`write_figures` and :func:`write_html` would, up
+    front: before a table is printed or a figure drawn."""
+    if plot_dir is not None:
+        _check_figures(Path(plot_dir), overwrite, protect)
+    if html_file is not None:
+        check_output(html_file, overwrite=overwrite, protect=protect, file=True)
+
+
+def _check_figures(out_dir: Path, overwrite: bool, protect: tuple[Path, ...]) -> None:
+    """A new ``out_dir`` as a directory output; into an existing one, each figure as a file (inputs, writability)."""
+    if not out_dir.is_dir():
+        check_output(out_dir, overwrite=overwrite, protect=protect)
+        return
+    for name in FIGURES:
+        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True)
+
+
 def write_figures(data: dict[str, Any], out_dir: str | Path, *, overwrite: bool = False,
                   protect: tuple[Path, ...] = ()) -> list[Path]:
     """Write the plan's figures as ``NAME.png`` into ``out_dir``: a new directory is created
     atomically; into an existing one each figure is written atomically beside what is there,
     replacing a file of the same name only with ``overwrite``."""
     out_dir = Path(out_dir)
+    _check_figures(out_dir, overwrite, protect)                                 # before drawing
     if not out_dir.is_dir():
-        check_output(out_dir, overwrite=overwrite, protect=protect)            # before drawing
         pngs = render(data)
         with atomic_directory(out_dir, overwrite=overwrite, protect=protect) as tmp:
             for name, png in pngs.items():
                 (tmp / f"{name}.png").write_bytes(png)
         return [out_dir / f"{name}.png" for name in pngs]
-    for name in FIGURES:                                                       # inputs, writability
-        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True)
     pngs = render(data)
     existing = [f"{name}.png" for name in pngs if (out_dir / f"{name}.png").exists()]
     if existing and not overwrite:
