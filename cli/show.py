@@ -58,6 +58,8 @@ def inspect(
             _show_pruned(plan_dir, as_json)
             return
         data = Plan.load(plan_dir).to_json()          # the whole plan checked against itself (one line if damaged)
+        protect = (plan_dir.resolve(),)
+        report.check_outputs(plot, html, overwrite=overwrite, protect=protect)   # a refusal is all that is printed
         grid = report.Grid.of(data)
         s = data["summary"]
         rows = {}                                      # layer -> ({projection: sparsity or None}, layer total)
@@ -87,7 +89,7 @@ def inspect(
             out_console.print(table)
             out_console.print(f"planning time: {describe_timing(data.get(TIMING_KEY))}", highlight=False, soft_wrap=True)
         from tamp_fx.runtime.transaction import Outputs
-        with Outputs(overwrite=overwrite, protect=(plan_dir.resolve(),)) as outputs:    # figures and page, or neither
+        with Outputs(overwrite=overwrite, protect=protect) as outputs:    # figures and page, or neither
             written = report.write_figures(data, plot, outputs) if plot is not None else []
             if html is not None:
                 report.write_html(data, html, outputs)

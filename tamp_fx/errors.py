@@ -1,9 +1,16 @@
 """The one exception type users see: a one-line message naming the problem and the fix."""
 from __future__ import annotations
 
+#: What ``str.splitlines`` splits at, written as escapes: a name read from a damaged file (a tensor
+#: name, a path) cannot break a message into several lines.
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
 
 class TampError(Exception):
     """A user-facing error. Its message is one line: what is wrong, and what to do about it."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(str(message).translate(_LINE_BREAKS), *args)
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:

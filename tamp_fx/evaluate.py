@@ -12,7 +12,10 @@ from typing import Any, Protocol
 
 import torch
 
+from tamp_fx.calibrate.files import checked_file, pieces
 from tamp_fx.errors import TampError
+
+TEXT_FILE, TEXT_HINT = "text file", "pass a UTF-8 plain text file with --text"
 
 
 class Task(Protocol):
@@ -45,11 +48,9 @@ def perplexity(model: torch.nn.Module, tokenizer, text_file: str | Path, *, seql
                max_windows: int | None = None, advance=None) -> Perplexity:
     """exp(mean next-token loss) over non-overlapping windows of ``seqlen`` tokens, as in the
     Wanda / SparseGPT evaluations (every predicted token of every window counts once)."""
-    path = Path(text_file)
-    if not path.is_file():
-        raise TampError(f"text file {path} does not exist: pass a plain text file with --text")
-    ids = torch.tensor(getattr(tokenizer, "tokenizer", tokenizer)(path.read_text(encoding="utf-8"),
-                                                                   add_special_tokens=False)["input_ids"])  # (T,)
+    path = checked_file(text_file, TEXT_FILE, TEXT_HINT)
+    text = "".join(pieces(path, TEXT_FILE))           # UTF-8 text, or one line naming the first byte that is not
+    ids = torch.tensor(getattr(tokenizer, "tokenizer", tokenizer)(text, add_special_tokens=False)["input_ids"])  # (T,)
     n = ids.numel() // seqlen
     if max_windows is not None:
         n = min(n, max_windows)
@@ -85,12 +86,15 @@ def evaluate(model: str | Path, *, text: str | Path | None = None, task: Task | 
     (:mod:`tamp_fx.runtime.placement`). The model is checked before any work
     (:func:`~tamp_fx.load.validate.load_checked`; NaN or inf weights refused unless ``allow_nonfinite``)."""
     from tamp_fx.load.checkpoint import stored_dtype
-    from tamp_fx.load.source import load_processor, resolve_source
+    from tamp_fx.load.source import load_config, load_processor, resolve_source
     from tamp_fx.load.validate import load_checked
     from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
     from tamp_fx.runtime.progress import Bars
 
     source = resolve_source(model)
+    load_config(source)                                    # a .pt2 or a damaged config: one line, up front
+    if text is not None:
+        checked_file(text, TEXT_FILE, TEXT_HINT)           # before the model is loaded
     target = resolve_device(device)
     check_dtype(dtype)
     net = load_checked(source, resolve_dtype(dtype, target, stored_dtype(source)),

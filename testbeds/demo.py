@@ -15,6 +15,7 @@ from tamp_fx.api import apply, plan
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError
 from tamp_fx.evaluate import Evaluation, evaluate
+from tamp_fx.runtime.output import check_output
 from tamp_fx.runtime.progress import Bars
 from tamp_fx.testbeds.fixture import scenes
 from tamp_fx.testbeds.fixture.data import write_conversations
@@ -65,6 +66,8 @@ def run_demo(workdir: str | Path = "demo-out", *, method: str = "tamp", sparsity
     dense_dir, calib_dir = workdir / "fixture", workdir / "calib"
     plan_dir, pruned_dir = workdir / "plan", workdir / f"fixture-{method}{round(sparsity * 100)}"
 
+    for directory in (dense_dir, calib_dir, plan_dir, pruned_dir):
+        check_output(directory, overwrite=True)           # before any work: a clash is refused in one line
     start = time.perf_counter()
     if not (dense_dir / "config.json").is_file():
         build_fixture(dense_dir, overwrite=True)

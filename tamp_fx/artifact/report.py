@@ -277,6 +277,25 @@ def render(data: dict[str, Any], *, dpi: int = 110) -> dict[str, bytes]:
     return pngs
 
 
+def check_outputs(plot_dir: str | Path | None, html_file: str | Path | None, *, overwrite: bool = False,
+                  protect: tuple[Path, ...] = ()) -> None:
+    """Refuse ``--plot`` and ``--html`` as :func:`write_figures` and :func:`write_html` would, up
+    front: before a table is printed or a figure drawn."""
+    if plot_dir is not None:
+        _check_figures(Path(plot_dir), overwrite, protect)
+    if html_file is not None:
+        check_output(html_file, overwrite=overwrite, protect=protect, file=True)
+
+
+def _check_figures(out_dir: Path, overwrite: bool, protect: tuple[Path, ...]) -> None:
+    """A new ``out_dir`` as a directory output; into an existing one, each figure as a file (inputs, writability)."""
+    if not out_dir.is_dir():
+        check_output(out_dir, overwrite=overwrite, protect=protect)
+        return
+    for name in FIGURES:
+        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True)
+
+
 def write_figures(data: dict[str, Any], out_dir: str | Path, outputs: Outputs) -> list[Path]:
     """Stage the plan's figures as ``NAME.png`` in ``outputs`` (committed with the command's
     other outputs): a new directory ``out_dir`` as a whole; into an existing one each figure
@@ -289,8 +308,7 @@ def write_figures(data: dict[str, Any], out_dir: str | Path, outputs: Outputs) -
         for name, png in pngs.items():
             (tmp / f"{name}.png").write_bytes(png)
         return [out_dir / f"{name}.png" for name in pngs]
-    for name in FIGURES:                                                       # inputs, writability
-        check_output(out_dir / f"{name}.png", overwrite=True, protect=outputs.protect, file=True)
+    _check_figures(out_dir, outputs.overwrite, outputs.protect)
     pngs = render(data)
     existing = [f"{name}.png" for name in pngs if (out_dir / f"{name}.png").exists()]
     if existing and not outputs.overwrite:

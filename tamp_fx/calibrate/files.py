@@ -23,30 +23,30 @@ NON_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_I
 HINT = "pass a text file or a LLaVA-style .json/.jsonl"
 
 
-def checked_file(path: str | Path) -> Path:
+def checked_file(path: str | Path, what: str = "calibration file", hint: str = HINT) -> Path:
+    """``path`` if it is a regular, non-empty file; else a TampError naming it as ``what``, with ``hint``."""
     path = Path(path).expanduser()
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise TampError(f"calibration file {path} does not exist: {HINT}") from None
+        raise TampError(f"{what} {path} does not exist: {hint}") from None
     except OSError as error:
-        raise TampError(f"calibration file {path} cannot be read ({first_line(error)}): {HINT}") from error
+        raise TampError(f"{what} {path} cannot be read ({first_line(error)}): {hint}") from error
     if stat.S_ISDIR(info.st_mode):
-        raise TampError(f"calibration path {path} is a directory: pass a file in it (a text file or a LLaVA-style "
-                        ".json/.jsonl)")
+        raise TampError(f"{what} {path} is a directory: {hint} (a file in it)")
     if not stat.S_ISREG(info.st_mode):
-        what = next((name for test, name in NON_REGULAR if test(info.st_mode)), "a special file")
-        raise TampError(f"calibration path {path} is {what}, not a regular file: {HINT} (save the data to a file)")
+        kind = next((name for test, name in NON_REGULAR if test(info.st_mode)), "a special file")
+        raise TampError(f"{what} {path} is {kind}, not a regular file: {hint} (save the data to a file)")
     if info.st_size == 0:
-        raise TampError(f"calibration file {path} is empty: pass a file with text or conversations")
+        raise TampError(f"{what} {path} is empty: {hint}")
     return path
 
 
-def open_bytes(path: Path) -> IO[bytes]:
+def open_bytes(path: Path, what: str = "calibration file") -> IO[bytes]:
     try:
         return path.open("rb")
     except OSError as error:
-        raise TampError(f"calibration file {path} cannot be read ({first_line(error)}): {HINT}") from error
+        raise TampError(f"{what} {path} cannot be read ({first_line(error)}): check its permissions") from error
 
 
 def newlines(text: str) -> str:
@@ -62,13 +62,13 @@ def binary_at(chunk: bytes, offset: int) -> int | None:
     return offset + min(found) if found else None
 
 
-def pieces(path: Path) -> Iterator[str]:
+def pieces(path: Path, what: str = "calibration file") -> Iterator[str]:
     """The file's text, about :data:`PIECE` bytes at a time (joined: what ``read_text`` gives), or
     a TampError at the first byte that is not UTF-8 text, naming its offset: "looks binary" when
     the file holds a NUL byte, or another control byte in its first 8 KiB, "not UTF-8" otherwise."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, carry = 0, ""                          # bytes read before this chunk; a "\r" whose "\n" may follow
-    with open_bytes(path) as f:
+    with open_bytes(path, what) as f:
         while True:
             chunk = f.read(PIECE)
             held = len(decoder.getstate()[0])      # bytes of a character cut by the previous chunk
@@ -79,10 +79,10 @@ def pieces(path: Path) -> Iterator[str]:
                 bad = offset - held + error.start
             binary = binary_at(chunk, offset)
             if binary is not None:
-                raise TampError(f"calibration file {path} looks binary (byte {binary if bad is None else min(binary, bad)}): "
+                raise TampError(f"{what} {path} looks binary (byte {binary if bad is None else min(binary, bad)}): "
                                 "pass a UTF-8 text, .json or .jsonl file")
             if bad is not None:
-                raise TampError(f"calibration file {path} is not UTF-8 text (invalid byte at offset {bad}): "
+                raise TampError(f"{what} {path} is not UTF-8 text (invalid byte at offset {bad}): "
                                 "save it as UTF-8")
             text, carry = carry + text, ""
             if chunk and text.endswith("\r"):

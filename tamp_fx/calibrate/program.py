@@ -23,9 +23,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from tamp_fx.calibrate.files import checked_file
 from tamp_fx.errors import TampError
 
 log = logging.getLogger(__name__)
+
+HINT = ("write sample.{i}.arg.{j} tensors (and optional sample.{i}.labels) with "
+        "tamp_fx.calibrate.program.save_program_calibration")
 
 _SAMPLE_KEY = re.compile(r"sample\.(\d+)\.(?:arg\.(\d+)|(labels|targets))")
 
@@ -60,12 +64,17 @@ def save_program_calibration(path: str | Path, samples: Sequence[ProgramSample])
     return Path(path)
 
 
+def program_calibration_file(path: str | Path) -> Path:
+    """``path`` if it is a regular, non-empty ``.safetensors`` file; else one line saying what a program's --calib is."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() != ".safetensors":
+        raise TampError(f"calibration for an exported program must be a .safetensors file, got {path}: {HINT}")
+    return checked_file(path, "calibration file", HINT)
+
+
 def load_program_calibration(path: str | Path, nsamples: int | None = None) -> list[ProgramSample]:
     """The first ``nsamples`` (all when None) samples of a ``--calib`` file for a program."""
-    path = Path(path).expanduser()
-    hint = "write sample.{i}.arg.{j} tensors (and optional sample.{i}.labels) with tamp_fx.calibrate.program.save_program_calibration"
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
-        raise TampError(f"calibration for an exported program must be an existing .safetensors file, got {path}: {hint}")
+    path, hint = program_calibration_file(path), HINT
     args: dict[int, dict[int, torch.Tensor]] = {}
     labels: dict[int, torch.Tensor] = {}
     targets: dict[int, torch.Tensor] = {}

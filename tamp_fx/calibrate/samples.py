@@ -201,7 +201,11 @@ def _media(record: dict[str, Any], key: str, source: Path, index: int) -> list[P
     if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
         raise TampError(f"calibration sample {index} of {source}: \"{key}\" must be a file path or a list of file paths, "
                         f"not {json.dumps(value)[:60]}")
-    return [(source.parent / item).resolve() for item in items]
+    try:
+        return [(source.parent / item).resolve() for item in items]
+    except (OSError, RuntimeError) as error:       # RuntimeError: a symbolic link loop (Python < 3.13)
+        raise TampError(f"calibration sample {index} of {source}: \"{key}\" names a path that cannot be resolved "
+                        f"({first_line(error)}): fix the path") from error
 
 
 def _paths(record: dict[str, Any], keys: tuple[str, ...], base: Path, index: int, source: Path) -> list[Path]:

@@ -14,7 +14,7 @@ import torch
 from tamp_fx.allocate.ecoflap import ZEROTH_ORDER, lm_loss, program_loss, zeroth_order_block_importance
 from tamp_fx.allocate.strategies import ALLOCATORS, Allocation
 from tamp_fx.artifact.plan import LinearPlan, Plan
-from tamp_fx.calibrate.program import load_program_calibration
+from tamp_fx.calibrate.program import load_program_calibration, program_calibration_file
 from tamp_fx.calibrate.samples import calibration_inputs, load_calibration
 from tamp_fx.capture.activations import Activations, capture_layer_inputs
 from tamp_fx.capture.graph import LayerExporter
@@ -273,7 +273,8 @@ def _layer_names(net: torch.nn.Module, layout) -> list[str]:
 def plan_inputs(model: str | Path | ModelSource, calib: str | Path) -> tuple[Path, ...]:
     """What ``plan(model, calib)`` reads and a plan's ``--out`` must never replace: the model,
     the calibration file and the media files it names (checked on the way, in one line)."""
-    return (resolve_source(model).path, *calibration_inputs(calib))
+    source = resolve_source(model)
+    return (source.path, *((program_calibration_file(calib),) if source.kind == "pt2" else calibration_inputs(calib)))
 
 
 def _allocate(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars, exporter,

@@ -95,13 +95,21 @@ def _overlap(path: Path, given: Path) -> str | None:
     """How ``path`` overlaps the input ``given`` (by the names given and where they lead):
     "the input" (it is ``given``), "a directory holding the input", "inside" (it lies in
     ``given``), or None."""
-    for p in {given, given.resolve()}:
-        for o in {path, path.resolve()}:
+    for p in {given, _resolved(given)}:
+        for o in {path, _resolved(path)}:
             if p.is_relative_to(o):
                 return "the input" if p == o else "a directory holding the input"
             if o.is_relative_to(p):
                 return "inside"
     return None
+
+
+def _resolved(path: Path) -> Path:
+    """Where ``path`` leads; ``path`` itself where it cannot be resolved (a symbolic link loop)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):            # RuntimeError: a loop, before Python 3.13
+        return path
 
 
 def _special(path: Path) -> str | None:

@@ -22,7 +22,7 @@ from tamp_fx.artifact.plan import Plan
 from tamp_fx.errors import TampError
 from tamp_fx.load.checkpoint import check_finite, checkpoint_keys
 from tamp_fx.load.program import load_program
-from tamp_fx.load.source import ModelSource, load_model, load_processor, resolve_source
+from tamp_fx.load.source import ModelSource, load_config, load_model, load_processor, resolve_source
 from tamp_fx.load.validate import check_checkpoint, check_program, load_checked
 from tamp_fx.prune import semi_structured
 from tamp_fx.prune.semi_structured import FORMATS
@@ -74,6 +74,8 @@ def apply(model: str | Path, plan: Plan | str | Path, out: str | Path, *, overwr
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     protect = apply_inputs(source, plan, calib)
     check_output(out, overwrite=overwrite, protect=protect, file=source.kind == "pt2")   # once, before any work
+    if source.kind == "hf":
+        load_config(source)              # a config.json from_pretrained cannot read is refused, not copied
     dtype = FORMATS[format].dtype
     finish = _semi_structured_finish(source, plan, quantize) if format == "semi-structured" else None
     if quantize is not None:

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 import tamp_fx
-from support.cli import fails_cleanly, snapshot
+from support.cli import fails_cleanly
+from support.snapshot import snapshot
 from tamp_fx.artifact.compare import diff_plans
 from tamp_fx.artifact.plan import Plan
 from tamp_fx.artifact.report import Grid, projection_names

@@ -29,3 +29,21 @@ def saved_plan(llama, tmp_path_factory) -> Path:
 def plan_copy(saved_plan, tmp_path) -> Path:
     """A fresh copy of :func:`saved_plan` that a test may damage."""
     return Path(shutil.copytree(saved_plan, tmp_path / "plan"))
+
+
+@pytest.fixture(scope="session")
+def program(llama, tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny llama's decoder exported (model.pt2) and its calibration inputs (inputs.safetensors), made once."""
+    from support.cli import invoke
+    out = tmp_path_factory.mktemp("program")
+    result = invoke(["export", llama, "--calib", llama / "calib.jsonl", "--out", out / "model.pt2",
+                     "--calib-out", out / "inputs.safetensors", "--nsamples", 2, "-q"])
+    assert result.exit_code == 0, result.output
+    return out / "model.pt2", out / "inputs.safetensors"
+
+
+@pytest.fixture
+def ws(tmp_path, request):
+    """A :class:`support.cases.Workspace` in ``tmp_path``."""
+    from support.cases import Workspace
+    return Workspace(tmp_path, request)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import snapshot
+from support.snapshot import snapshot
 
 _INTERRUPT_AT_IMPORT = """
 import os, signal, sys
@@ -47,7 +47,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
-def _interrupted_cleanly(process: subprocess.Popen, before: dict[str, str], *roots: Path,
+def _interrupted_cleanly(process: subprocess.Popen, before: dict, *roots: Path,
                          signum: int = signal.SIGINT) -> None:
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, stderr

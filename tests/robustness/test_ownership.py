@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from support.cli import invoke, snapshot
+from support.cli import invoke
+from support.snapshot import snapshot
 from tamp_fx.runtime.output import OUTPUT_MARKER, OWNER_SUFFIX, remove_stale_temporaries
 
 #: A run writing OUT (argv[1]): "die" is SIGKILLed inside the block, "wait" waits for stdin to

@@ -15,19 +15,29 @@ import numpy as np
 from hypothesis import strategies as st
 
 
-def gguf_cut_in_header(path: Path, keep: int = 40) -> Path:
-    """A GGUF file (magic, version, counts, one metadata entry) cut after ``keep`` bytes,
-    inside its header: reading it raises ``struct.error`` deep in the GGUF reader."""
+def small_gguf(path: Path) -> Path:
+    """A complete GGUF file of a llama with small sizes (so a model built from it is small),
+    its header (magic, version, counts, metadata) and one tensor."""
     import gguf
-    full = path.with_name(path.name + ".full")
-    writer = gguf.GGUFWriter(str(full), "llama")
+    writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(2)
     writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def gguf_cut_in_header(path: Path, keep: int = 40) -> Path:
+    """:func:`small_gguf` cut after ``keep`` bytes, inside its header: reading it raises
+    ``struct.error`` deep in the GGUF reader."""
+    full = small_gguf(path.with_name(path.name + ".full"))
     path.write_bytes(full.read_bytes()[:keep])
     full.unlink()
     return path

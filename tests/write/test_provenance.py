@@ -21,7 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tamp_fx
-from support.cli import invoke, snapshot
+from support.cli import invoke
+from support.snapshot import snapshot
 from tamp_fx.artifact.plan import Plan, without_run_measurements
 from tamp_fx.cli.main import app
 from tamp_fx.testbeds.models import checkpoint_tensors
