@@ -9,7 +9,7 @@
 #    images of ~2,900 tokens, wanda and tamp on C_SAMPLES samples (128 would take longer than this
 #    check's budget; the summary extrapolates linearly, an upper bound since fixed costs scale too);
 # 3. bench/semi_structured_speed.py (2:4 against dense bf16 on one Llama-7B-shaped layer);
-# 4. only with several GPUs: bench/plan_speed.py --nproc N --device cuda (planning on 1 GPU against all N).
+# 4. only with several GPUs: bench/speed.py --nproc N --device cuda (planning on 1 GPU against all N).
 # Each step has its own time limit (140 + 290 + 60 s, about 8 minutes with the set-up; step 4 adds up
 # to 300 s); a failed or stopped step is reported and the others still run (scale.py writes its JSON
 # after every method). Logs and JSON in $OUT; the checkpoint of (c) (~16 GB) is deleted afterwards.
@@ -49,7 +49,7 @@ step scale-c 290 $PY bench/scale.py --case c --nsamples "$C_SAMPLES" --out-dir "
 step semi-structured 60 $PY bench/semi_structured_speed.py --repeats 30 --warmup 5
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$GPUS" -gt 1 ]; then  # data-parallel planning (docs/usage.md, Multi-GPU): 1 GPU against all of them
-    step multi-gpu 300 $PY bench/plan_speed.py --nproc "$GPUS" --device cuda --nsamples 128 --seqlen 512 --methods wanda tamp
+    step multi-gpu 300 $PY bench/speed.py --nproc "$GPUS" --device cuda --nsamples 128 --seqlen 512 --methods wanda tamp
 fi
 
 $PY - "$OUT" "$C_SAMPLES" <<'EOF'

@@ -38,6 +38,15 @@ from pathlib import Path
 PEER_METHODS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
 
 
+def _cpu() -> str:
+    """The CPU's model name (Linux), else the platform's word for it."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _rss_gib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
@@ -247,7 +256,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"\n{args.model.name}, {args.nsamples} calibration windows of {args.seqlen} tokens ({args.calib.name}), "
-          f"sparsity 0.5, {platform.processor() or platform.machine()}, {rows[0]['threads']} threads, {date.today()}; "
+          f"sparsity 0.5, {_cpu()}, {rows[0]['threads']} threads, {date.today()}; "
           "wall time from the call (model loading included, imports not), stages in seconds from plan.json's timing"
           + (f"; perplexity in float32 over {rows[0]['windows']} held-out windows" if held_out else "") + "\n")
     print("\n".join(table(rows)))
