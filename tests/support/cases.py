@@ -18,9 +18,6 @@ from support.snapshot import around, assert_refused, snapshot
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 60       # a few hundred tokens of any tiny tokenizer
 TURNS = [{"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "red"}]
-PENDING_CHECKPOINTS = "pending: checkpoint validation"
-
-
 @dataclass(frozen=True)
 class Case:
     """``make(ws)`` builds the damaged inputs and returns the arguments of ``tamp-fx``; the
