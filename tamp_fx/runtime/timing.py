@@ -67,8 +67,8 @@ class Stopwatch:
             _RUNNING.remove(self)
 
     def record(self) -> dict:
-        """``{"wall_s": seconds, "parts_s": {part: seconds}}``, to the millisecond; parts in the
-        order they were first timed, summing to the wall time."""
+        """``{"wall_s": seconds, "parts_s": {part: seconds}}``, to the millisecond; parts in
+        :data:`ORDER` (the laps' remainders after, ``other`` last), summing to the wall time."""
         now = time.perf_counter()
         parts = {**self._parts}
         parts["other"] = parts.get("other", 0.0) + now - self._last - self._in_stages

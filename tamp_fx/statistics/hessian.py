@@ -25,7 +25,8 @@ class HessianAccumulator:
         self._h: torch.Tensor | None = None  # (C_in, C_in) float32
         self._n: float = 0                   # tokens in _h
         self._waiting: list[torch.Tensor] = []   # float32 (t, C_in) inputs not yet in _h
-        self._waiting_n: float = 0
+        self._waiting_n: float = 0           # their tokens, each counted with its weight
+        self._waiting_rows = 0
 
     @property
     def n_tokens(self) -> float:
@@ -49,7 +50,8 @@ class HessianAccumulator:
             return
         self._waiting.append(x2)
         self._waiting_n += t
-        if sum(w.shape[0] for w in self._waiting) >= min(FLUSH_ROWS, FLUSH_ELEMENTS // c_in):
+        self._waiting_rows += x2.shape[0]
+        if self._waiting_rows >= min(FLUSH_ROWS, FLUSH_ELEMENTS // c_in):
             self._flush()
 
     def _flush(self) -> None:
@@ -59,11 +61,11 @@ class HessianAccumulator:
         n = self._n + self._waiting_n
         self._h.mul_(self._n / n)
         self._h.addmm_(x.T, x, alpha=2.0 / n)          # (C_in, C_in)
-        self._n, self._waiting, self._waiting_n = n, [], 0
+        self._n, self._waiting, self._waiting_n, self._waiting_rows = n, [], 0, 0
 
     def merge(self, hessian: torch.Tensor, n_tokens: float) -> None:
         """Replace the running Hessian by one over ``n_tokens`` tokens (the ranks' Hessians combined)."""
-        self._h, self._n, self._waiting, self._waiting_n = hessian, n_tokens, [], 0
+        self._h, self._n, self._waiting, self._waiting_n, self._waiting_rows = hessian, n_tokens, [], 0, 0
 
     @property
     def hessian(self) -> torch.Tensor:
