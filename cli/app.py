@@ -95,6 +95,7 @@ def choices(name: str, names) -> type[Enum]:
 
 Method, Allocation = choices("Method", METHODS), choices("Allocation", ALLOCATIONS)
 Score, Tokens = choices("Score", SCORE_NAMES), choices("Tokens", TOKEN_NAMES)
+Sequential = choices("Sequential", ("groups", "layers"))
 Quantize, Format = choices("Quantize", QUANTIZERS.names()), choices("Format", FORMATS.names())
 LogFormat = choices("LogFormat", STYLES)
 

@@ -26,6 +26,7 @@ from tamp_fx.cli.app import (
     Score,
     Seed,
     SeqLen,
+    Sequential,
     Tokens,
     Verbose,
     app,
@@ -72,6 +73,9 @@ def plan(
         help="atv: image tokens kept per text token, x the layer's mean change.", rich_help_panel=PARTS)] = 1.0,
     max_sparsity_delta: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="das, ecoflap: no group sparser than --sparsity + this.", rich_help_panel=PARTS)] = 0.1,
+    sequential: Annotated[Optional[Sequential], typer.Option(
+        metavar="UNIT", help="groups or layers.",
+        show_default=False, rich_help_panel=PARTS)] = None,
     nsamples: NSamples = 128,
     seqlen: SeqLen = 512,
     seed: Seed = 0,
@@ -108,7 +112,8 @@ def plan(
             config = tamp_fx.PlanConfig(method=method.value, sparsity=sparsity, pattern=pattern, nsamples=nsamples,
                                         seqlen=seqlen, seed=seed, allocation=allocation.value if allocation else None,
                                         score=score.value if score else None, tokens=tokens.value if tokens else None,
-                                        max_sparsity_delta=max_sparsity_delta, atv_alpha=atv_alpha)
+                                        max_sparsity_delta=max_sparsity_delta, atv_alpha=atv_alpha,
+                                        sequential=sequential.value if sequential else None)
             source = resolve_source(model)                # once for the command
             protect = plan_inputs(source, calib)
             check_output(out, overwrite=overwrite, protect=protect)

@@ -1,5 +1,10 @@
-"""Instrument pass: an observer after every linear node and at every attention node (SDPA: its q,
-k, mask and scale; an eager ``softmax(q k^T)``: the probabilities it computes)."""
+"""Instrument pass: an observer at every linear node and at every attention node (SDPA: its q,
+k, mask and scale; an eager ``softmax(q k^T)``: the probabilities it computes).
+
+A linear's observer reads (input, output) after the linear; one whose statistics depend on the
+input alone (:attr:`~tamp_fx.statistics.observers.LinearObserver.input_only`) reads the input
+before the first linear that reads it, so a group of linears sharing an input is observed
+before any of them runs (:mod:`tamp_fx.capture.stages` plans such a group there)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,16 +35,20 @@ def instrument(gm: torch.fx.GraphModule, config: InstrumentConfig) -> PassResult
     collect nothing else (:meth:`LinearObserver.share_inputs`): it is computed once per group."""
     linear_observers: dict[str, LinearObserver] = {}
     attention_observers: list[AttentionObserver] = []
-    first_reader: dict[torch.fx.Node, LinearObserver] = {}
+    first_reader: dict[torch.fx.Node, tuple[torch.fx.Node, LinearObserver]] = {}   # input -> first linear, its observer
     for node in list(gm.graph.nodes):
+        place = gm.graph.inserting_after(node)
         if is_linear(node):
             observer = config.linear_observer(config.context)
-            owner = first_reader.setdefault(node.args[0], observer)
+            first, owner = first_reader.setdefault(node.args[0], (node, observer))
             if owner is not observer and owner.input_only and observer.input_only:
                 observer.share_inputs(owner)
             name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"
             linear_observers[weight_name(node)] = observer
-            args = (node.args[0], node)
+            if observer.input_only:
+                args, place = (node.args[0],), gm.graph.inserting_before(first)
+            else:
+                args = (node.args[0], node)
         elif is_attention(node):
             observer = AttentionObserver(config.context)
             name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"
@@ -52,7 +61,7 @@ def instrument(gm: torch.fx.GraphModule, config: InstrumentConfig) -> PassResult
         else:
             continue
         gm.add_submodule(name, observer)
-        with gm.graph.inserting_after(node):
+        with place:
             gm.graph.call_module(name, args)
     gm.graph.lint()
     gm.recompile()

@@ -29,26 +29,33 @@ def _replace_parameter(gm: torch.fx.GraphModule, name: str, value: torch.Tensor)
     setattr(owner, attr, torch.nn.Parameter(value, requires_grad=False))
 
 
+def apply_decision(gm: torch.fx.GraphModule, node: torch.fx.Node, semi_structured: bool = False) -> bool:
+    """Give the linear ``node`` the weights the plan pass decided for it (in ``node.meta``), once:
+    the decision is taken out of the node. Returns whether there was one. The graph is unchanged."""
+    decision = node.meta.pop(DECISION_KEY, None)
+    if decision is None:
+        return False
+    weight = gm.get_parameter(decision.weight)
+    if tuple(weight.shape) != tuple(decision.mask.shape):
+        raise PassError("rewrite", node, f"mask shape {tuple(decision.mask.shape)} does not match weight {tuple(weight.shape)}")
+    mask = decision.mask.to(weight.device)
+    value = weight.detach() if decision.new_weight is None else decision.new_weight.to(weight.device, weight.dtype)
+    value = apply_mask(value, mask)
+    if semi_structured and decision.pattern != "dense":     # a linear left dense stays dense
+        try:
+            value = to_semi_structured(value)
+        except ValueError as error:
+            raise PassError("rewrite", node, f"{decision.weight} cannot be semi-structured: {error}") from error
+    _replace_parameter(gm, decision.weight, value)
+    return True
+
+
 def rewrite(gm: torch.fx.GraphModule, config: RewriteConfig = RewriteConfig()) -> PassResult:
     if config.semi_structured:
         require_cuda()                   # one line, before any weight is touched
     modified = False
     for node in list(gm.graph.nodes):
-        decision = node.meta.get(DECISION_KEY)
-        if decision is not None:
-            weight = gm.get_parameter(decision.weight)
-            if tuple(weight.shape) != tuple(decision.mask.shape):
-                raise PassError("rewrite", node, f"mask shape {tuple(decision.mask.shape)} does not match weight {tuple(weight.shape)}")
-            mask = decision.mask.to(weight.device)
-            value = weight.detach() if decision.new_weight is None else decision.new_weight.to(weight.device, weight.dtype)
-            value = apply_mask(value, mask)
-            if config.semi_structured and decision.pattern != "dense":     # a linear left dense stays dense
-                try:
-                    value = to_semi_structured(value)
-                except ValueError as error:
-                    raise PassError("rewrite", node, f"{decision.weight} cannot be semi-structured: {error}") from error
-            _replace_parameter(gm, decision.weight, value)
-            modified = True
+        modified |= apply_decision(gm, node, config.semi_structured)
         if config.remove_observers and node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
             gm.graph.erase_node(node)
             gm.delete_submodule(str(node.target))

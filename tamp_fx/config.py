@@ -53,6 +53,15 @@ class PlanConfig:
     Parts left as None come from the ``method`` shortcut; giving a part that differs from the
     shortcut makes the method ``"custom"``.
 
+    ``sequential`` says what a linear's statistics see. Layers are always planned in order, each on
+    the outputs of the pruned layers before it. With ``"layers"`` every linear of a layer is
+    calibrated on the dense layer, then the layer's outputs are computed again with the pruned
+    weights (two passes per layer). With ``"groups"`` the linears that read one tensor (q/k/v,
+    gate/up) are planned together on the outputs of the already-pruned groups before them in the
+    layer, in one pass (SparseGPT's "true sequential" order). Only token selection ``"all"`` can
+    (the others choose or weigh tokens per linear, amia and attention from the dense layer's
+    outputs and attention, atv from its change), so it is the default there, ``"layers"`` elsewhere.
+
     ``pattern`` ("N:M", e.g. "2:4") asks for N:M sparsity: N zeros in every M consecutive input
     columns of each row. With ``allocation="uniform"`` every linear is N:M and ``sparsity`` is
     N/M whatever was passed (a different value is replaced, with a warning). With any other
@@ -85,6 +94,7 @@ class PlanConfig:
     ecoflap_epsilon: float = 1e-3        # ECoFLaP: zeroth-order perturbation size
     random_tokens: int = 100             # tokens = random: how many tokens per sample
     atv_alpha: float = 1.0               # tokens = atv: image tokens kept per text token, times the layer's mean change
+    sequential: str | None = None        # "groups" or "layers"; None: groups where the token selection allows (see above)
 
     def __post_init__(self) -> None:
         if self.method != CUSTOM and self.method not in METHODS:
@@ -103,6 +113,7 @@ class PlanConfig:
         if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
             raise TampError(f"sparsity {self.sparsity} is outside [0, 1): pass a fraction such as 0.5")
         self._resolve_pattern()
+        self._resolve_sequential()
         if not 0.0 <= self.max_sparsity_delta <= 1.0:
             raise TampError(f"max_sparsity_delta {self.max_sparsity_delta} is outside [0, 1]")
         if self.nsamples < 1:
@@ -117,6 +128,16 @@ class PlanConfig:
             raise TampError(f"atv_alpha applies to tokens 'atv', not {self.tokens!r}: add --tokens atv or drop --atv-alpha")
         if self.owl_m <= 0 or self.owl_lambda < 0 or self.ecoflap_epsilon <= 0:
             raise TampError("owl_m and ecoflap_epsilon must be positive and owl_lambda non-negative")
+
+    def _resolve_sequential(self) -> None:
+        per_group = TOKEN_SELECTIONS[self.tokens].selector(self) is None    # every token counts the same
+        if self.sequential is None:
+            object.__setattr__(self, "sequential", "groups" if per_group else "layers")
+        elif self.sequential not in ("groups", "layers"):
+            raise TampError(f"sequential {self.sequential!r} is neither 'groups' nor 'layers'")
+        elif self.sequential == "groups" and not per_group:
+            raise TampError(f"token selection {self.tokens!r} plans a layer at a time (only 'all' plans by groups): "
+                            "use --sequential layers")
 
     def _resolve_pattern(self) -> None:
         """Validate and normalise ``pattern``; settle ``sparsity`` (its default, and N/M under uniform)."""
@@ -163,4 +184,4 @@ class PlanConfig:
         unknown = set(data) - known
         if unknown:
             raise TampError(f"plan config has unknown keys {sorted(unknown)}: was it written by a newer tamp-fx?")
-        return cls(**data)
+        return cls(**{"sequential": "layers", **data})     # plans written before "groups" existed were planned by layers

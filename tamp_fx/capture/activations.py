@@ -48,6 +48,15 @@ class Activations:
         move = _mover(self.device)
         return move(self.hidden[sample]), pytree.tree_map(move, self.layer_kwargs[sample][layer])
 
+    def stash(self, values: Any) -> Any:
+        """``values`` (tensors in any nesting) kept until a later :meth:`unstash`: where the hidden
+        states are kept (host memory with ``offload``)."""
+        return pytree.tree_map(_mover(self._store, pin=self.offload and self.device.type == "cuda"), values)
+
+    def unstash(self, values: Any) -> Any:
+        """What :meth:`stash` kept, on ``device``."""
+        return pytree.tree_map(_mover(self.device), values)
+
     def set_hidden(self, sample: int, hidden: torch.Tensor) -> None:
         """Replace the sample's hidden states (a layer's outputs, on ``device``)."""
         self.hidden[sample] = _mover(self._store, pin=self.offload and self.device.type == "cuda")(hidden)

@@ -3,7 +3,11 @@
 - profile (dense): export -> instrument -> run -> statistics of every linear (diversities,
   input norms for OWL); the dense outputs move on to the next layer.
 - prune: export -> instrument -> run -> plan -> rewrite -> run again, so each layer is
-  planned on the pruned outputs of the one before (as Wanda and SparseGPT do).
+  planned on the pruned outputs of the one before (as Wanda and SparseGPT do);
+  with ``sequential="groups"`` (statistics of a linear's inputs alone) in one pass instead:
+  the layer runs a stage at a time (:mod:`tamp_fx.capture.stages`) and each group of linears
+  that read one tensor is planned and rewritten before the stage that runs it, so later groups
+  are planned on the outputs of the pruned ones before them.
 """
 from __future__ import annotations
 
@@ -19,15 +23,16 @@ import torch
 
 from tamp_fx.allocate.strategies import LayerProfile
 from tamp_fx.capture.activations import Activations
-from tamp_fx.capture.graph import LayerExporter, LinearInfo, analyse_linears, drop_tensors
+from tamp_fx.capture.graph import LayerExporter, LinearInfo, analyse_linears, drop_tensors, is_linear, weight_name
 from tamp_fx.capture.layers import DecoderLayers
+from tamp_fx.capture.stages import Stages
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.modality import Modality
 from tamp_fx.passes.instrument import InstrumentConfig, instrument
 from tamp_fx.passes.plan import LinearDecision, PlanPassConfig
 from tamp_fx.passes.plan import plan as plan_pass
-from tamp_fx.passes.rewrite import rewrite
+from tamp_fx.passes.rewrite import apply_decision, rewrite
 from tamp_fx.prune.masks import PackedMask
 from tamp_fx.prune.scores import SCORES
 from tamp_fx.runtime.distributed import guarded, sample_indices
@@ -49,7 +54,7 @@ def prune_cost(config: PlanConfig) -> float:
     (the unit of the plan's ETA): ATV's change measure, calibration and propagation when the score
     reads activations, and the decision itself (SparseGPT's column sweeps about a pass)."""
     score, selection = SCORES[config.score], TOKEN_SELECTIONS[config.tokens]
-    passes = 2 + int(selection.needs_layer_change) if score.needs_activations else 0
+    passes = (1 if config.sequential == "groups" else 2 + int(selection.needs_layer_change)) if score.needs_activations else 0
     return passes + (1.0 if score.needs_hessian else 0.2)
 
 
@@ -59,6 +64,17 @@ class LayerResult:
     decisions: dict[str, LinearDecision]       # weight name relative to the layer -> decision, mask a PackedMask
     linears: dict[str, LinearInfo]
     stats: dict[str, Any]
+
+
+def _forward(run: Callable[[], Any], layer: int, sample: int) -> Any:
+    """``run()``, a decoder layer's forward on one calibration sample; its failure in one line."""
+    try:
+        with stage(FORWARD):
+            return run()
+    except TampError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise TampError(f"decoder layer {layer} failed on calibration sample {sample}: {first_line(error)}") from error
 
 
 def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: ObserverContext,
@@ -73,13 +89,7 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
         for j, sample in enumerate(sample_indices(len(acts))):
             hidden, kwargs = acts.inputs(j, layer)
             context.labels, context.sample = acts.labels[j].to(acts.device), sample
-            try:
-                with stage(FORWARD):
-                    out = gm(hidden, **kwargs)
-            except TampError:
-                raise
-            except Exception as error:  # noqa: BLE001
-                raise TampError(f"decoder layer {layer} failed on calibration sample {sample}: {first_line(error)}") from error
+            out = _forward(lambda: gm(hidden, **kwargs), layer, sample)
             attention = attention_observers[0].current if attention_observers else None
             out = out[0] if isinstance(out, tuple) else out
             with stage(STATISTICS):
@@ -90,6 +100,75 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
             if keep_outputs:
                 acts.set_hidden(j, out)
             advance()
+
+
+def decide_linears(gm: torch.fx.GraphModule, config: PlanConfig, targets: Mapping[str, float],
+            observers: Mapping[str, LinearObserver], names: list[str] | None = None) -> dict[str, LinearDecision]:
+    """The plan pass's decisions for the linears ``names`` (None: all of the layer's)."""
+    chosen = targets if names is None else {w: targets[w] for w in names}
+    return plan_pass(gm, PlanPassConfig(config.score, chosen, observers, config.nm)).info["decisions"]
+
+
+def _run_and_reduce(gm: torch.fx.GraphModule, acts: Activations, layer: int, context: ObserverContext,
+                    observed: Mapping[str, Any], bars: Bars) -> None:
+    """Every sample through the dense, instrumented layer; the statistics summed over all ranks."""
+    with guarded():
+        _run_samples(gm, acts, layer, context, observed, bars, f"layer {layer}: calibrate", keep_outputs=False)
+    _reduce(observed)
+
+
+def _prune_layer(gm: torch.fx.GraphModule, acts: Activations, layer: int, context: ObserverContext,
+                 decide: Callable[..., dict[str, LinearDecision]], bars: Bars, keep_outputs: bool) -> dict[str, LinearDecision]:
+    """Every linear of the layer planned and rewritten at once; with ``keep_outputs`` every
+    sample then runs through the pruned layer into the next layer's inputs."""
+    with guarded():      # the same decisions on every rank, then each propagates its samples
+        with stage(PRUNING):
+            decisions = {w: _on_host(d) for w, d in decide().items()}
+            rewrite(gm)
+        if keep_outputs:
+            _run_samples(gm, acts, layer, context, None, bars, f"layer {layer}: propagate", keep_outputs=True)
+    return decisions
+
+
+def prune_in_stages(gm: torch.fx.GraphModule, acts: Activations, layer: int, context: ObserverContext,
+                     observed: Mapping[str, Any], decide: Callable[[list[str]], dict[str, LinearDecision]],
+                     bars: Bars, keep_outputs: bool) -> dict[str, LinearDecision]:
+    """One pass through the layer: every sample runs up to a group of linears, the group is
+    planned (``decide(weight names)``) and rewritten, then every sample runs on to the next.
+    With ``keep_outputs`` the outputs become the next layer's inputs."""
+    stages = Stages(gm)
+    linears = {weight_name(n): n for n in gm.graph.nodes if is_linear(n)}
+    n_stages = len(stages) if keep_outputs else len(stages) - 1    # the last layer's outputs are not needed
+    envs: list[Any] = [None] * len(acts)       # per sample: the values later stages still need
+    decisions: dict[str, LinearDecision] = {}
+    with bars.task(f"layer {layer}: calibrate", len(acts) * n_stages) as advance, torch.no_grad():
+        for k in range(n_stages):
+            with guarded():
+                for j, sample in enumerate(sample_indices(len(acts))):
+                    context.labels, context.sample = acts.labels[j].to(acts.device), sample
+                    if k == 0:
+                        hidden, kwargs = acts.inputs(j, layer)
+                        env = stages.start((hidden,), kwargs)
+                    else:
+                        env = acts.unstash(envs[j])
+                    out = _forward(lambda: stages.run(env, k), layer, sample)
+                    if k + 1 < len(stages):
+                        envs[j] = acts.stash(env)
+                    else:
+                        envs[j] = None
+                        acts.set_hidden(j, out[0] if isinstance(out, tuple) else out)
+                    advance()
+            if k < len(stages.groups):
+                group = stages.groups[k]
+                with stage(STATISTICS):
+                    reduce_statistics([observed["linear"][w] for w in group])
+                with guarded(), stage(PRUNING):
+                    for w, decision in decide(group).items():
+                        apply_decision(gm, linears[w])
+                        decisions[w] = _on_host(decision)
+    with stage(STATISTICS):
+        reduce_statistics(observed["attention"])
+    return decisions
 
 
 def _check_pattern(gm: torch.nn.Module, linears: Mapping[str, LinearInfo], config: PlanConfig, prefix: str) -> None:
@@ -210,17 +289,14 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                     reduce_statistics([context.layer_change])
                 with guarded():
                     observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
+                decide = functools.partial(decide_linears, gm, config, targets(i, linears), observed["linear"])
+                keep_outputs = score.needs_activations and i + 1 < n_layers
+                if score.needs_activations and config.sequential == "groups":
+                    decisions = prune_in_stages(gm, acts, i, context, observed, decide, bars, keep_outputs)
+                else:
                     if score.needs_activations:
-                        _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
-                _reduce(observed)
-                with guarded():      # the same decisions on every rank, then each propagates its samples
-                    with stage(PRUNING):
-                        decisions = plan_pass(gm, PlanPassConfig(config.score, targets(i, linears), observed["linear"],
-                                                                 config.nm)).info["decisions"]
-                        decisions = {w: _on_host(d) for w, d in decisions.items()}
-                        rewrite(gm)
-                    if score.needs_activations and i + 1 < n_layers:
-                        _run_samples(gm, acts, i, context, None, bars, f"layer {i}: propagate", keep_outputs=True)
+                        _run_and_reduce(gm, acts, i, context, observed, bars)
+                    decisions = _prune_layer(gm, acts, i, context, decide, bars, keep_outputs)
                 stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
                 results.append(LayerResult(i, decisions, linears, stats))
                 drop_tensors(gm)

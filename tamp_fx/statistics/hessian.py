@@ -6,6 +6,10 @@ import torch
 #: inputs wait to be multiplied until they fill this many rows or :data:`FLUSH_ELEMENTS` values:
 #: one large ``x^T x`` is faster than many small ones (1.5x for 512 x 1536 -> 4096 x 1536 on a CPU)
 FLUSH_ROWS, FLUSH_ELEMENTS = 4096, 2**24
+#: ``x^T x`` is symmetric: it is multiplied in this many block rows, each from its diagonal block
+#: rightwards, and the lower blocks are mirrored when read (5/8 of the products; 0.71x the time of
+#: one full product for 4096 x 1536 on a 2-core CPU, 0.86x for 4096 x 576)
+BLOCK_ROWS = 4
 
 
 class HessianAccumulator:
@@ -13,7 +17,8 @@ class HessianAccumulator:
 
     Kept in the reference's running-average form (``H *= n/(n+t); H += 2/(n+t) x^T x``), so
     its scale does not grow with the number of tokens; inputs are gathered into products of
-    :data:`FLUSH_ROWS` rows (float32 accumulation throughout). Lives on the device of the first input.
+    :data:`FLUSH_ROWS` rows (float32 accumulation throughout), of the upper blocks only
+    (:data:`BLOCK_ROWS`): the Hessian read is exactly symmetric. Lives on the device of the first input.
 
     >>> acc = HessianAccumulator()
     >>> acc.add(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
@@ -27,6 +32,7 @@ class HessianAccumulator:
         self._waiting: list[torch.Tensor] = []   # float32 (t, C_in) inputs not yet in _h
         self._waiting_n: float = 0           # their tokens, each counted with its weight
         self._waiting_rows = 0
+        self._mirrored = True                # the blocks below the diagonal are up to date
 
     @property
     def n_tokens(self) -> float:
@@ -60,12 +66,28 @@ class HessianAccumulator:
         x = self._waiting[0] if len(self._waiting) == 1 else torch.cat(self._waiting)   # (T, C_in)
         n = self._n + self._waiting_n
         self._h.mul_(self._n / n)
-        self._h.addmm_(x.T, x, alpha=2.0 / n)          # (C_in, C_in)
+        for a, e in self._blocks():
+            self._h[a:e, a:].addmm_(x[:, a:e].T, x[:, a:], alpha=2.0 / n)   # (e - a, C_in - a)
         self._n, self._waiting, self._waiting_n, self._waiting_rows = n, [], 0, 0
+        self._mirrored = False
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        """The block rows [a, e) of the Hessian."""
+        c_in = self._h.shape[0]
+        edges = [c_in * i // BLOCK_ROWS for i in range(BLOCK_ROWS + 1)]
+        return [(a, e) for a, e in zip(edges, edges[1:]) if e > a]
+
+    def _mirror(self) -> None:
+        for a, e in self._blocks():
+            self._h[a:e, :a] = self._h[:a, a:e].T      # (e - a, a) from the block column above
+            block = self._h[a:e, a:e]                  # (e - a, e - a): its product rounds the two triangles apart
+            block.copy_(block.triu() + block.triu(1).T)
+        self._mirrored = True
 
     def merge(self, hessian: torch.Tensor, n_tokens: float) -> None:
         """Replace the running Hessian by one over ``n_tokens`` tokens (the ranks' Hessians combined)."""
         self._h, self._n, self._waiting, self._waiting_n, self._waiting_rows = hessian, n_tokens, [], 0, 0
+        self._mirrored = True
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -73,4 +95,6 @@ class HessianAccumulator:
         self._flush()
         if self._h is None or self.n_tokens == 0:
             raise ValueError("the Hessian accumulator saw no calibration tokens; run calibration data through the layer first")
+        if not self._mirrored:
+            self._mirror()
         return self._h

@@ -173,19 +173,22 @@ class LinearObserver(torch.nn.Module):
         return labels.reshape(-1).long().to(device)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> None:
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> None:
+        """``x`` the linear's input; ``z`` its output, which an :attr:`input_only` observer does not
+        read (the instrument pass places those before the linear and passes no output)."""
         with stage(STATISTICS):
             self._see(x, z)
 
-    def _see(self, x: torch.Tensor, z: torch.Tensor) -> None:
+    def _see(self, x: torch.Tensor, z: torch.Tensor | None) -> None:
         x = x.detach().reshape(-1, x.shape[-1])              # (N, C_in)
-        z = z.detach().reshape(-1, z.shape[-1])              # (N, C_out)
         if self.input_only:
             if self.owns_stats:
                 self.stats.add(x)
             self._count(None, self._labels(x.shape[0], x.device))
             return
-        self._pending = (x, z)                               # finished once the sample's attention is known
+        if z is None:
+            raise ValueError("this observer reads the linear's output: pass it")
+        self._pending = (x, z.detach().reshape(-1, z.shape[-1]))   # (N, C_out); finished once the sample's attention is known
 
     def _count(self, chosen: torch.Tensor | None, labels: torch.Tensor) -> None:
         """Count the sample's tokens per modality and the share chosen (None: all), on the

@@ -30,7 +30,7 @@ PYTHON_API = "tamp_fx.apply (Python API)"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _ALWAYS = ("method", "sparsity", "nsamples", "seqlen", "seed")        # plan flags the reproduce line always gives
 _PARTS = ("allocation", "score", "tokens")
-_FLAGS = (*_ALWAYS, "pattern", *_PARTS, "atv_alpha", "max_sparsity_delta")   # PlanConfig fields `tamp-fx plan` takes
+_FLAGS = (*_ALWAYS, "pattern", *_PARTS, "atv_alpha", "max_sparsity_delta", "sequential")   # PlanConfig fields `tamp-fx plan` takes
 
 
 class Provenance:
@@ -123,6 +123,7 @@ def plan_command(config: PlanConfig, model: str, calib: str, out: str) -> str:
     """A ``tamp-fx plan`` command line that makes a plan with ``config``; settings the command
     line does not take (set through :class:`PlanConfig`) are named in a trailing comment."""
     defaults = {f.name: f.default for f in dataclasses.fields(PlanConfig)}
+    defaults["sequential"] = dataclasses.replace(config, sequential=None).sequential    # what the tokens imply
     custom = config.method == CUSTOM              # not a --method choice: the parts are given instead
     args = ["tamp-fx", "plan", model, "--calib", calib]
     for name in _FLAGS:

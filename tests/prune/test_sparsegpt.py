@@ -272,6 +272,21 @@ def test_hessian_accumulator_equals_one_shot():
     torch.testing.assert_close(h.double(), 2.0 / x.shape[0] * x.T @ x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("c_in", [1, 3, 13, 64])
+def test_hessian_from_its_upper_blocks_is_exactly_symmetric_and_equals_float64_across_flushes(monkeypatch, c_in):
+    from tamp_fx.statistics import hessian
+    monkeypatch.setattr(hessian, "FLUSH_ROWS", 16)                 # several flushes, reads between them
+    g = _gen(c_in)
+    acc, seen = HessianAccumulator(), []
+    for rows in (5, 20, 3, 40):
+        x = torch.randn(rows, c_in, generator=g)
+        acc.add(x)
+        seen.append(x.double())
+        h, xs = acc.hessian, torch.cat(seen)
+        assert torch.equal(h, h.T)
+        torch.testing.assert_close(h.double(), 2.0 / xs.shape[0] * xs.T @ xs, rtol=1e-5, atol=1e-5)
+
+
 def test_hessian_accumulator_errors():
     acc = HessianAccumulator()
     with pytest.raises(ValueError, match="no calibration tokens"):
