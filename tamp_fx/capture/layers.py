@@ -23,7 +23,7 @@ import torch
 from tamp_fx.load.adapters import DecoderLayout
 from tamp_fx.load.checkpoint import CheckpointIndex, materialise, release
 from tamp_fx.load.fingerprint import FingerprintSample, fingerprint_sample
-from tamp_fx.runtime.memory import collect_if_short
+from tamp_fx.runtime.memory import release_memory
 from tamp_fx.runtime.timing import LOAD, stage
 
 
@@ -75,7 +75,10 @@ class ResidentLayers(_LayoutLayers):
 
     @contextlib.contextmanager
     def open(self, index: int) -> Iterator[torch.nn.Module]:
-        yield self.layout.layers[index]
+        try:
+            yield self.layout.layers[index]
+        finally:
+            release_memory(self.device)
 
 
 class CheckpointLayers(_LayoutLayers):
@@ -104,4 +107,4 @@ class CheckpointLayers(_LayoutLayers):
         finally:
             with stage(LOAD):
                 release(layer)
-                collect_if_short(self.device)   # fx graphs of the layer hold reference cycles: free them when memory is short
+                release_memory(self.device)
