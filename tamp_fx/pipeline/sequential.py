@@ -103,7 +103,7 @@ def _run_samples(gm: torch.nn.Module, acts: Activations, layer: int, context: Ob
 
 
 def decide_linears(gm: torch.fx.GraphModule, config: PlanConfig, targets: Mapping[str, float],
-            observers: Mapping[str, LinearObserver], names: list[str] | None = None) -> dict[str, LinearDecision]:
+                   observers: Mapping[str, LinearObserver], names: list[str] | None = None) -> dict[str, LinearDecision]:
     """The plan pass's decisions for the linears ``names`` (None: all of the layer's)."""
     chosen = targets if names is None else {w: targets[w] for w in names}
     return plan_pass(gm, PlanPassConfig(config.score, chosen, observers, config.nm)).info["decisions"]
@@ -131,8 +131,8 @@ def _prune_layer(gm: torch.fx.GraphModule, acts: Activations, layer: int, contex
 
 
 def prune_in_stages(gm: torch.fx.GraphModule, acts: Activations, layer: int, context: ObserverContext,
-                     observed: Mapping[str, Any], decide: Callable[[list[str]], dict[str, LinearDecision]],
-                     bars: Bars, keep_outputs: bool) -> dict[str, LinearDecision]:
+                    observed: Mapping[str, Any], decide: Callable[[list[str]], dict[str, LinearDecision]],
+                    bars: Bars, keep_outputs: bool) -> dict[str, LinearDecision]:
     """One pass through the layer: every sample runs up to a group of linears, the group is
     planned (``decide(weight names)``) and rewritten, then every sample runs on to the next.
     With ``keep_outputs`` the outputs become the next layer's inputs."""
