@@ -220,15 +220,14 @@ def stored_dtype(source: ModelSource) -> torch.dtype:
 
 
 def meta_model(source: ModelSource, dtype: torch.dtype) -> torch.nn.Module:
-    """The model of ``source`` built on the meta device (no memory, nothing read), in eval mode
-    with sdpa attention, its floating tensors declared in ``dtype``."""
-    if source.kind != "hf":
-        raise TampError(f"{source.path} is a .{source.kind} file: only a Hugging Face directory is loaded layer by layer")
+    """The model of ``source`` (a Hugging Face directory or a GGUF file) built on the meta device
+    (no memory, nothing read), in eval mode with sdpa attention, its floating tensors declared in ``dtype``."""
     config = load_config(source)
     config._attn_implementation = "sdpa"
     try:
+        cls = model_class(config)             # an Auto class where the config names no architecture (a GGUF's)
         with torch.device("meta"):
-            model = model_class(config)._from_config(config, dtype=dtype)
+            model = (getattr(cls, "_from_config", None) or cls.from_config)(config, dtype=dtype)
     except Exception as error:  # noqa: BLE001
         raise TampError(f"could not build model {source.path} from its config: {first_line(error)}") from error
     return model.eval()

@@ -79,6 +79,8 @@ def load_config(source: ModelSource):
                         "this command needs a Hugging Face directory or a .gguf file")
     try:
         if source.kind == "gguf":
+            from tamp_fx.load.validate import check_gguf_header  # (validate imports this module)
+            check_gguf_header(source)         # before transformers builds a config of as many layers
             config = transformers.AutoConfig.from_pretrained(source.directory, gguf_file=source.path.name)
         else:
             raw = json.loads((source.path / "config.json").read_text())

@@ -272,5 +272,6 @@ def convert(model: str | Path, out: str | Path, *, overwrite: bool = False) -> P
     if source.kind != "gguf":
         raise TampError(f"{source.path} is not a .gguf file: convert turns GGUF models into Hugging Face directories")
     check_output(out, overwrite=overwrite, protect=(source.path,))
+    check_checkpoint(source)                  # its header against its tensors, before a model is built
     net = load_model(source)
     return _save_hf(net, load_processor(source, net.config), Path(out), overwrite, (source.path,))

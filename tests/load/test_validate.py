@@ -1,7 +1,8 @@
 """A model is checked before any work (tamp_fx.load.validate): a missing, wrong-shaped or
 unsupported-dtype tensor is refused from the safetensors headers alone, NaN or inf as the tensor is
-read (unless allowed), a damaged ``.pt2`` archive as it is opened; each in one line naming the
-tensor. Damaged safetensors headers and ``.pt2`` archives give a correct read or one clean error."""
+read (unless allowed), a damaged ``.pt2`` archive as it is opened, a GGUF whose header sizes
+disagree with its tensor table before a model is built; each in one line naming the tensor.
+Damaged safetensors headers and ``.pt2`` archives give a correct read or one clean error."""
 from __future__ import annotations
 
 import json
@@ -18,15 +19,17 @@ from safetensors import safe_open
 
 from support.corrupt import (
     CHECKPOINT_DAMAGE,
+    GGUF_SIZES,
     config_disagrees,
     damage_checkpoint,
     rewrite_checkpoint,
     rewrite_member,
+    small_gguf,
 )
 from tamp_fx.errors import TampError
 from tamp_fx.load.checkpoint import checkpoint_index, meta_model, read_header
 from tamp_fx.load.program import load_program
-from tamp_fx.load.source import load_model, resolve_source
+from tamp_fx.load.source import load_config, load_model, resolve_source
 from tamp_fx.load.validate import check_checkpoint, check_program, load_checked
 from tamp_fx.testbeds.models import tiny_llama
 from tamp_fx.testbeds.tiny import FAMILIES
@@ -111,6 +114,57 @@ def test_whole_model_loading_never_initialises_a_missing_tensor(llava_copy):
     """from_pretrained alone fills a missing tensor at random; load_model refuses it too (the GGUF path)."""
     damage_checkpoint(llava_copy, "missing vision weight")
     assert "fc1.weight" in _refusal(lambda: load_model(resolve_source(llava_copy)))
+
+
+# --- GGUF headers ---------------------------------------------------------------------------
+
+def _no_model_built(monkeypatch) -> None:
+    """Building the model or de-quantizing a tensor of the file fails the test."""
+    fail = lambda *a, **k: pytest.fail("the model was built or a tensor read")          # noqa: E731
+    monkeypatch.setattr("tamp_fx.load.validate.load_model", fail)
+    monkeypatch.setattr("gguf.dequantize", fail)
+
+
+def test_a_sound_gguf_passes_without_a_tensor_read(tmp_path, monkeypatch):
+    """Its tensors all NaN: the check passes (it reads none of them); loading refuses them."""
+    path = small_gguf(tmp_path / "m.gguf")
+    from gguf import GGUFReader
+    start = min(t.data_offset for t in GGUFReader(path).tensors)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:start] + b"\xff" * (len(raw) - start))                   # 0xffffffff: a NaN float32
+    source = resolve_source(path)
+    with monkeypatch.context() as patched:
+        _no_model_built(patched)
+        assert check_checkpoint(source) is None
+    assert "NaN" in _refusal(lambda: load_checked(source))
+    net = load_checked(source, allow_nonfinite=True)
+    assert net.config.hidden_size == GGUF_SIZES["embedding_length"] and len(net.model.layers) == 2
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("embedding_length", 64, "token_embd.weight of {} has shape [16, 32] where its header gives [16, 64] "
+                             "(llama.embedding_length: hidden_size 64)"),
+    ("feed_forward_length", 2 ** 40, "blk.0.ffn_gate.weight of {} has shape [48, 32] where its header gives "
+                                     f"[{2 ** 40}, 32] (llama.feed_forward_length: intermediate_size {2 ** 40})"),
+    ("attention.head_count_kv", 2, "blk.0.attn_k.weight of {} has shape [16, 32] where its header gives [32, 32] "
+                                   "(llama.attention.head_count_kv: num_key_value_heads 2, of head_dim 16)"),
+    ("vocab_size", 2 ** 40, f"[{2 ** 40}, 32] (llama.vocab_size: vocab_size {2 ** 40})"),
+])
+def test_a_gguf_sized_upwards_is_refused_before_its_model_is_built(tmp_path, monkeypatch, key, value, says):
+    path = small_gguf(tmp_path / "m.gguf", {key: value})
+    _no_model_built(monkeypatch)
+    message = _refusal(lambda: check_checkpoint(resolve_source(path)))
+    assert says.format(path) in message and "re-convert the GGUF file" in message
+    assert "re-convert" in _refusal(lambda: load_checked(resolve_source(path)))
+
+
+@pytest.mark.parametrize("layers", [3, 2 ** 40])
+def test_a_gguf_of_more_layers_than_blocks_is_refused_before_its_config_is_built(tmp_path, monkeypatch, layers):
+    """(A config can hold a list of one entry per layer: Qwen2's layer_types.)"""
+    path = small_gguf(tmp_path / "m.gguf", {"block_count": layers})
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("config built"))
+    message = _refusal(lambda: load_config(resolve_source(path)))
+    assert f"gives {layers} layers (llama.block_count) but holds the tensors of 2" in message
 
 
 # --- safetensors headers ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Damaged models of every kind (Hugging Face folder, GGUF file, .pt2 program) given to every
 command that reads a model: each is refused in one line, with nothing written and every input
-and its folder as it was (:func:`support.cases.check`)."""
+and its folder as it was (:func:`support.cases.check`). A GGUF whose header sizes are damaged
+upwards is refused before a model of those sizes is built (under a memory cap, were it not)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from support.cases import TEXT, Case, Workspace, check, params
-from support.corrupt import small_gguf
+from support.corrupt import GGUF_SIZES, small_gguf
+from support.memory import memory_cap
 
 COMMANDS: dict[str, Callable[[Workspace, Path], list]] = {
     "plan": lambda ws, m: ws.plan_args(m, ws.write("calib.txt", TEXT)),
@@ -122,6 +124,26 @@ CASES.update({f"{command}/gguf/{damage}": Case(lambda ws, c=command, m=make: COM
               for damage, (make, says) in GGUF.items() for command in ("plan", "apply", "eval", "convert")})
 
 
+#: a size of the GGUF header damaged upwards (key after ``llama.`` -> value), its tensors as they were
+GGUF_UPWARDS: dict[str, tuple[str, int]] = {
+    "embedding_length doubled": ("embedding_length", 2 * GGUF_SIZES["embedding_length"]),
+    "embedding_length 2^40": ("embedding_length", 2 ** 40),
+    "feed_forward_length doubled": ("feed_forward_length", 2 * GGUF_SIZES["feed_forward_length"]),
+    "feed_forward_length 2^40": ("feed_forward_length", 2 ** 40),
+    "block_count one more": ("block_count", GGUF_SIZES["block_count"] + 1),
+    "block_count 2^40": ("block_count", 2 ** 40),
+    "head_count doubled": ("attention.head_count", 2 * GGUF_SIZES["attention.head_count"]),
+    "head_count_kv 2^40": ("attention.head_count_kv", 2 ** 40),
+    "vocab_size doubled": ("vocab_size", 2 * GGUF_SIZES["vocab_size"]),
+    "vocab_size 2^40": ("vocab_size", 2 ** 40),
+}
+UPWARDS: dict[str, Case] = {
+    f"{command}/gguf/{damage}": Case(lambda ws, c=command, k=key, v=value: COMMANDS[c](
+        ws, small_gguf(ws.root / "m.gguf", {k: v})), "the header and the tensors disagree")
+    for damage, (key, value) in GGUF_UPWARDS.items() for command in ("plan", "apply", "eval", "export", "convert")
+}
+
+
 def _zip_without_a_program(ws: Workspace) -> Path:
     with zipfile.ZipFile(ws.root / "m.pt2", "w") as z:
         z.writestr("archive/notes.txt", "no program here")
@@ -159,3 +181,9 @@ CASES["export/pt2/a program"] = Case(lambda ws: COMMANDS["export"](ws, ws.progra
 @pytest.mark.parametrize("case", params(CASES))
 def test_a_damaged_model_is_refused_cleanly(case, ws):
     check(CASES[case], ws)
+
+
+@pytest.mark.parametrize("case", params(UPWARDS))
+def test_a_gguf_sized_upwards_is_refused_before_its_model_is_built(case, ws):
+    with memory_cap():                 # had the check let it through, building the model fails here at once
+        check(UPWARDS[case], ws)

@@ -1,8 +1,8 @@
 """Generated damage to what the readers of tamp-fx take that the other fuzz tests leave out
 (calibration bytes: tests/calibrate/test_samples.py; plan.json, whole safetensors files and
 calibration records: test_properties.py): the media a conversation names, the tensors and
-metadata inside a plan's masks file, GGUF headers, and `eval --text` and `diff` through the
-command line.
+metadata inside a plan's masks file, GGUF headers (their sizes damaged upwards too), and
+`eval --text` and `diff` through the command line.
 Any damage gives a correct result or one TampError (one ``error:`` line at the command line)."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -20,12 +21,14 @@ from safetensors.torch import save_file
 
 import tamp_fx
 from support.cli import invoke
-from support.corrupt import damaged, damaged_bytes, json_values, small_gguf, wav
+from support.corrupt import GGUF_SIZES, damaged, damaged_bytes, gguf_size_changed, json_values, small_gguf, wav
+from support.memory import memory_cap
 from support.snapshot import error_lines
 from tamp_fx.artifact.plan import Plan
 from tamp_fx.calibrate.samples import load_calibration
 from tamp_fx.errors import TampError
-from tamp_fx.load.source import load_config, load_processor, resolve_source
+from tamp_fx.load.source import load_config, load_model, load_processor, resolve_source
+from tamp_fx.load.validate import load_checked
 
 _SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -111,28 +114,65 @@ def test_damaged_tensors_and_metadata_in_the_masks_file(saved_plan, llama, data)
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory) -> bytes:
-    """A small complete GGUF file (metadata and one tensor), as bytes."""
+    """A small complete GGUF file (a tiny llama with its tokenizer), as bytes."""
     return small_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf").read_bytes()
 
 
-def damaged_header(data, gguf_file: bytes) -> bytes:
-    """``gguf_file`` damaged inside its header (magic, version, counts, metadata, tensor infos)."""
-    header = data.draw(st.integers(8, min(len(gguf_file), 600)), label="header end")
+@pytest.fixture(scope="module")
+def gguf_header_end(gguf_file, tmp_path_factory) -> int:
+    """Where :func:`gguf_file`'s header ends (its first tensor begins)."""
+    from gguf import GGUFReader
+    path = tmp_path_factory.mktemp("gguf") / "m.gguf"
+    path.write_bytes(gguf_file)
+    return min(t.data_offset for t in GGUFReader(path).tensors)
+
+
+def damaged_header(data, gguf_file: bytes, end: int) -> bytes:
+    """``gguf_file`` damaged inside its header, before ``end`` (magic, version, counts, metadata,
+    tensor infos)."""
+    header = data.draw(st.integers(8, end), label="header end")
     return data.draw(damaged_bytes(gguf_file[:header]), label="header") + gguf_file[header:]
 
 
 @_SETTINGS
 @given(data=st.data())
-def test_damaged_gguf_headers(gguf_file, data):
-    """The GGUF reader behind the config and tokenizer. (Not the model: a header whose sizes are
-    damaged upwards makes transformers build a model of that size, gigabytes, before reading a
-    tensor; checking a config against its weights is the checkpoint validation's job.)"""
+def test_damaged_gguf_headers(gguf_file, gguf_header_end, data):
+    """The GGUF reader behind the config and tokenizer (sizes damaged upwards: the next test)."""
     with tempfile.TemporaryDirectory() as root:
         path = Path(root) / "m.gguf"
-        path.write_bytes(damaged_header(data, gguf_file))
+        path.write_bytes(damaged_header(data, gguf_file, gguf_header_end))
         source = _correct_or_one_error(lambda: resolve_source(path))
         if source is not None and _correct_or_one_error(lambda: load_config(source)) is not None:
             _correct_or_one_error(lambda: load_processor(source))
+
+
+def _load_at_the_files_sizes(source, dtype=torch.float32):
+    """``load_model``, only for a GGUF whose config has the sizes of its tensors (a context length
+    aside): a model of any other size fails the test instead of being built."""
+    config = load_config(source)
+    sizes = {"block_count": config.num_hidden_layers, "embedding_length": config.hidden_size,
+             "feed_forward_length": config.intermediate_size, "attention.head_count": config.num_attention_heads,
+             "attention.head_count_kv": config.num_key_value_heads, "rope.dimension_count": config.head_dim,
+             "vocab_size": config.vocab_size}
+    assert sizes == {k: v for k, v in GGUF_SIZES.items() if k != "context_length"}, f"a model of {sizes} would be built"
+    return load_model(source, dtype)
+
+
+@_SETTINGS
+@given(data=st.data())
+def test_gguf_sizes_damaged_upwards_are_refused_before_the_model_is_built(gguf_file, data):
+    """A size of the GGUF header raised in place (up to 2**32 - 1): refused in one line before a
+    model is built (under a memory cap, and a model of other sizes fails the test), unless it is
+    the context length, which sizes no tensor."""
+    key = data.draw(st.sampled_from(sorted(GGUF_SIZES)), label="size")
+    value = data.draw(st.integers(GGUF_SIZES[key] + 1, 2 ** 32 - 1), label="value")
+    with tempfile.TemporaryDirectory() as root, memory_cap(), \
+            mock.patch("tamp_fx.load.validate.load_model", _load_at_the_files_sizes):
+        path = Path(root) / "m.gguf"
+        path.write_bytes(gguf_file)
+        gguf_size_changed(path, key, value)
+        net = _correct_or_one_error(lambda: load_checked(resolve_source(path)))
+        assert (net is not None) == (key == "context_length")
 
 
 def _one_line_or_success(result) -> None:

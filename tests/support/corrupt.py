@@ -14,23 +14,58 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
+#: the sizes of :func:`small_gguf`'s llama (header key after ``llama.`` -> value); its head_dim is 16
+GGUF_SIZES = {"block_count": 2, "context_length": 64, "embedding_length": 32, "feed_forward_length": 48,
+              "attention.head_count": 2, "attention.head_count_kv": 1, "rope.dimension_count": 16, "vocab_size": 16}
 
-def small_gguf(path: Path) -> Path:
-    """A complete GGUF file of a llama with small sizes (so a model built from it is small),
-    its header (magic, version, counts, metadata) and one tensor."""
+
+def small_gguf(path: Path, header: dict[str, int] | None = None) -> Path:
+    """A complete GGUF file of a tiny llama (:data:`GGUF_SIZES`, seeded float32 weights, untied
+    head) with a tokenizer of 16 tokens: it loads, and a model built from it is small. ``header``:
+    sizes written into the header instead (``embedding_length`` -> 64; 2**32 or more as uint64)
+    while the tensors keep theirs, as a header damaged upwards would."""
     import gguf
+    sizes = {**GGUF_SIZES, **(header or {})}
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_context_length(64)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(64)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(2)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    for key, value in sizes.items():
+        (writer.add_uint64 if value >= 2 ** 32 else writer.add_uint32)(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    vocab, width, ffn, heads, kv_heads, head_dim = (GGUF_SIZES[k] for k in (
+        "vocab_size", "embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
+        "rope.dimension_count"))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>", *"abcdefghijklm"])
+    writer.add_token_scores([0.0] * 3 + [-float(i) for i in range(vocab - 3)])
+    writer.add_token_types([2, 3, 3] + [1] * (vocab - 3))             # unknown, control, normal
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (vocab, width), "output_norm": (width,), "output": (vocab, width)}
+    for i in range(GGUF_SIZES["block_count"]):
+        shapes.update({f"blk.{i}.{name}": shape for name, shape in {
+            "attn_norm": (width,), "attn_q": (heads * head_dim, width), "attn_k": (kv_heads * head_dim, width),
+            "attn_v": (kv_heads * head_dim, width), "attn_output": (width, heads * head_dim), "ffn_norm": (width,),
+            "ffn_gate": (ffn, width), "ffn_up": (ffn, width), "ffn_down": (width, ffn)}.items()})
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.1    # norms: ones
+        writer.add_tensor(f"{name}.weight", values.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def gguf_size_changed(path: Path, key: str, value: int) -> Path:
+    """The uint32 size ``llama.KEY`` of the GGUF file at ``path`` set to ``value`` in place (the
+    file's length, tensor table and tensors as they were)."""
+    raw = bytearray(path.read_bytes())
+    name = f"llama.{key}".encode()
+    at = raw.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    assert raw[at:at + 4] == (4).to_bytes(4, "little"), f"llama.{key} is not a uint32"       # GGUF type 4: uint32
+    raw[at + 4:at + 8] = value.to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
     return path
 
 
