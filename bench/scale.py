@@ -205,7 +205,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+")
     parser.add_argument("--nsamples", type=int)
     parser.add_argument("--device")
-    parser.add_argument("--dtype", help="compute dtype (default: float32 on the CPU, the checkpoint's on CUDA)")
+    parser.add_argument("--dtype", help="compute dtype (default: tamp-fx plan's: bfloat16 where the hardware computes it "
+                                        "natively, else float32 on the CPU and the checkpoint's on CUDA)")
     parser.add_argument("--offload-activations", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint (it is reused when present)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")

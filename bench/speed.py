@@ -190,8 +190,9 @@ def table(rows: list[dict]) -> list[str]:
         stages = r["stages"]
         cells = [f"{stages[k]:.1f}" if k in stages else "-" for k in STAGES]
         rest = f"{sum(v for k, v in stages.items() if k not in STAGES):.1f}" if stages else "-"
+        vs_wanda = f"{r['seconds'] / wanda['seconds']:.2f}x" if wanda else "-"
         lines.append(f"| {r['tool']} | {r['method']} | {r['dtype']} | {r['seconds']:.1f} s | {ratio} | "
-                     f"{r['seconds'] / wanda['seconds']:.2f}x | {r['peak_rss_gib']:.2f} GiB | {ppl} | "
+                     f"{vs_wanda} | {r['peak_rss_gib']:.2f} GiB | {ppl} | "
                      + " | ".join(cells) + f" | {rest} |")
     return lines
 
