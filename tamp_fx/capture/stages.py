@@ -45,6 +45,7 @@ class Stages:
         for node in self.nodes:
             last = max((position[user] for user in node.users), default=position[node])
             self._dying[last].append(node)
+        self._placeholders = [n for n in self.nodes if n.op == "placeholder"]
         self._interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
 
     def __len__(self) -> int:
@@ -54,10 +55,9 @@ class Stages:
     def start(self, args: tuple, kwargs: dict[str, Any]) -> Env:
         """A sample's environment before stage 0: the graph's inputs."""
         leaves = pytree.tree_leaves((args, kwargs))
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        if len(leaves) != len(placeholders):
-            raise ValueError(f"the layer graph takes {len(placeholders)} inputs, got {len(leaves)}")
-        return dict(zip(placeholders, leaves))
+        if len(leaves) != len(self._placeholders):
+            raise ValueError(f"the layer graph takes {len(self._placeholders)} inputs, got {len(leaves)}")
+        return dict(zip(self._placeholders, leaves))
 
     def run(self, env: Env, stage: int) -> Any:
         """Run stage ``stage`` on a sample's environment (updated in place); the last stage returns

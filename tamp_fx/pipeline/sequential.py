@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +114,7 @@ def _run_and_reduce(gm: torch.fx.GraphModule, acts: Activations, layer: int, con
     """Every sample through the dense, instrumented layer; the statistics summed over all ranks."""
     with guarded():
         _run_samples(gm, acts, layer, context, observed, bars, f"layer {layer}: calibrate", keep_outputs=False)
-    _reduce(observed)
+    _reduce([*observed["linear"].values(), *observed["attention"]])
 
 
 def _prune_layer(gm: torch.fx.GraphModule, acts: Activations, layer: int, context: ObserverContext,
@@ -160,14 +160,12 @@ def prune_in_stages(gm: torch.fx.GraphModule, acts: Activations, layer: int, con
                     advance()
             if k < len(stages.groups):
                 group = stages.groups[k]
-                with stage(STATISTICS):
-                    reduce_statistics([observed["linear"][w] for w in group])
+                _reduce([observed["linear"][w] for w in group])
                 with guarded(), stage(PRUNING):
                     for w, decision in decide(group).items():
                         apply_decision(gm, linears[w])
                         decisions[w] = _on_host(decision)
-    with stage(STATISTICS):
-        reduce_statistics(observed["attention"])
+    _reduce(observed["attention"])
     return decisions
 
 
@@ -183,10 +181,10 @@ def _check_pattern(gm: torch.nn.Module, linears: Mapping[str, LinearInfo], confi
                             f"but {prefix}.{w} has {c_in} input columns")
 
 
-def _reduce(observed: Mapping[str, Any]) -> None:
-    """Every rank's statistics of this layer summed over all samples (one process: unchanged)."""
+def _reduce(observers: Iterable[Any]) -> None:
+    """Every rank's statistics of these observers summed over all samples (one process: unchanged)."""
     with stage(STATISTICS):
-        reduce_statistics([*observed["linear"].values(), *observed["attention"]])
+        reduce_statistics(observers)
 
 
 def _attention_stats(observed: Mapping[str, Any]) -> dict[str, Any]:
@@ -233,7 +231,7 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
                     context = ObserverContext()
                     observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
                     _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layers))
-                _reduce(observed)
+                _reduce([*observed["linear"].values(), *observed["attention"]])
                 sizes = {w: gm.get_parameter(w).numel() for w in linears}
                 profile = LayerProfile(i, linears, sizes)
                 obs = observed["linear"]
