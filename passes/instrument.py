@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-from tamp_fx.capture.graph import is_attention, is_eager_attention, is_linear, weight_name
+from tamp_fx.capture.graph import is_attention, is_eager_attention, is_linear, linears_by_input, weight_name
 from tamp_fx.passes.base import OBSERVER_PREFIX, PassResult
 from tamp_fx.statistics.observers import AttentionObserver, LinearObserver, ObserverContext
 
@@ -35,12 +35,13 @@ def instrument(gm: torch.fx.GraphModule, config: InstrumentConfig) -> PassResult
     collect nothing else (:meth:`LinearObserver.share_inputs`): it is computed once per group."""
     linear_observers: dict[str, LinearObserver] = {}
     attention_observers: list[AttentionObserver] = []
-    first_reader: dict[torch.fx.Node, tuple[torch.fx.Node, LinearObserver]] = {}   # input -> first linear, its observer
+    by_input = linears_by_input(gm.graph)
     for node in list(gm.graph.nodes):
         place = gm.graph.inserting_after(node)
         if is_linear(node):
             observer = config.linear_observer(config.context)
-            first, owner = first_reader.setdefault(node.args[0], (node, observer))
+            first = by_input[node.args[0]][0]                # the first linear reading this input: observed already
+            owner = linear_observers.get(weight_name(first), observer)
             if owner is not observer and owner.input_only and observer.input_only:
                 observer.share_inputs(owner)
             name = f"{OBSERVER_PREFIX}{len(linear_observers) + len(attention_observers)}"

@@ -119,12 +119,14 @@ def export_layer(layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
 
 
 def drop_tensors(gm: torch.nn.Module) -> None:
-    """Let go of the tensors ``gm`` and its submodules hold (a layer's weights, rewritten or not).
+    """Let go of the tensors ``gm`` and its submodules hold (a layer's weights, rewritten or not)
+    and of the submodules themselves (observers, with their statistics: a Hessian per input).
     fx graph modules sit in reference cycles, so without this they would wait for the garbage
     collector, and layers would pile up in memory between its runs."""
-    for module in gm.modules():
+    for module in list(gm.modules()):
         module._parameters.clear()
         module._buffers.clear()
+        module._modules.clear()
 
 
 def weight_name(node: torch.fx.Node) -> str:
@@ -137,6 +139,16 @@ def weight_name(node: torch.fx.Node) -> str:
 
 def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if is_linear(n)]
+
+
+def linears_by_input(graph: torch.fx.Graph) -> dict[torch.fx.Node, list[torch.fx.Node]]:
+    """The linear nodes of ``graph`` grouped by the tensor they read (q/k/v, gate/up), each group
+    in graph order, the groups in the order of their first linear."""
+    groups: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if is_linear(node):
+            groups.setdefault(node.args[0], []).append(node)
+    return groups
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
@@ -185,13 +197,11 @@ def analyse_linears(gm: torch.fx.GraphModule) -> dict[str, LinearInfo]:
                     out_projections.add(user)
                 else:
                     frontier.append(user)
-    by_input: dict[torch.fx.Node, list[str]] = {}
-    for node in linears:
-        by_input.setdefault(node.args[0], []).append(weight_name(node))
+    by_input = linears_by_input(gm.graph)
     info = {}
     for node in linears:
         name = weight_name(node)
-        siblings = tuple(n for n in by_input[node.args[0]] if n != name)
+        siblings = tuple(weight_name(n) for n in by_input[node.args[0]] if n is not node)
         feeds = node in upstream
         block = "attention" if feeds or node in out_projections else "mlp"
         info[name] = LinearInfo(name, siblings, feeds, block)

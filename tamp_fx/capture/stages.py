@@ -19,7 +19,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from tamp_fx.capture.graph import is_linear, weight_name
+from tamp_fx.capture.graph import linears_by_input, weight_name
 
 Env = dict[torch.fx.Node, Any]
 
@@ -32,15 +32,9 @@ class Stages:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         position = {node: i for i, node in enumerate(self.nodes)}
-        firsts: dict[torch.fx.Node, torch.fx.Node] = {}       # input -> first linear reading it
-        members: dict[torch.fx.Node, list[str]] = {}
-        for node in self.nodes:
-            if is_linear(node):
-                firsts.setdefault(node.args[0], node)
-                members.setdefault(node.args[0], []).append(weight_name(node))
-        order = sorted(firsts, key=lambda x: position[firsts[x]])
-        self.groups: list[list[str]] = [members[x] for x in order]
-        self.bounds = [0, *(position[firsts[x]] for x in order), len(self.nodes)]   # stage k: nodes[bounds[k]:bounds[k+1]]
+        groups = list(linears_by_input(gm.graph).values())    # in the order of their first linear
+        self.groups: list[list[str]] = [[weight_name(n) for n in group] for group in groups]
+        self.bounds = [0, *(position[group[0]] for group in groups), len(self.nodes)]   # stage k: nodes[bounds[k]:bounds[k+1]]
         self._dying: list[list[torch.fx.Node]] = [[] for _ in self.nodes]          # values whose last reader is node i
         for node in self.nodes:
             last = max((position[user] for user in node.users), default=position[node])
