@@ -51,10 +51,14 @@ class Activations:
     def stash(self, values: Any) -> Any:
         """``values`` (tensors in any nesting) kept until a later :meth:`unstash`: where the hidden
         states are kept (host memory with ``offload``)."""
+        if self._store == self.device:
+            return values
         return pytree.tree_map(_mover(self._store, pin=self.offload and self.device.type == "cuda"), values)
 
     def unstash(self, values: Any) -> Any:
         """What :meth:`stash` kept, on ``device``."""
+        if self._store == self.device:
+            return values
         return pytree.tree_map(_mover(self.device), values)
 
     def set_hidden(self, sample: int, hidden: torch.Tensor) -> None:

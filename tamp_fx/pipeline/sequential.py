@@ -109,14 +109,6 @@ def decide_linears(gm: torch.fx.GraphModule, config: PlanConfig, targets: Mappin
     return plan_pass(gm, PlanPassConfig(config.score, chosen, observers, config.nm)).info["decisions"]
 
 
-def _run_and_reduce(gm: torch.fx.GraphModule, acts: Activations, layer: int, context: ObserverContext,
-                    observed: Mapping[str, Any], bars: Bars) -> None:
-    """Every sample through the dense, instrumented layer; the statistics summed over all ranks."""
-    with guarded():
-        _run_samples(gm, acts, layer, context, observed, bars, f"layer {layer}: calibrate", keep_outputs=False)
-    _reduce([*observed["linear"].values(), *observed["attention"]])
-
-
 def _prune_layer(gm: torch.fx.GraphModule, acts: Activations, layer: int, context: ObserverContext,
                  decide: Callable[..., dict[str, LinearDecision]], bars: Bars, keep_outputs: bool) -> dict[str, LinearDecision]:
     """Every linear of the layer planned and rewritten at once; with ``keep_outputs`` every
@@ -292,12 +284,15 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                 if score.needs_activations and config.sequential == "groups":
                     decisions = prune_in_stages(gm, acts, i, context, observed, decide, bars, keep_outputs)
                 else:
-                    if score.needs_activations:
-                        _run_and_reduce(gm, acts, i, context, observed, bars)
+                    if score.needs_activations:   # every sample through the dense, instrumented layer
+                        with guarded():
+                            _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
+                        _reduce([*observed["linear"].values(), *observed["attention"]])
                     decisions = _prune_layer(gm, acts, i, context, decide, bars, keep_outputs)
                 stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
                 results.append(LayerResult(i, decisions, linears, stats))
                 drop_tensors(gm)
+                del gm, observed, decide      # the observers' statistics go now, before the heap is trimmed
             advance_layer(note=describe(stats))
     log.info("%d decoder layers planned from %d torch.export trace(s)", n_layers, exporter.exports)
     return results
