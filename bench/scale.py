@@ -2,8 +2,9 @@
 
 The checkpoint is written a decoder layer at a time (bfloat16 safetensors shards, one per layer,
 values from a seeded generator per tensor), so writing it needs about one layer of memory too;
-each method is then planned in a fresh process, whose ``ru_maxrss`` is the peak RSS reported
-(writing does not count). The checkpoint is deleted afterwards unless ``--keep``.
+each method is then planned in a fresh process, whose peak RSS is reported (across the resets of the
+kernel's mark that per-layer peaks make; writing does not count). The checkpoint is deleted afterwards
+unless ``--keep``.
 
     python bench/scale.py --case a        # CPU, Llama-3-8B shapes, wanda + tamp, 4 x 128 tokens
     python bench/scale.py --case b        # CPU, Qwen2.5-14B shapes (29 GB), wanda, 2 x 64 tokens
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -179,6 +179,7 @@ def write_calibration(case: Case, out: Path, seed: int = 0) -> Path:
 def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, device: str, dtype: str | None,
         offload: bool) -> dict:
     import tamp_fx
+    from tamp_fx.runtime.memory import process_peak_mib
     cuda = device.startswith("cuda")
     start = time.perf_counter()
     plan = tamp_fx.plan(model, calib, tamp_fx.PlanConfig(method=method, sparsity=0.5, nsamples=nsamples,
@@ -189,7 +190,7 @@ def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, devic
     seconds = time.perf_counter() - start
     tokens = plan.linears[next(iter(plan.linears))].stats.get("tokens")
     return {"method": method, "seconds": round(seconds, 1),
-            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+            "peak_rss_gib": round(process_peak_mib() / 1024, 2),     # not ru_maxrss: the per-layer peaks reset it
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "threads": torch.get_num_threads(), "sparsity": round(plan.summary()["sparsity"], 6),
             "samples": plan.model["calibration"]["samples"], "tokens_layer0_linear0": tokens,

@@ -38,6 +38,7 @@ from tamp_fx.pipeline.sequential import (
     prune_layers,
 )
 from tamp_fx.runtime import distributed
+from tamp_fx.runtime.memory import process_peak_mib
 from tamp_fx.runtime.placement import check_dtype, resolve_device, resolve_dtype
 from tamp_fx.runtime.progress import Bars
 from tamp_fx.runtime.timing import ALLOCATION, Stopwatch, stage
@@ -232,7 +233,8 @@ def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, resul
                 weights[name] = d.new_weight
     model_info = {"fingerprint": fingerprint_of(fingerprints), **model_info}
     layers_stats = [{"layer": r.index, **r.stats} for r in results]
-    run = {"device": str(layers.device), "dtype": str(layers.dtype).removeprefix("torch.")}   # where it ran: not compared
+    run = {"device": str(layers.device), "dtype": str(layers.dtype).removeprefix("torch."),   # where it ran: not compared
+           "peak_host_mib": round(process_peak_mib(), 1)}
     return Plan(config, model_info, linears, layers_stats, masks, weights, timing={**clock.record(), **run})
 
 

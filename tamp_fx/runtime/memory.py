@@ -15,13 +15,20 @@ import torch
 _PROC = Path("/proc/self")
 
 
+_peak_before_resets_mib = 0.0     # the highest peak RSS read just before a reset (:func:`process_peak_mib`)
+
+
 def _reset_host_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``); False where it cannot."""
+    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``), after
+    keeping the peak it held; False where it cannot."""
+    global _peak_before_resets_mib
+    peak = _host_peak_mib()
     try:
         (_PROC / "clear_refs").write_text("5")
-        return True
     except OSError:
         return False
+    _peak_before_resets_mib = max(_peak_before_resets_mib, peak)
+    return True
 
 
 def _host_peak_mib() -> float:
@@ -34,6 +41,17 @@ def _host_peak_mib() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+
+
+def process_peak_mib() -> float:
+    """The process's peak RSS since it started (MiB), across the resets :class:`PeakMemory` makes.
+    Those resets also lower what the kernel reports to others (``getrusage``'s ``ru_maxrss``,
+    ``/usr/bin/time``): after a plan they cover only the time since its last decoder layer began.
+
+    >>> process_peak_mib() > 0
+    True
+    """
+    return max(_peak_before_resets_mib, _host_peak_mib())
 
 
 class PeakMemory:

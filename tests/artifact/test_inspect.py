@@ -188,7 +188,7 @@ def test_html_planning_time_is_the_recorded_wall_time(plans, tmp_path):
     r = runner.invoke(app, ["inspect", str(plans("tamp")), "--html", str(tmp_path / "r.html")])
     assert r.exit_code == 0, r.output
     row = re.search(r"<th>planning time</th><td>(.*?)</td>", (tmp_path / "r.html").read_text()).group(1)
-    assert row == html.escape(plan.timing_text) and row.startswith(f"{plan.wall_seconds:.1f} s on cpu in float32 (")
+    assert row == html.escape(plan.timing_text) and row.startswith(f"{plan.wall_seconds:.1f} s on cpu in float32, peak host memory ")
     old = tmp_path / "old"                                  # a plan.json written before timing was recorded
     shutil.copytree(plans("tamp"), old)
     data = json.loads((old / "plan.json").read_text())
