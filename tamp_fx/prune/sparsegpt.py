@@ -128,16 +128,16 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         else:
             keep1 = keep_mask(w1.square() / d1.square()[None, :], sparsity, "matrix")  # (C_out, B)
             keep[:, i1:i2] = keep1
+            drop1 = ~keep1  # (C_out, B)
         for i in range(i2 - i1):
             if nm and i % prune_m == 0:
                 scores = w1[:, i:i + prune_m].square() / d1[i:i + prune_m].square()[None, :]  # (C_out, m)
                 keep1[:, i:i + prune_m] = nm_keep_mask(scores, prune_n, prune_m)
+                drop1 = ~keep1  # (C_out, B): the columns up to i + m are final
             col = w1[:, i]  # (C_out,)
-            q = col.masked_fill(~keep1[:, i], 0.0)  # (C_out,)
-            q1[:, i] = q
-            err = (col - q) / d1[i]  # (C_out,)
-            w1[:, i:].sub_(err[:, None] * hinv1[i, i:][None, :])  # (C_out, B - i)
-            err1[:, i] = err
+            q = q1[:, i].copy_(col).masked_fill_(drop1[:, i], 0.0)  # (C_out,)
+            err = torch.sub(col, q, out=err1[:, i]).div_(d1[i])  # (C_out,)
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # (C_out, B - i): -= err outer Hinv1[i, i:]
         w[:, i1:i2] = q1
         w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])  # (C_out, C_in - i2)
 
