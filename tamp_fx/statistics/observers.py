@@ -71,33 +71,31 @@ class SampleSums:
 
 
 class InputStats:
-    """Statistics of a linear's inputs over the chosen tokens of every sample."""
+    """Statistics of a linear's inputs over the chosen tokens of every sample: the sum of x^2 per
+    input column (Wanda's norms), or with ``hessian`` SparseGPT's Hessian instead (its score
+    reads nothing else), and the tokens counted."""
 
     def __init__(self, hessian: bool = False) -> None:
-        self.sums = SampleSums()                         # per sample: sum of x^2 per column (C_in), then tokens
+        self.sums = SampleSums()                         # per sample: sum of x^2 per column (C_in; none with a Hessian), tokens
         self.hessian_acc = HessianAccumulator() if hessian else None
 
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Count the tokens ``x`` (..., C_in), each with its ``weight`` (T,) (None: 1 each)."""
         x = x.reshape(-1, x.shape[-1])                   # (T, C_in)
         xf = x.float()                                   # float32 inputs: x itself, no copy
-        if weight is None:
-            sq = xf.square().sum(0).double()             # (C_in,)
-            self.sums.add(torch.cat([sq, sq.new_full((1,), x.shape[0])]))   # no host-to-device copy
-            if self.hessian_acc is not None:
-                self.hessian_acc.add(xf)
-            return
-        w = weight.reshape(-1).to(device=x.device, dtype=torch.float32)     # (T,)
-        sq = (xf * xf * w[:, None]).sum(0).double()      # (C_in,)
-        total = w.double().sum()
-        self.sums.add(torch.cat([sq, total[None]]))
+        w = None if weight is None else weight.reshape(-1).to(device=x.device, dtype=torch.float32)  # (T,)
+        total = xf.new_full((1,), x.shape[0], dtype=torch.float64) if w is None else w.double().sum()[None]  # no host copy
         if self.hessian_acc is not None:
-            self.hessian_acc.add(xf * w.sqrt()[:, None], weight=float(total))
+            self.sums.add(total)
+            self.hessian_acc.add(xf if w is None else xf * w.sqrt()[:, None], weight=None if w is None else float(total))
+            return
+        sq = (xf.square() if w is None else xf * xf * w[:, None]).sum(0).double()   # (C_in,)
+        self.sums.add(torch.cat([sq, total]))
 
     @property
     def sum_sq(self) -> torch.Tensor | None:
-        """(C_in,) float64: sum of x^2 over the tokens seen (None before any)."""
-        return self.sums.total()[:-1] if self.sums.rows else None
+        """(C_in,) float64: sum of x^2 over the tokens seen (None before any, and with a Hessian)."""
+        return self.sums.total()[:-1] if self.sums.rows and self.hessian_acc is None else None
 
     @property
     def n_tokens(self) -> float:
@@ -107,7 +105,7 @@ class InputStats:
     def input_norm(self) -> torch.Tensor:
         """Root mean square of every input column over the tokens seen: (C_in,) float32."""
         if self.sum_sq is None or self.n_tokens == 0:
-            raise RuntimeError("observer saw no tokens")
+            raise RuntimeError("observer saw no tokens" if self.hessian_acc is None else "a Hessian observer keeps no input norms")
         return (self.sum_sq / self.n_tokens).sqrt().float()
 
     def hessian(self) -> torch.Tensor:

@@ -258,19 +258,23 @@ def test_linears_reading_one_tensor_share_one_statistic_equal_to_a_float64_recom
     acts.hidden = [cast(h) for h in acts.hidden]
     acts.layer_kwargs = [[torch.utils._pytree.tree_map(cast, kw) for kw in kws] for kws in acts.layer_kwargs]
     seen = _linear_inputs(layer, acts)
-    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
-    context = ObserverContext()
-    observers = instrument(gm, InstrumentConfig(context, functools.partial(LinearObserver, hessian=True))).info["linear"]
-    _run(gm, acts, context)
-    q, k, v = (observers[f"self_attn.{p}_proj.weight"] for p in "qkv")
-    gate, up, down = (observers[f"mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
-    assert q.stats is k.stats is v.stats and gate.stats is up.stats and down.stats is not gate.stats   # computed once per group
-    for name, inputs in seen.items():
-        x = torch.cat(inputs).double()                                   # (T, C_in): the layer's own inputs, exactly
-        stats = observers[f"{name}.weight"].stats
-        assert stats.n_tokens == x.shape[0]
-        torch.testing.assert_close(stats.sum_sq, (x * x).sum(0), rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(stats.hessian().double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    for hessian in (False, True):                                        # Wanda's norms, SparseGPT's Hessian
+        gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+        context = ObserverContext()
+        observers = instrument(gm, InstrumentConfig(context, functools.partial(LinearObserver, hessian=hessian))).info["linear"]
+        _run(gm, acts, context)
+        q, k, v = (observers[f"self_attn.{p}_proj.weight"] for p in "qkv")
+        gate, up, down = (observers[f"mlp.{p}_proj.weight"] for p in ("gate", "up", "down"))
+        assert q.stats is k.stats is v.stats and gate.stats is up.stats and down.stats is not gate.stats   # once per group
+        for name, inputs in seen.items():
+            x = torch.cat(inputs).double()                               # (T, C_in): the layer's own inputs, exactly
+            stats = observers[f"{name}.weight"].stats
+            assert stats.n_tokens == x.shape[0]
+            if hessian:                                                  # SparseGPT reads the Hessian alone
+                assert stats.sum_sq is None
+                torch.testing.assert_close(stats.hessian().double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+            else:
+                torch.testing.assert_close(stats.sum_sq, (x * x).sum(0), rtol=1e-6, atol=1e-9)
 
 
 def test_observers_that_select_tokens_by_their_outputs_keep_their_own_statistics():

@@ -103,7 +103,9 @@ def test_balanced_norms_and_hessian_equal_a_per_modality_float64_recomputation(s
         labels = torch.randint(0, modalities, (n,), generator=gen).to(torch.int8)
         samples.append((labels, torch.randn(1, n, 6, generator=gen) * torch.rand(6, generator=gen) * 4))
     context = ObserverContext()
-    observer = LinearObserver(context, selector=TOKEN_SELECTIONS["balanced"].selector(PlanConfig()), hessian=True)
+    wanda, observer = (LinearObserver(context, selector=TOKEN_SELECTIONS["balanced"].selector(PlanConfig()), hessian=h)
+                       for h in (False, True))               # norms, then the Hessian (which keeps no norms)
+    drive(wanda, context, samples)
     drive(observer, context, samples)
 
     # each (sample, modality present) counts 1 in total, shared equally by its tokens
@@ -115,7 +117,8 @@ def test_balanced_norms_and_hessian_equal_a_per_modality_float64_recomputation(s
             sq += (xm * xm).sum(0) / xm.shape[0]
             h += 2 * xm.T @ xm / xm.shape[0]
             weight += 1
-    torch.testing.assert_close(observer.stats.input_norm().double(), (sq / weight).sqrt(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(wanda.stats.input_norm().double(), (sq / weight).sqrt(), rtol=1e-5, atol=1e-7)
+    assert observer.stats.n_tokens == pytest.approx(weight)
     torch.testing.assert_close(observer.stats.hessian().double(), h / weight, rtol=1e-5, atol=1e-6)
     assert observer.selected_fraction() == {Modality(m).name.lower(): 1.0
                                             for m in sorted({m for lab, _ in samples for m in lab.tolist()})}
@@ -127,16 +130,16 @@ def test_balanced_weighs_samples_equally_where_all_weighs_tokens():
     gen = torch.Generator().manual_seed(0)
     samples = [(torch.zeros(n, dtype=torch.int8), torch.randn(1, n, 6, generator=gen)) for n in (5, 9)]
 
-    def stats(name, part):
+    def stats(name, part, hessian=False):
         context = ObserverContext()
-        observer = LinearObserver(context, selector=TOKEN_SELECTIONS[name].selector(PlanConfig()), hessian=True)
+        observer = LinearObserver(context, selector=TOKEN_SELECTIONS[name].selector(PlanConfig()), hessian=hessian)
         drive(observer, context, part)
         return observer.stats
 
-    for a, b in [(stats("all", samples[:1]), stats("balanced", samples[:1]))]:
-        torch.testing.assert_close(a.input_norm(), b.input_norm())
-        torch.testing.assert_close(a.hessian(), b.hessian())
+    torch.testing.assert_close(stats("all", samples[:1]).input_norm(), stats("balanced", samples[:1]).input_norm())
+    torch.testing.assert_close(stats("all", samples[:1], True).hessian(), stats("balanced", samples[:1], True).hessian())
     assert not torch.allclose(stats("all", samples).input_norm(), stats("balanced", samples).input_norm())
+    assert not torch.allclose(stats("all", samples, True).hessian(), stats("balanced", samples, True).hessian())
 
 
 @pytest.mark.parametrize("kwargs, message", [
