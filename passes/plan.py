@@ -30,6 +30,7 @@ class LinearDecision:
     group: str
     mask: torch.Tensor                       # (C_out, C_in) bool, True = keep
     new_weight: torch.Tensor | None = None   # (C_out, C_in) reconstructed weights (SparseGPT), zero where pruned
+                                             # (the driver keeps them as KeptValues once the layer is done)
     stats: dict[str, Any] = field(default_factory=dict)
     pattern: str = "unstructured"            # or "N:M", or "dense" (a pattern's target-0 linear)
 

@@ -33,7 +33,7 @@ from tamp_fx.passes.instrument import InstrumentConfig, instrument
 from tamp_fx.passes.plan import LinearDecision, PlanPassConfig
 from tamp_fx.passes.plan import plan as plan_pass
 from tamp_fx.passes.rewrite import apply_decision, rewrite
-from tamp_fx.prune.masks import PackedMask
+from tamp_fx.prune.masks import KeptValues, PackedMask
 from tamp_fx.prune.scores import SCORES
 from tamp_fx.runtime.distributed import guarded, sample_indices
 from tamp_fx.runtime.memory import PeakMemory, describe
@@ -61,7 +61,8 @@ def prune_cost(config: PlanConfig) -> float:
 @dataclass(frozen=True)
 class LayerResult:
     index: int
-    decisions: dict[str, LinearDecision]       # weight name relative to the layer -> decision, mask a PackedMask
+    decisions: dict[str, LinearDecision]       # weight name relative to the layer -> decision, mask a PackedMask,
+                                               # new weight KeptValues (:func:`_on_host`)
     linears: dict[str, LinearInfo]
     stats: dict[str, Any]
 
@@ -200,8 +201,10 @@ def _graph(exporter: LayerExporter, layers: DecoderLayers, layer: torch.nn.Modul
 
 def _on_host(decision: LinearDecision) -> LinearDecision:
     """The decision kept after its layer is released: mask bit-packed in host memory
-    (:class:`~tamp_fx.prune.masks.PackedMask`, 1 bit per weight), new weights in host memory."""
-    new_weight = None if decision.new_weight is None else decision.new_weight.cpu()
+    (:class:`~tamp_fx.prune.masks.PackedMask`, 1 bit per weight), new weights as their kept values
+    in host memory (:class:`~tamp_fx.prune.masks.KeptValues`: a SparseGPT plan's weights would
+    otherwise be the largest thing a plan holds, 212 MB of SmolLM2's 270 MB in bfloat16)."""
+    new_weight = None if decision.new_weight is None else KeptValues.of(decision.new_weight, decision.mask)
     return dataclasses.replace(decision, mask=PackedMask.of(decision.mask), new_weight=new_weight)
 
 

@@ -186,6 +186,30 @@ class PackedMask:
         return unpack_mask(self.packed, self.shape)
 
 
+@dataclass(frozen=True)
+class KeptValues:
+    """A pruned weight held as the values of its kept entries only (the order of ``mask.nonzero()``):
+    the share of it that is kept, e.g. half the memory at 50% (pruned entries are +0.0).
+
+    >>> mask = torch.tensor([[True, False], [False, True]])
+    >>> kept = KeptValues.of(torch.tensor([[1.5, 0.0], [0.0, -2.0]]), mask)
+    >>> kept.values.tolist(), kept.unpack(mask).tolist()
+    ([1.5, -2.0], [[1.5, 0.0], [0.0, -2.0]])
+    """
+
+    values: torch.Tensor                 # (number kept,), the weight's dtype, on the host
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, mask: torch.Tensor) -> KeptValues:
+        return cls(weight.detach().cpu()[mask.cpu()])
+
+    def unpack(self, mask: torch.Tensor) -> torch.Tensor:
+        """The weight (mask's shape), +0.0 where ``mask`` is False."""
+        dense = self.values.new_zeros(mask.shape)
+        dense[mask] = self.values
+        return dense
+
+
 class PackedMasks(MutableMapping):
     """Keep-masks by name, held bit-packed: a plan of an 8B model holds 0.9 GB of masks, not the
     7 GB of bool tensors. Setting takes a bool tensor or a :class:`PackedMask`; getting unpacks.

@@ -289,3 +289,18 @@ def test_apply_mask_shape_mismatch():
 def test_doctests():
     result = doctest.testmod(masks)
     assert result.attempted > 0 and result.failed == 0
+
+
+@given(st.integers(1, 7), st.integers(1, 9), st.integers(0, 2**16), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_kept_values_give_back_the_pruned_weight_bit_for_bit(rows, cols, seed, dtype):
+    from tamp_fx.prune.masks import KeptValues
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, cols, generator=g) < 0.5
+    weight = torch.randn(rows, cols, generator=g).to(dtype)
+    weight[0, 0] = -0.0                                      # a kept -0.0 stays -0.0
+    weight = weight.masked_fill(~mask, 0.0)                  # as SparseGPT returns it: +0.0 where pruned
+    kept = KeptValues.of(weight, mask)
+    assert kept.values.numel() == int(mask.sum())
+    back = kept.unpack(mask)
+    assert back.dtype == dtype and torch.equal(back.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                               weight.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
