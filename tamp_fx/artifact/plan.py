@@ -51,7 +51,8 @@ def describe_timing(timing: dict[str, Any] | None) -> str:
     if not timing:
         return "unknown (not recorded by the tamp-fx that made this plan)"
     parts = ", ".join(f"{TIMING_PARTS.get(k, k)} {v:.1f} s" for k, v in timing.get("parts_s", {}).items())
-    where = f" on {timing['device']} in {timing['dtype']}" if isinstance(timing.get("dtype"), str) else ""
+    device, dtype = timing.get("device"), timing.get("dtype")
+    where = f" on {device} in {dtype}" if isinstance(device, str) and isinstance(dtype, str) else ""
     peak = timing.get("peak_host_mib")
     peak = f", peak host memory {peak:,.0f} MiB" if isinstance(peak, (int, float)) else ""
     return f"{timing['wall_s']:.1f} s{where}{peak}" + (f" ({parts})" if parts else "")

@@ -218,3 +218,11 @@ def test_plot_into_an_existing_directory_writes_the_figures_and_prints_the_table
     assert r.exit_code == 0 and "layer total" in r.stdout
     assert (figures / "sparsity.png").stat().st_mtime_ns != before and (figures / "notes.txt").read_text() == "mine"
     assert not list(tmp_path.rglob(".*tmp-*"))          # no temporary left beside the figures
+
+
+def test_a_timing_record_describes_what_it_holds():
+    """A plan.json timing without its device (damaged or edited) still describes; the peak shows when recorded."""
+    from tamp_fx.artifact.plan import describe_timing
+    assert describe_timing({"wall_s": 2.0, "parts_s": {}, "dtype": "float32"}) == "2.0 s"
+    assert describe_timing({"wall_s": 2.0, "parts_s": {"load": 2.0}, "device": "cpu", "dtype": "bfloat16",
+                            "peak_host_mib": 1536}) == "2.0 s on cpu in bfloat16, peak host memory 1,536 MiB (load 2.0 s)"
