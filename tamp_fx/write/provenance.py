@@ -60,6 +60,8 @@ class Provenance:
         calibration = {**(recorded if isinstance(recorded, dict) else {}), "nsamples": config.nsamples,
                        "seqlen": config.seqlen, "seed": config.seed}
         plan_dir = str(plan.path.absolute()) if plan.path is not None else None
+        calib = calibration.get("file")
+        calib = calib if isinstance(calib, str) and calib else "CALIB"     # what an edited plan.json records may be anything
         return {
             "schema_version": SCHEMA_VERSION,
             "tamp_fx_version": tamp_fx.__version__,
@@ -78,7 +80,7 @@ class Provenance:
                           "quantize": self.quantize},
             "calibration": calibration,
             "model": model,
-            "reproduce": [plan_command(config, str(self.model), calibration.get("file", "CALIB"), plan_dir or "PLAN"),
+            "reproduce": [plan_command(config, str(self.model), calib, plan_dir or "PLAN"),
                           shlex.join(self._apply_command(plan_dir or "PLAN"))],
         }
 

@@ -190,3 +190,17 @@ def test_outputs_get_the_modes_the_umask_gives(umask, file_mode, dir_mode, model
     expected = {str(p.relative_to(tmp_path)): dir_mode if p.is_dir() else file_mode for p in [out, *out.rglob("*")]}
     assert {"out/README.md", "out/config.json", "out/extra/notes.txt", f"out/{PROVENANCE_FILE}"} <= modes.keys()
     assert modes == expected
+
+
+def test_an_edited_calibration_record_gives_a_placeholder_not_a_crash(model, plan_dir, tmp_path):
+    """Found by the damaged-plan fuzz: a plan.json whose calibration file is not a string (true) made
+    the reproduce line fail in shlex; apply records the placeholder instead."""
+    import shutil
+    edited = tmp_path / "plan"
+    shutil.copytree(plan_dir, edited)
+    data = json.loads((edited / "plan.json").read_text())
+    data["model"]["calibration"]["file"] = True
+    (edited / "plan.json").write_text(json.dumps(data))
+    out = tamp_fx.apply(model, edited, tmp_path / "out")
+    record = json.loads((out / PROVENANCE_FILE).read_text())
+    assert " --calib CALIB " in record["reproduce"][0]
