@@ -180,6 +180,11 @@ def _reduce(observers: Iterable[Any]) -> None:
         reduce_statistics(observers)
 
 
+def _every_observer(observed: Mapping[str, Any]) -> list[Any]:
+    """The instrument pass's observers of a layer, linear and attention."""
+    return [*observed["linear"].values(), *observed["attention"]]
+
+
 def _attention_stats(observed: Mapping[str, Any]) -> dict[str, Any]:
     attention = observed["attention"]
     if not attention or not attention[0].samples:
@@ -226,7 +231,7 @@ def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig,
                     context = ObserverContext()
                     observed = instrument(gm, InstrumentConfig(context, observer_factory)).info
                     _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: profile", keep_outputs=i + 1 < len(layers))
-                _reduce([*observed["linear"].values(), *observed["attention"]])
+                _reduce(_every_observer(observed))
                 sizes = {w: gm.get_parameter(w).numel() for w in linears}
                 profile = LayerProfile(i, linears, sizes)
                 obs = observed["linear"]
@@ -290,7 +295,7 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
                     if score.needs_activations:   # every sample through the dense, instrumented layer
                         with guarded():
                             _run_samples(gm, acts, i, context, observed, bars, f"layer {i}: calibrate", keep_outputs=False)
-                        _reduce([*observed["linear"].values(), *observed["attention"]])
+                        _reduce(_every_observer(observed))
                     decisions = _prune_layer(gm, acts, i, context, decide, bars, keep_outputs)
                 stats = {"seconds": round(time.perf_counter() - start, 3), **peak.read(), **_attention_stats(observed)}
                 results.append(LayerResult(i, decisions, linears, stats))
