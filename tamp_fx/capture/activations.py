@@ -61,6 +61,11 @@ class Activations:
             return values
         return pytree.tree_map(_mover(self.device), values)
 
+    def release_hidden(self, sample: int) -> None:
+        """Let go of the sample's hidden states before :meth:`set_hidden` replaces them (whoever
+        still reads them holds its own reference): a layer's inputs are not kept while it runs."""
+        self.hidden[sample] = None
+
     def set_hidden(self, sample: int, hidden: torch.Tensor) -> None:
         """Replace the sample's hidden states (a layer's outputs, on ``device``)."""
         self.hidden[sample] = _mover(self._store, pin=self.offload and self.device.type == "cuda")(hidden)

@@ -142,6 +142,9 @@ def prune_in_stages(gm: torch.fx.GraphModule, acts: Activations, layer: int, con
                     if k == 0:
                         hidden, kwargs = acts.inputs(j, layer)
                         env = stages.start((hidden,), kwargs)
+                        del hidden             # the env holds the inputs as long as a stage reads them
+                        if keep_outputs:
+                            acts.release_hidden(j)
                     else:
                         env = acts.unstash(envs[j])
                     out = _forward(lambda: stages.run(env, k), layer, sample)

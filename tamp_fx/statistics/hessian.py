@@ -29,9 +29,9 @@ class HessianAccumulator:
     def __init__(self) -> None:
         self._h: torch.Tensor | None = None  # (C_in, C_in) float32
         self._n: float = 0                   # tokens in _h
-        self._waiting: list[torch.Tensor] = []   # float32 (t, C_in) inputs not yet in _h
-        self._waiting_n: float = 0           # their tokens, each counted with its weight
+        self._buffer: torch.Tensor | None = None  # (capacity, C_in) float32: inputs not yet in _h, rows [0, _waiting_rows)
         self._waiting_rows = 0
+        self._waiting_n: float = 0           # their tokens, each counted with its weight
         self._mirrored = True                # the blocks below the diagonal are up to date
 
     @property
@@ -50,25 +50,36 @@ class HessianAccumulator:
             self._h = torch.zeros(c_in, c_in, dtype=torch.float32, device=x.device)  # (C_in, C_in)
         elif self._h.shape[0] != c_in:
             raise ValueError(f"x has {c_in} input columns but the accumulator holds {self._h.shape[0]}")
-        x2 = x.detach().reshape(-1, c_in).to(device=self._h.device, dtype=torch.float32)  # (t, C_in)
+        x2 = x.detach().reshape(-1, c_in)                                    # (t, C_in)
         t = x2.shape[0] if weight is None else weight
         if t == 0:
             return
-        self._waiting.append(x2)
+        rows, capacity = x2.shape[0], max(1, min(FLUSH_ROWS, FLUSH_ELEMENTS // c_in))
+        if self._waiting_rows + rows > capacity:
+            self._flush()
+        if rows >= capacity:                 # too many to wait for company: multiplied as they come
+            self._multiply(x2.to(device=self._h.device, dtype=torch.float32), t)
+            return
+        if self._buffer is None:             # one buffer, filled in place: no list of copies to concatenate
+            self._buffer = torch.empty(capacity, c_in, dtype=torch.float32, device=self._h.device)
+        self._buffer[self._waiting_rows:self._waiting_rows + rows].copy_(x2)
+        self._waiting_rows += rows
         self._waiting_n += t
-        self._waiting_rows += x2.shape[0]
-        if self._waiting_rows >= min(FLUSH_ROWS, FLUSH_ELEMENTS // c_in):
+        if self._waiting_rows == capacity:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._waiting:
-            return
-        x = self._waiting[0] if len(self._waiting) == 1 else torch.cat(self._waiting)   # (T, C_in)
-        n = self._n + self._waiting_n
+        if self._waiting_rows:
+            self._multiply(self._buffer[:self._waiting_rows], self._waiting_n)
+            self._waiting_rows, self._waiting_n = 0, 0
+
+    def _multiply(self, x: torch.Tensor, t: float) -> None:
+        """Add ``x`` (T, C_in) float32, ``t`` tokens, to the running Hessian."""
+        n = self._n + t
         self._h.mul_(self._n / n)
         for a, e in self._blocks():
             self._h[a:e, a:].addmm_(x[:, a:e].T, x[:, a:], alpha=2.0 / n)   # (e - a, C_in - a)
-        self._n, self._waiting, self._waiting_n, self._waiting_rows = n, [], 0, 0
+        self._n = n
         self._mirrored = False
 
     def _blocks(self) -> list[tuple[int, int]]:
@@ -86,13 +97,14 @@ class HessianAccumulator:
 
     def merge(self, hessian: torch.Tensor, n_tokens: float) -> None:
         """Replace the running Hessian by one over ``n_tokens`` tokens (the ranks' Hessians combined)."""
-        self._h, self._n, self._waiting, self._waiting_n, self._waiting_rows = hessian, n_tokens, [], 0, 0
+        self._h, self._n, self._buffer, self._waiting_n, self._waiting_rows = hessian, n_tokens, None, 0, 0
         self._mirrored = True
 
     @property
     def hessian(self) -> torch.Tensor:
         """``2/n X^T X`` (C_in, C_in) float32. The live buffer, not a copy: do not modify it."""
         self._flush()
+        self._buffer = None                  # read once the layer's samples are in: the buffer is not needed again
         if self._h is None or self.n_tokens == 0:
             raise ValueError("the Hessian accumulator saw no calibration tokens; run calibration data through the layer first")
         if not self._mirrored:

@@ -107,6 +107,31 @@ def test_planning_by_groups_equals_wanda_a_group_at_a_time_on_the_eager_layer(ke
     assert observed["attention"][0].samples == len(acts)                   # the attention observer ran once per sample
 
 
+def test_a_layers_inputs_are_let_go_once_no_stage_reads_them(monkeypatch):
+    """The residual stream's last reader is the add after o_proj (stage 2): from stage 3 on, no
+    sample's layer inputs are held (SmolLM2: 75 MB of 128 x 512 windows in bfloat16, at the stage
+    that holds the most, the down projection's inputs)."""
+    import weakref
+    layer, acts = _layer_and_acts(3, [9, 14, 6])
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    alive = [weakref.ref(h) for h in acts.hidden]
+    seen = []
+    run = Stages.run
+
+    def watched(self, env, stage):
+        if stage == 3:
+            seen.append(sum(ref() is not None for ref in alive))
+        return run(self, env, stage)
+    monkeypatch.setattr(Stages, "run", watched)
+    context = ObserverContext()
+    observed = instrument(gm, InstrumentConfig(context, LinearObserver)).info
+    decide = functools.partial(decide_linears, gm, PlanConfig(method="wanda"), {f"{w}.weight": 0.5 for g in GROUPS for w in g},
+                               observed["linear"])
+    prune_in_stages(gm, acts, 0, context, observed, decide, Bars(False), keep_outputs=True)
+    assert seen == [0, 0, 0]
+    assert all(h is not None and h.shape == (1, n, 32) for h, n in zip(acts.hidden, [9, 14, 6]))
+
+
 def test_sequential_groups_is_the_default_where_every_token_counts_and_refused_where_tokens_are_chosen():
     assert PlanConfig(method="wanda").sequential == "groups"
     assert PlanConfig(method="sparsegpt").sequential == "groups"

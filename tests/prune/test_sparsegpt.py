@@ -287,6 +287,24 @@ def test_hessian_from_its_upper_blocks_is_exactly_symmetric_and_equals_float64_a
         torch.testing.assert_close(h.double(), 2.0 / xs.shape[0] * xs.T @ xs, rtol=1e-5, atol=1e-5)
 
 
+def test_hessian_waiting_inputs_fill_one_buffer_and_larger_ones_pass_straight_through(monkeypatch):
+    """Inputs wait in one buffer of FLUSH_ROWS rows until the next would not fit; an input of
+    FLUSH_ROWS rows or more is multiplied at once. Whatever the order, the Hessian is the float64
+    one, and the buffer is gone once the Hessian is read."""
+    from tamp_fx.statistics import hessian
+    monkeypatch.setattr(hessian, "FLUSH_ROWS", 16)
+    g = _gen(5)
+    acc, seen = HessianAccumulator(), []
+    for rows in (5, 9, 2, 3, 16, 7, 40, 1, 15):                   # fills, an exact fill, overflows, pass-throughs
+        x = torch.randn(rows, 6, generator=g).to(torch.bfloat16)
+        acc.add(x)
+        seen.append(x.double())
+    xs = torch.cat(seen)
+    assert acc.n_tokens == xs.shape[0] == 98
+    torch.testing.assert_close(acc.hessian.double(), 2.0 / xs.shape[0] * xs.T @ xs, rtol=1e-5, atol=1e-5)
+    assert acc._buffer is None
+
+
 def test_hessian_accumulator_errors():
     acc = HessianAccumulator()
     with pytest.raises(ValueError, match="no calibration tokens"):
