@@ -17,6 +17,7 @@ from tamp_fx.errors import TampError
 from tamp_fx.evaluate import Evaluation, evaluate
 from tamp_fx.runtime.output import check_output
 from tamp_fx.runtime.progress import Bars
+from tamp_fx.runtime.transaction import atomic_file
 from tamp_fx.testbeds.fixture import scenes
 from tamp_fx.testbeds.fixture.data import write_conversations
 from tamp_fx.testbeds.fixture.model import build_fixture
@@ -94,6 +95,7 @@ def run_demo(workdir: str | Path = "demo-out", *, method: str = "tamp", sparsity
         seconds[f"eval {name}"] = time.perf_counter() - start
     sample = held_out(vqa_samples)[EXAMPLE]
     image = workdir / "example.png"
-    Image.fromarray(sample.image).save(image)
+    with atomic_file(image, overwrite=True) as partial:      # an interrupted demo leaves no half-written image
+        Image.fromarray(sample.image).save(partial)
     example = Example(sample, scores["dense"].vqa.answers[EXAMPLE], scores["pruned"].vqa.answers[EXAMPLE], image)
     return DemoResult(config, scores["dense"], scores["pruned"], seconds, result.summary()["sparsity"], workdir, example)
