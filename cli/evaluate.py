@@ -71,7 +71,7 @@ def evaluate(
         if json_file is not None and not to_stdout:
             if str(json_file).startswith("-"):
                 fail(f"--json takes a file name, or - for stdout; got {json_file}")
-            check_output(json_file, overwrite=overwrite, protect=inputs, file=True)     # before any work
+            check_output(json_file, overwrite=overwrite, protect=inputs, file=True, option="--json")     # before any work
         task, skipped = _vqa_task(model, baseline, vqa, vqa_split, vqa_samples)
         if task is None and text is None:
             why = "--no-vqa turned VQA off" if vqa is False else "it is not one of tamp-fx's fixtures, so no VQA"

@@ -50,7 +50,7 @@ def fixture(
         chosen = FIXTURES[kind.value]
         check_output(out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, *([calib_out] if calib_out else [])))
         if calib_out is not None:
-            check_output(calib_out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, out))
+            check_output(calib_out, overwrite=overwrite, protect=(chosen.model.WEIGHTS, out), option="--calib-out")
         start = time.perf_counter()
         chosen.model.build_fixture(out, overwrite=overwrite)
         lines, calib = [f"fixture written to {out} in {time.perf_counter() - start:.1f} s"], "FILE"

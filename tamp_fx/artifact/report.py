@@ -284,16 +284,16 @@ def check_outputs(plot_dir: str | Path | None, html_file: str | Path | None, *, 
     if plot_dir is not None:
         _check_figures(Path(plot_dir), overwrite, protect)
     if html_file is not None:
-        check_output(html_file, overwrite=overwrite, protect=protect, file=True)
+        check_output(html_file, overwrite=overwrite, protect=protect, file=True, option="--html")
 
 
 def _check_figures(out_dir: Path, overwrite: bool, protect: tuple[Path, ...]) -> None:
     """A new ``out_dir`` as a directory output; into an existing one, each figure as a file (inputs, writability)."""
     if not out_dir.is_dir():
-        check_output(out_dir, overwrite=overwrite, protect=protect)
+        check_output(out_dir, overwrite=overwrite, protect=protect, option="--plot")
         return
     for name in FIGURES:
-        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True)
+        check_output(out_dir / f"{name}.png", overwrite=True, protect=protect, file=True, option="--plot")
 
 
 def write_figures(data: dict[str, Any], out_dir: str | Path, outputs: Outputs) -> list[Path]:

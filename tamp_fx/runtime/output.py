@@ -53,41 +53,42 @@ def temp_prefix(out: Path) -> str:
     return _prefix(out) + "-"
 
 
-def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path, ...] = (), file: bool = False) -> Path:
+def check_output(out: str | os.PathLike, *, overwrite: bool, protect: tuple[Path, ...] = (), file: bool = False,
+                 option: str = "--out") -> Path:
     """Refuse ``out`` in one line, before any work, if writing it could replace or change an
     input (a path in ``protect``, a directory holding one, or a path inside an input
     directory), if it exists and ``overwrite`` is off, or if its directory cannot be written.
     ``file``: ``out`` is one file (:meth:`~tamp_fx.runtime.transaction.Outputs.file`) rather than a directory. Returns
-    ``out`` as an absolute path."""
+    ``out`` as an absolute path. ``option``: the command-line option that named ``out``, for the messages."""
     out = _absolute(out)
     for given in map(_absolute, protect):
         overlap = _overlap(out, given)
         if overlap == "inside":
-            raise TampError(f"output {out} would be written inside the input {given}: choose another --out "
+            raise TampError(f"output {out} would be written inside the input {given}: choose another {option} "
                             "(inputs are never changed)")
         if overlap:
-            raise TampError(f"output {out} would overwrite {overlap} {given}: choose another --out "
+            raise TampError(f"output {out} would overwrite {overlap} {given}: choose another {option} "
                             "(inputs are never overwritten, even with --overwrite)")
     special = _special(out)
     if special:
-        raise TampError(f"output {out} is {special}, not a file or directory: choose another --out "
+        raise TampError(f"output {out} is {special}, not a file or directory: choose another {option} "
                         "(tamp-fx never writes to or replaces devices, FIFOs or sockets, even with --overwrite)")
     if out.exists() or out.is_symlink():
         if not overwrite:
-            raise TampError(f"output {out} already exists: choose another --out or pass --overwrite")
+            raise TampError(f"output {out} already exists: choose another {option} or pass --overwrite")
         if file and out.is_dir():
-            raise TampError(f"output {out} is a directory: pass a file name such as pruned{out.suffix or '.pt2'}")
+            raise TampError(f"output {out} is a directory: pass a file name to {option}")
         if _immutable(out):
-            raise TampError(f"output {out} is immutable or append-only (chattr): it cannot be replaced, choose another --out")
+            raise TampError(f"output {out} is immutable or append-only (chattr): it cannot be replaced, choose another {option}")
         if not file and not out.is_symlink():       # a symbolic link is replaced, never what it points to
             if not out.is_dir():
                 raise TampError(f"output {out} is a file and tamp-fx writes a directory there: --overwrite replaces "
-                                "only tamp-fx output directories; choose another --out or remove the file yourself")
+                                f"only tamp-fx output directories; choose another {option} or remove the file yourself")
             if not _replaceable(out):
                 raise TampError(f"output {out} is a directory tamp-fx did not write (no {OUTPUT_MARKER} in it): "
-                                "--overwrite replaces only tamp-fx output directories; choose another --out or "
+                                f"--overwrite replaces only tamp-fx output directories; choose another {option} or "
                                 "remove it yourself")
-    _check_writable(out)
+    _check_writable(out, option)
     return out
 
 
@@ -153,21 +154,21 @@ def _immutable(path: Path) -> bool:
         os.close(fd)
 
 
-def _check_writable(out: Path) -> None:
+def _check_writable(out: Path, option: str = "--out") -> None:
     """Create and remove a probe file where ``out`` will be created (its parent, or the nearest
     ancestor that exists): permission bits do not stop root, so only trying tells."""
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise TampError(f"output {out} cannot be created: {parent} is a file, not a directory: choose another --out")
+        raise TampError(f"output {out} cannot be created: {parent} is a file, not a directory: choose another {option}")
     try:
         probe = _mark(parent, _prefix(out))             # a marker: what a killed probe leaves is cleaned up
         if probe is not None:
             probe.unlink()
     except OSError as error:
         raise TampError(f"output {out} cannot be written: {parent} is not writable ({error.strerror}): "
-                        "choose another --out") from error
+                        f"choose another {option}") from error
 
 
 def remove_stale_temporaries(out: Path, protect: tuple[Path, ...] = ()) -> None:

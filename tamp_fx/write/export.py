@@ -99,8 +99,8 @@ def export_decoder(model: str | Path, calib: str | Path, out: str | Path, calib_
     if out.expanduser().absolute() == calib_out.expanduser().absolute():
         raise TampError("--out and --calib-out are the same file: choose two paths")
     protect = (source.path, *calibration_inputs(calib))   # the calibration file checked before the model loads
-    for path in (out, calib_out):                   # refuse before the work, not after
-        check_output(path, overwrite=overwrite, protect=protect, file=True)
+    for path, option in ((out, "--out"), (calib_out, "--calib-out")):     # refuse before the work, not after
+        check_output(path, overwrite=overwrite, protect=protect, file=True, option=option)
     net = load_checked(source, allow_nonfinite=allow_nonfinite)
     processor = load_processor(source, net.config)
     token_ids = modality_token_ids(net.config)

@@ -167,6 +167,13 @@ OUTPUTS: dict[str, tuple[Callable[[Workspace], Path], str, tuple[str, ...]]] = {
 }
 CASES.update({f"{command}/output/{clash}": Case(lambda ws, c=command, m=make: OUTPUT_COMMANDS[c](ws, m(ws)), says)
               for clash, (make, says, commands) in OUTPUTS.items() for command in commands})
+#: a refusal names the option to change, not always --out
+CASES.update({f"{command}/output/taken, the refusal names {option}":
+              Case(lambda ws, c=command: OUTPUT_COMMANDS[c](ws, _taken(ws)), f"choose another {option} or pass --overwrite")
+              for command, option in (("plan", "--out"), ("eval --json", "--json"), ("inspect --html", "--html"))})
+CASES["export/output/--calib-out taken, the refusal names --calib-out"] = Case(
+    lambda ws: ["export", ws.model(), "--calib", ws.write("c.txt", TEXT), "--out", ws.root / "m.pt2",
+                "--calib-out", ws.write("taken.safetensors", "keep me")], "choose another --calib-out or pass --overwrite")
 CASES["inspect --html/output/plan.json of the plan shown"] = Case(
     lambda ws: ["inspect", ws.plan(), "--html", ws.plan() / "plan.json", "--overwrite"], "input")
 CASES["demo/output/a folder tamp-fx did not write"] = Case(
