@@ -154,7 +154,7 @@ def _immutable(path: Path) -> bool:
         os.close(fd)
 
 
-def _check_writable(out: Path, option: str = "--out") -> None:
+def _check_writable(out: Path, option: str) -> None:
     """Create and remove a probe file where ``out`` will be created (its parent, or the nearest
     ancestor that exists): permission bits do not stop root, so only trying tells."""
     parent = out.parent

@@ -82,13 +82,16 @@ class InputStats:
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Count the tokens ``x`` (..., C_in), each with its ``weight`` (T,) (None: 1 each)."""
         x = x.reshape(-1, x.shape[-1])                   # (T, C_in)
-        xf = x.float()                                   # float32 inputs: x itself, no copy
         w = None if weight is None else weight.reshape(-1).to(device=x.device, dtype=torch.float32)  # (T,)
-        total = xf.new_full((1,), x.shape[0], dtype=torch.float64) if w is None else w.double().sum()[None]  # no host copy
+        total = x.new_full((1,), x.shape[0], dtype=torch.float64) if w is None else w.double().sum()[None]  # no host copy
         if self.hessian_acc is not None:
             self.sums.add(total)
-            self.hessian_acc.add(xf if w is None else xf * w.sqrt()[:, None], weight=None if w is None else float(total))
+            if w is None:                                # converted to float32 as the accumulator copies it in
+                self.hessian_acc.add(x)
+            else:
+                self.hessian_acc.add(x.float() * w.sqrt()[:, None], weight=float(total))
             return
+        xf = x.float()                                   # float32 inputs: x itself, no copy
         sq = (xf.square() if w is None else xf * xf * w[:, None]).sum(0).double()   # (C_in,)
         self.sums.add(torch.cat([sq, total]))
 
