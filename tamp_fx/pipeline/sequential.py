@@ -36,7 +36,7 @@ from tamp_fx.passes.rewrite import apply_decision, rewrite
 from tamp_fx.prune.masks import KeptValues, PackedMask
 from tamp_fx.prune.scores import SCORES
 from tamp_fx.runtime.distributed import guarded, sample_indices
-from tamp_fx.runtime.memory import PeakMemory, describe
+from tamp_fx.runtime.memory import PeakMemory, describe, trim_host_heap
 from tamp_fx.runtime.progress import Bars
 from tamp_fx.runtime.timing import FORWARD, PRUNING, STATISTICS, TRACE, stage
 from tamp_fx.statistics.atv import LayerChange
@@ -161,6 +161,7 @@ def prune_in_stages(gm: torch.fx.GraphModule, acts: Activations, layer: int, con
                     for w, decision in decide(group).items():
                         apply_decision(gm, linears[w])
                         decisions[w] = _on_host(decision)
+            trim_host_heap()       # the stage's values lie among its forwards' freed temporaries: give those pages back
     _reduce(observed["attention"])
     return decisions
 

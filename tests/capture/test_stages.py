@@ -140,3 +140,25 @@ def test_sequential_groups_is_the_default_where_every_token_counts_and_refused_w
     assert PlanConfig.from_dict({"method": "wanda"}).sequential == "layers"     # a plan from before groups existed
     with pytest.raises(Exception, match="use --sequential layers"):
         PlanConfig(method="wanda-atv", sequential="groups")
+
+
+def test_the_heap_is_handed_back_after_every_stage(monkeypatch):
+    """Each stage's values are allocated among its forwards' temporaries: the free pages are given
+    back once every sample ran the stage (SmolLM2 Wanda: peak 1.04 GiB with it, 1.33-1.52 without)."""
+    import tamp_fx.pipeline.sequential as sequential
+    layer, acts = _layer_and_acts(4, [5, 7])
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    events = []
+    run = Stages.run
+
+    def watched(self, env, stage):
+        events.append(stage)
+        return run(self, env, stage)
+    monkeypatch.setattr(Stages, "run", watched)
+    monkeypatch.setattr(sequential, "trim_host_heap", lambda: events.append("trim"))
+    context = ObserverContext()
+    observed = instrument(gm, InstrumentConfig(context, LinearObserver)).info
+    decide = functools.partial(decide_linears, gm, PlanConfig(method="wanda"), {f"{w}.weight": 0.5 for g in GROUPS for w in g},
+                               observed["linear"])
+    prune_in_stages(gm, acts, 0, context, observed, decide, Bars(False), keep_outputs=True)
+    assert events == [e for k in range(5) for e in (k, k, "trim")]
