@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.fingerprint import fingerprint
-from tamp_fx.prune.masks import PackedMask, PackedMasks, achieved_sparsity, apply_mask, unpack_mask
+from tamp_fx.prune.masks import KeptWeights, PackedMask, PackedMasks, achieved_sparsity, apply_mask, unpack_mask
 from tamp_fx.runtime.timing import WRITING, with_part
 from tamp_fx.runtime.transaction import atomic_directory
 
@@ -95,7 +95,8 @@ class Plan:
 
     ``masks`` maps checkpoint weight name -> bool keep-mask (C_out, C_in), held bit-packed
     (:class:`~tamp_fx.prune.masks.PackedMasks`; a plain dict given here is packed); ``weights`` holds the
-    reconstructed values of methods that update kept weights (SparseGPT), already masked.
+    reconstructed values of methods that update kept weights (SparseGPT), already masked
+    (:class:`~tamp_fx.prune.masks.KeptWeights`: held as their kept values until read).
     """
 
     config: PlanConfig
@@ -103,7 +104,7 @@ class Plan:
     linears: dict[str, LinearPlan]
     layers: list[dict[str, Any]] = field(default_factory=list)
     masks: PackedMasks = field(default_factory=PackedMasks, compare=False, repr=False)
-    weights: dict[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    weights: KeptWeights = field(default_factory=KeptWeights, compare=False, repr=False)
     schema_version: int = SCHEMA_VERSION
     path: Path | None = field(default=None, compare=False, repr=False)   # the directory it was loaded from
     #: how long planning took: ``{"wall_s": s, "parts_s": {"load": s, "capture": s, ...}}``; None if not recorded
@@ -112,6 +113,8 @@ class Plan:
     def __post_init__(self) -> None:
         if not isinstance(self.masks, PackedMasks):
             object.__setattr__(self, "masks", PackedMasks(self.masks))
+        if not isinstance(self.weights, KeptWeights):
+            object.__setattr__(self, "weights", KeptWeights(self.weights))
 
     def __repr__(self) -> str:
         s = self.summary()

@@ -230,7 +230,7 @@ def _assemble(config: PlanConfig, model_info: dict, layers: DecoderLayers, resul
             masks[name] = d.mask
             fingerprints[name] = layers.fingerprints[mem_name]
             if d.new_weight is not None:
-                weights[name] = d.new_weight.unpack(d.mask.unpack())
+                weights[name] = (d.new_weight, d.mask)     # unpacked when read (KeptWeights)
     model_info = {"fingerprint": fingerprint_of(fingerprints), **model_info}
     layers_stats = [{"layer": r.index, **r.stats} for r in results]
     run = {"device": str(layers.device), "dtype": str(layers.dtype).removeprefix("torch."),   # where it ran: not compared

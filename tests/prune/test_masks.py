@@ -304,3 +304,19 @@ def test_kept_values_give_back_the_pruned_weight_bit_for_bit(rows, cols, seed, d
     back = kept.unpack(mask)
     assert back.dtype == dtype and torch.equal(back.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                                                weight.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
+def test_kept_weights_hold_pairs_packed_and_dense_tensors_as_they_are():
+    from tamp_fx.prune.masks import KeptValues, KeptWeights, PackedMask
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(6, 10, generator=g) < 0.5
+    weight = torch.randn(6, 10, generator=g).bfloat16().masked_fill(~mask, 0.0)
+    dense = torch.randn(3, 4)
+    weights = KeptWeights({"a": (KeptValues.of(weight, mask), PackedMask.of(mask)), "b": dense})
+    assert list(weights) == ["a", "b"] and len(weights) == 2 and "a" in weights
+    assert torch.equal(weights["a"].view(torch.int16), weight.view(torch.int16))
+    assert weights["b"] is dense
+    held = weights._held["a"]
+    assert held[0].values.numel() == int(mask.sum())     # only the kept entries are held, not the dense weight
+    del weights["a"]
+    assert list(weights) == ["b"]
