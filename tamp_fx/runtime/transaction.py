@@ -115,7 +115,7 @@ class Outputs:
             free = shutil.disk_usage(nearest).free
             return TampError(f"no space left on device while writing {names} ({_bytes(free)} free there, and the output "
                              f"needs more than the {_bytes(written)} written before the disk filled): free space or "
-                             "choose another --out, then retry; nothing was written")
+                             "write it to another path, then retry; nothing was written")
         reason = getattr(error, "strerror", None) or first_line(error)
         return TampError(f"could not write {names} ({reason}): nothing was written")
 
@@ -132,7 +132,7 @@ def _commit(staged: list[tuple[Path, Path]], overwrite: bool) -> None:
                 for tmp, out in staged:
                     if out.exists() or out.is_symlink():
                         if not overwrite:
-                            raise TampError(f"output {out} appeared while this ran: choose another --out or pass "
+                            raise TampError(f"output {out} appeared while this ran: choose another path or pass "
                                             "--overwrite")
                         old = out.with_name(claims.enter_context(owned(out, "old")) + "previous")
                         os.replace(out, old)
