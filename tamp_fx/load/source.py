@@ -144,7 +144,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch
     except TampError:
         raise
     except Exception as error:  # noqa: BLE001 - corrupt files surface from deep inside transformers
-        raise TampError(f"could not load model {source.path}: {first_line(error)}") from error
+        raise TampError(f"could not load model {source.path} ({first_line(error)}): check that its files are complete "
+                        f"and readable by transformers {transformers.__version__}") from error
     return model.eval()
 
 

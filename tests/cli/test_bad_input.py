@@ -49,6 +49,23 @@ def test_corrupt_weights(tmp_path, llama):
     fails_cleanly(plan_args(m, llama / "calib.jsonl", tmp_path / "p"), "could not load model", tmp_path / "p")
 
 
+def test_a_failure_inside_transformers_says_what_to_check(tmp_path, llama, monkeypatch):
+    """Whatever transformers raises while building the model: one line, the model, the cause and the fix."""
+    import transformers
+
+    from tamp_fx.errors import TampError
+    from tamp_fx.load.source import load_model, resolve_source
+
+    def broken(*args, **kwargs):
+        raise KeyError("model.layers.0.mlp.gate_proj.weight")
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", broken)
+    with pytest.raises(TampError) as raised:
+        load_model(resolve_source(llama))
+    message = str(raised.value)
+    assert message.startswith(f"could not load model {llama} (") and "gate_proj" in message
+    assert message.endswith(f"check that its files are complete and readable by transformers {transformers.__version__}")
+
+
 def test_unsupported_architecture_names_the_supported_ones(tmp_path, llama):
     m = _copy(llama, tmp_path / "m")
     config = json.loads((m / "config.json").read_text())
