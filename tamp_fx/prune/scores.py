@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tamp_fx.prune.masks import keep_mask, nm_keep_mask
 from tamp_fx.prune.sparsegpt import sparsegpt_prune
 from tamp_fx.registry import Registry
+
+if TYPE_CHECKING:
+    from tamp_fx.statistics.observers import InputStats
 
 #: (weight (C_out, C_in), input statistics or None, sparsity, (N, M) or None) -> (keep-mask, new weight or None)
 Decide = Callable[[torch.Tensor, "InputStats | None", float, "tuple[int, int] | None"],
