@@ -205,7 +205,7 @@ class KeptValues:
 
     def unpack(self, mask: torch.Tensor) -> torch.Tensor:
         """The weight (mask's shape), +0.0 where ``mask`` is False."""
-        # masked_scatter_ fills in mask order without the index tensors dense[mask] = ... builds (8x a weight's size)
+        # masked_scatter_ fills in mask order, without the int64 indices (16 bytes a kept entry) dense[mask] = ... builds
         return self.values.new_zeros(mask.shape).masked_scatter_(mask, self.values)
 
 
