@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -209,7 +210,38 @@ class KeptValues:
         return self.values.new_zeros(mask.shape).masked_scatter_(mask, self.values)
 
 
-class PackedMasks(MutableMapping):
+class _HeldCompact(MutableMapping):
+    """Tensors by name, each held in a compact form (:meth:`_hold`) and given back whole when read
+    (:meth:`_unpack`); the base of :class:`PackedMasks` and :class:`KeptWeights`."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        self._held: dict[str, Any] = {}
+        for name, value in (values or {}).items():
+            self[name] = value
+
+    def _hold(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def _unpack(self, held: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._held[name] = self._hold(value)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._unpack(self._held[name])
+
+    def __delitem__(self, name: str) -> None:
+        del self._held[name]
+
+    def __iter__(self):
+        return iter(self._held)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+class PackedMasks(_HeldCompact):
     """Keep-masks by name, held bit-packed: a plan of an 8B model holds 0.9 GB of masks, not the
     7 GB of bool tensors. Setting takes a bool tensor or a :class:`PackedMask`; getting unpacks.
 
@@ -218,31 +250,17 @@ class PackedMasks(MutableMapping):
     ([True, False], (2,))
     """
 
-    def __init__(self, masks: Mapping[str, torch.Tensor | PackedMask] | None = None) -> None:
-        self._packed: dict[str, PackedMask] = {}
-        for name, mask in (masks or {}).items():
-            self[name] = mask
+    def _hold(self, mask: torch.Tensor | PackedMask) -> PackedMask:
+        return mask if isinstance(mask, PackedMask) else PackedMask.of(mask)
 
-    def __setitem__(self, name: str, mask: torch.Tensor | PackedMask) -> None:
-        self._packed[name] = mask if isinstance(mask, PackedMask) else PackedMask.of(mask)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._packed[name].unpack()
-
-    def __delitem__(self, name: str) -> None:
-        del self._packed[name]
-
-    def __iter__(self):
-        return iter(self._packed)
-
-    def __len__(self) -> int:
-        return len(self._packed)
+    def _unpack(self, held: PackedMask) -> torch.Tensor:
+        return held.unpack()
 
     def packed(self, name: str) -> PackedMask:
-        return self._packed[name]
+        return self._held[name]
 
 
-class KeptWeights(MutableMapping):
+class KeptWeights(_HeldCompact):
     """Reconstructed weights by name (SparseGPT's, already masked), each held as the values of its
     kept entries (:class:`KeptValues` with its :class:`PackedMask`) until it is read: a plan of
     SmolLM2 holds 106 MB of them, not 212 MB of dense bfloat16 weights unpacked all at once.
@@ -255,29 +273,14 @@ class KeptWeights(MutableMapping):
     [3.0, 0.0]
     """
 
-    def __init__(self, weights: Mapping[str, torch.Tensor | tuple[KeptValues, PackedMask]] | None = None) -> None:
-        self._held: dict[str, torch.Tensor | tuple[KeptValues, PackedMask]] = {}
-        for name, weight in (weights or {}).items():
-            self[name] = weight
+    def _hold(self, weight: torch.Tensor | tuple[KeptValues, PackedMask]) -> torch.Tensor | tuple[KeptValues, PackedMask]:
+        return weight
 
-    def __setitem__(self, name: str, weight: torch.Tensor | tuple[KeptValues, PackedMask]) -> None:
-        self._held[name] = weight
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        held = self._held[name]
+    def _unpack(self, held: torch.Tensor | tuple[KeptValues, PackedMask]) -> torch.Tensor:
         if isinstance(held, torch.Tensor):
             return held
         kept, mask = held
         return kept.unpack(mask.unpack())
-
-    def __delitem__(self, name: str) -> None:
-        del self._held[name]
-
-    def __iter__(self):
-        return iter(self._held)
-
-    def __len__(self) -> int:
-        return len(self._held)
 
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
