@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError, first_line
-from tamp_fx.load.fingerprint import fingerprint
+from tamp_fx.load.fingerprint import FingerprintSample, fingerprint_of
 from tamp_fx.prune.masks import KeptWeights, PackedMask, PackedMasks, achieved_sparsity, apply_mask, unpack_mask
+from tamp_fx.runtime.tensor_file import StoredTensor, save_tensors
 from tamp_fx.runtime.timing import WRITING, with_part
 from tamp_fx.runtime.transaction import atomic_directory
 
@@ -147,18 +147,19 @@ class Plan:
             **timing,
         }
 
-    def check_model(self, tensors: Mapping[str, torch.Tensor], where: str | Path) -> None:
-        """Refuse in one line unless ``tensors`` (the model's, by plan key) are the ones the plan
-        was made for: every pruned name present, the same shapes, the same fingerprint. Every
-        writer of pruned weights asks this one question."""
-        missing = [n for n in self.linears if n not in tensors]
+    def check_model(self, samples: Mapping[str, FingerprintSample], where: str | Path) -> None:
+        """Refuse in one line unless the model's tensors, given by their :func:`fingerprint_sample`
+        (by plan key: a writer reads one tensor at a time), are the ones the plan was made for:
+        every pruned name present, the same shapes, the same fingerprint. Every writer of pruned
+        weights asks this one question."""
+        missing = [n for n in self.linears if n not in samples]
         if missing:
             raise TampError(f"the plan prunes {missing[0]}, which {where} does not have: the plan was made for another model")
         for name, lp in self.linears.items():
-            if tuple(tensors[name].shape) != lp.shape:
-                raise TampError(f"the plan's {name} has shape {lp.shape}, the model's {tuple(tensors[name].shape)}: "
+            if samples[name][0] != lp.shape:
+                raise TampError(f"the plan's {name} has shape {lp.shape}, the model's {samples[name][0]}: "
                                 "the plan was made for another model")
-        if fingerprint(tensors) != self.model.get("fingerprint"):
+        if fingerprint_of(samples) != self.model.get("fingerprint"):
             raise TampError(f"the plan was made for another model (fingerprint differs from {where}): "
                             "re-run `tamp-fx plan` on this model")
 
@@ -186,9 +187,11 @@ class Plan:
         with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp:
             packed = {name: self.masks.packed(name).packed for name in self.masks}
             shapes = {name: list(self.masks.packed(name).shape) for name in self.masks}
-            save_file(packed, tmp / MASKS_FILE, metadata={SHAPES_KEY: json.dumps(shapes, sort_keys=True)})
-            if self.weights:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.weights.items()}, tmp / WEIGHTS_FILE)
+            save_tensors(tmp / MASKS_FILE, {name: (p.dtype, tuple(p.shape)) for name, p in packed.items()},
+                         packed.__getitem__, metadata={SHAPES_KEY: json.dumps(shapes, sort_keys=True)})
+            if self.weights:             # one weight unpacked (or read) at a time, not all of them at once
+                save_tensors(tmp / WEIGHTS_FILE, {name: self.weights.layout(name) for name in self.weights},
+                             self.weights.__getitem__)
             if self.timing and WRITING not in self.timing["parts_s"]:   # the run's first writing (a measurement:
                 # not compared; saved again, a plan keeps it, so the same plan gives the same bytes)
                 object.__setattr__(self, "timing", with_part(self.timing, WRITING, time.perf_counter() - start))
@@ -227,7 +230,7 @@ class Plan:
         linears = {name: _linear(name, lp, bad) for name, lp in data["linears"].items()}
         _check_decoder(data["model"].get("decoder", ""), linears, bad)
         masks, shapes = _read_tensors(masks_file, "masks")
-        weights = _read_tensors(directory / WEIGHTS_FILE, "weights")[0] if (directory / WEIGHTS_FILE).is_file() else {}
+        weights = _open_weights(directory / WEIGHTS_FILE) if (directory / WEIGHTS_FILE).is_file() else {}
         for stored, what in ((masks, "a mask"), (weights, "weights")):
             extra = sorted(set(stored) - set(linears))
             if extra:
@@ -248,7 +251,7 @@ class Plan:
             if abs(achieved_sparsity(mask) - lp.sparsity) > _SPARSITY_TOLERANCE:
                 raise TampError(f"{masks_file}: the mask of {name} prunes {achieved_sparsity(mask):.4%}, but "
                                 f"{PLAN_FILE} says {lp.sparsity:.4%}: the plan directory is damaged")
-            if name in weights and (tuple(weights[name].shape) != lp.shape or not weights[name].is_floating_point()):
+            if name in weights and (weights[name].shape != lp.shape or not weights[name].dtype.is_floating_point):
                 raise TampError(f"{directory / WEIGHTS_FILE}: {name} is {weights[name].dtype} of shape "
                                 f"{tuple(weights[name].shape)}, the plan's linear is {lp.shape}: the plan directory is damaged")
             kept[name] = PackedMask(masks[name], tuple(lp.shape))
@@ -312,6 +315,16 @@ def _check_decoder(decoder: Any, linears: dict[str, LinearPlan], bad: str) -> No
         rest = lp.module_name[len(decoder) + 1:] if decoder else lp.module_name
         if not (name == rest or name.endswith("." + rest)):
             raise TampError(f"{bad}: linear {name} does not name the weight {lp.module_name}")
+
+
+def _open_weights(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of a plan's ``weights.safetensors``, each read only when a writer asks for it:
+    a SparseGPT plan of an 8B model holds ~14 GB of them."""
+    try:
+        return StoredTensor.open_all(path)
+    except Exception as error:  # noqa: BLE001 - SafetensorError, OSError, or a dtype safetensors names and torch has not
+        raise TampError(f"{path} is not a readable safetensors file of weights ({first_line(error)}): "
+                        "the plan directory is damaged, re-run `tamp-fx plan`") from error
 
 
 def _read_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from tamp_fx.runtime.tensor_file import Layout, StoredTensor
+
 #: Valid values of the ``group`` argument of :func:`keep_mask`.
 GROUPS = ("matrix", "row")
 
@@ -261,26 +263,36 @@ class PackedMasks(_HeldCompact):
 
 
 class KeptWeights(_HeldCompact):
-    """Reconstructed weights by name (SparseGPT's, already masked), each held as the values of its
-    kept entries (:class:`KeptValues` with its :class:`PackedMask`) until it is read: a plan of
-    SmolLM2 holds 106 MB of them, not 212 MB of dense bfloat16 weights unpacked all at once.
-    Setting takes a dense tensor (held as it is) or a ``(KeptValues, PackedMask)`` pair; getting
-    returns the dense weight.
+    """Reconstructed weights by name (SparseGPT's, already masked), each held compact until it is
+    read: as the values of its kept entries (:class:`KeptValues` with its :class:`PackedMask`; a
+    plan of SmolLM2 holds 106 MB of them, not 212 MB of dense bfloat16 weights), or, in a plan read
+    from disk, as a :class:`~tamp_fx.runtime.tensor_file.StoredTensor` not yet read. Setting takes
+    one of those or a dense tensor (held as it is); getting returns the dense weight.
 
     >>> mask = torch.tensor([True, False])
     >>> weights = KeptWeights({"w": (KeptValues.of(torch.tensor([3.0, 0.0]), mask), PackedMask.of(mask))})
-    >>> weights["w"].tolist()
-    [3.0, 0.0]
+    >>> weights["w"].tolist(), weights.layout("w")
+    ([3.0, 0.0], (torch.float32, (2,)))
     """
 
-    def _hold(self, weight: torch.Tensor | tuple[KeptValues, PackedMask]) -> torch.Tensor | tuple[KeptValues, PackedMask]:
+    def _hold(self, weight: torch.Tensor | StoredTensor | tuple[KeptValues, PackedMask]) -> Any:
         return weight
 
-    def _unpack(self, held: torch.Tensor | tuple[KeptValues, PackedMask]) -> torch.Tensor:
+    def _unpack(self, held: torch.Tensor | StoredTensor | tuple[KeptValues, PackedMask]) -> torch.Tensor:
         if isinstance(held, torch.Tensor):
             return held
+        if isinstance(held, StoredTensor):
+            return held.read()
         kept, mask = held
         return kept.unpack(mask.unpack())
+
+    def layout(self, name: str) -> Layout:
+        """The dtype and shape of weight ``name``, without unpacking or reading it."""
+        held = self._held[name]
+        if isinstance(held, (torch.Tensor, StoredTensor)):
+            return held.dtype, tuple(held.shape)
+        kept, mask = held
+        return kept.values.dtype, mask.shape
 
 
 def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

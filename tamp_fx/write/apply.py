@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tamp_fx.artifact.plan import Plan
 from tamp_fx.errors import TampError
 from tamp_fx.load.checkpoint import check_finite, checkpoint_keys
+from tamp_fx.load.fingerprint import fingerprint_sample
 from tamp_fx.load.program import load_program
 from tamp_fx.load.source import ModelSource, load_config, load_model, load_processor, resolve_source
 from tamp_fx.load.validate import check_checkpoint, check_program, load_checked
@@ -28,6 +28,7 @@ from tamp_fx.prune import semi_structured
 from tamp_fx.prune.semi_structured import FORMATS
 from tamp_fx.runtime.output import check_output, temp_prefix
 from tamp_fx.runtime.progress import Bars
+from tamp_fx.runtime.tensor_file import DTYPES, Layout, save_tensors
 from tamp_fx.runtime.transaction import atomic_directory
 from tamp_fx.write.hf import copy_companions
 from tamp_fx.write.int8_weight import save_int8_weight
@@ -110,12 +111,12 @@ def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, p
     plan's linears counted in ``record``), the companions (config, processor, ...) copied; a tensor
     holding NaN or inf refused as it is read, unless ``allow_nonfinite``."""
     keys = checkpoint_keys(source)
-    tensors = {}
+    samples = {}                         # read one at a time: the model's linears need not fit in memory
     for name in plan.linears:
         if name in keys:
             with safe_open(keys[name], "pt") as f:
-                tensors[name] = _read(f, name, source.path, allow_nonfinite)
-    plan.check_model(tensors, source.path)
+                samples[name] = fingerprint_sample(_read(f, name, source.path, allow_nonfinite))
+    plan.check_model(samples, source.path)
     shards = sorted(set(keys.values()))
     with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, Bars(progress) as bars:
         left = copy_companions(source.path, tmp, skip=(semi_structured.MANIFEST,))
@@ -124,16 +125,22 @@ def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, p
         with bars.task("write shards", len(shards)) as advance:
             for shard in shards:
                 with safe_open(shard, "pt") as f:
-                    metadata = f.metadata()
-                    out_tensors = {k: _cast(plan.pruned(k, _read(f, k, source.path, allow_nonfinite)), dtype)
-                                   for k in f.keys()}
-                for name in plan.linears.keys() & out_tensors.keys():
-                    record.count(out_tensors[name])
-                save_file(out_tensors, tmp / shard.name, metadata=metadata)
+                    save_tensors(tmp / shard.name, {k: _cast_layout(f.get_slice(k), dtype) for k in f.keys()},
+                                 functools.partial(_pruned, f, plan, source.path, dtype, record, allow_nonfinite),
+                                 metadata=f.metadata())
                 advance()
         if finish:
             finish(tmp)
     return out
+
+
+def _pruned(f, plan: Plan, where: Path, dtype: torch.dtype | None, record: Provenance, allow_nonfinite: bool,
+            key: str) -> torch.Tensor:
+    """Tensor ``key`` of the open shard ``f`` as the output holds it: pruned, cast, counted in ``record``."""
+    tensor = _cast(plan.pruned(key, _read(f, key, where, allow_nonfinite)), dtype)
+    if key in plan.linears:
+        record.count(tensor)
+    return tensor
 
 
 def _read(f, key: str, where: Path, allow_nonfinite: bool) -> torch.Tensor:
@@ -158,7 +165,7 @@ def apply_in_memory(net: torch.nn.Module, plan: Plan | str | Path, *,
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     params = dict(net.named_parameters(remove_duplicate=False))
     tensors = {name: params[lp.module_name] for name, lp in plan.linears.items() if lp.module_name in params}
-    plan.check_model(tensors, where)
+    plan.check_model({name: fingerprint_sample(t) for name, t in tensors.items()}, where)
     for name, param in tensors.items():
         param.copy_(plan.pruned(name, param))
     return net
@@ -181,6 +188,12 @@ def _write_gguf(source: ModelSource, plan: Plan, out: Path, overwrite: bool, pro
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """Floating tensors in ``dtype`` (None: unchanged); integer and bool tensors stay as they are."""
     return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _cast_layout(part, dtype: torch.dtype | None) -> Layout:
+    """The dtype and shape :func:`_cast` gives the stored tensor ``part`` (a safetensors slice), unread."""
+    stored = DTYPES[part.get_dtype()]
+    return (dtype if dtype is not None and stored.is_floating_point else stored), tuple(part.get_shape())
 
 
 def _semi_structured_finish(source: ModelSource, plan: Plan, quantize: str | None) -> Callable[[Path], None]:

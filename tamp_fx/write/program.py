@@ -13,6 +13,7 @@ from tamp_fx.artifact.plan import Plan
 from tamp_fx.calibrate.program import load_program_calibration
 from tamp_fx.capture.graph import linear_nodes
 from tamp_fx.errors import TampError, first_line
+from tamp_fx.load.fingerprint import fingerprint_sample
 from tamp_fx.runtime.transaction import atomic_file
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ def apply_program(ep: ExportedProgram, plan: Plan, out: Path, where: str | Path,
     gm = ep.module()
     linears = {str(w.target) for w in (n.args[1] for n in linear_nodes(gm))
                if isinstance(w, torch.fx.Node) and w.op == "get_attr"}          # the weights the linears read
-    plan.check_model({n: ep.state_dict[n] for n in plan.linears if n in linears and n in ep.state_dict}, where)
+    plan.check_model({n: fingerprint_sample(ep.state_dict[n]) for n in plan.linears if n in linears and n in ep.state_dict},
+                     where)
     samples = None
     if quantize is not None:
         if calib is None:
