@@ -3,10 +3,12 @@
 The checkpoint is written a decoder layer at a time (bfloat16 safetensors shards, one per layer,
 values from a seeded generator per tensor), so writing it needs about one layer of memory too;
 each method is then planned in a fresh process, whose peak RSS is reported (across the resets of the
-kernel's mark that per-layer peaks make; writing does not count). The checkpoint is deleted afterwards
-unless ``--keep``.
+kernel's mark that per-layer peaks make; writing does not count). With ``--apply`` each plan is
+saved and applied to the checkpoint in another fresh process, whose time and peak RSS are reported
+too. The checkpoint (and the plans) are deleted afterwards unless ``--keep``.
 
     python bench/scale.py --case a        # CPU, Llama-3-8B shapes, wanda + tamp, 4 x 128 tokens
+    python bench/scale.py --case a --methods wanda --apply   # and the memory apply needs at 8B
     python bench/scale.py --case b        # CPU, Qwen2.5-14B shapes (29 GB), wanda, 2 x 64 tokens
     python bench/scale.py --case c        # CUDA, LLaVA-NeXT with (a)'s LM, ~2,900 image tokens, 128 samples
     python bench/scale.py --case a --layers 2 --hidden 256 --intermediate 512 --vocab 4096   # scaled down
@@ -177,7 +179,7 @@ def write_calibration(case: Case, out: Path, seed: int = 0) -> Path:
 # --- planning, one method per process -----------------------------------------------------
 
 def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, device: str, dtype: str | None,
-        offload: bool) -> dict:
+        offload: bool, plan_dir: Path | None) -> dict:
     import tamp_fx
     from tamp_fx.runtime.memory import process_peak_mib
     cuda = device.startswith("cuda")
@@ -189,17 +191,41 @@ def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, devic
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = plan.linears[next(iter(plan.linears))].stats.get("tokens")
-    return {"method": method, "seconds": round(seconds, 1),
-            "peak_rss_gib": round(process_peak_mib() / 1024, 2),     # not ru_maxrss: the per-layer peaks reset it
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "threads": torch.get_num_threads(), "sparsity": round(plan.summary()["sparsity"], 6),
-            "samples": plan.model["calibration"]["samples"], "tokens_layer0_linear0": tokens,
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    row = {"method": method, "seconds": round(seconds, 1),
+           "peak_rss_gib": round(process_peak_mib() / 1024, 2),     # not ru_maxrss: the per-layer peaks reset it
+           "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+           "threads": torch.get_num_threads(), "sparsity": round(plan.summary()["sparsity"], 6),
+           "samples": plan.model["calibration"]["samples"], "tokens_layer0_linear0": tokens,
+           "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    if plan_dir is not None:
+        plan.save(plan_dir, overwrite=True)
+        del plan
+        done = subprocess.run([sys.executable, __file__, "--apply-one", str(plan_dir), "--model", str(model)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"applying the {method} plan failed:\n{done.stderr[-3000:]}")
+        row.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return row
+
+
+def apply_one(plan_dir: Path, model: Path) -> dict:
+    """Apply a saved plan to ``model`` (into a directory beside the plan, deleted after): time and peak RSS."""
+    import tamp_fx
+    from tamp_fx.runtime.memory import process_peak_mib
+    out = plan_dir.with_name(plan_dir.name + "-applied")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    try:
+        tamp_fx.apply(model, plan_dir, out)
+        return {"apply_seconds": round(time.perf_counter() - start, 1),
+                "apply_peak_rss_gib": round(process_peak_mib() / 1024, 2)}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=sorted(CASES), required=True)
+    parser.add_argument("--case", choices=sorted(CASES))
     parser.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="where the checkpoint is written")
     for field in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, help=f"override the case's {field}")
@@ -209,12 +235,21 @@ def main() -> None:
     parser.add_argument("--dtype", help="compute dtype (default: tamp-fx plan's: bfloat16 where the hardware computes it "
                                         "natively, else float32 on the CPU and the checkpoint's on CUDA)")
     parser.add_argument("--offload-activations", action="store_true")
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint (it is reused when present)")
+    parser.add_argument("--apply", action="store_true", help="also save each plan and apply it (time, peak RSS)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the checkpoint (it is reused when present) and the plans")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--apply-one", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--plan-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--calib", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.apply_one:
+        print(json.dumps(apply_one(args.apply_one, args.model)))
+        return
+    if args.case is None:
+        parser.error("the following arguments are required: --case")
     case = CASES[args.case]
     overrides = {f: getattr(args, f) for f in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")
                  if getattr(args, f) is not None}
@@ -222,7 +257,7 @@ def main() -> None:
                    nsamples=args.nsamples or case.nsamples, device=args.device or case.device)
     if args.one:
         print(json.dumps(one(args.one, args.model, args.calib, case.nsamples, case.seqlen, case.device, args.dtype,
-                             args.offload_activations)))
+                             args.offload_activations, args.plan_dir)))
         return
     s = case.shape
     name = f"scale-{s.family}-{s.layers}x{s.hidden}-{s.intermediate}-v{s.vocab}"
@@ -246,6 +281,8 @@ def main() -> None:
                 command += ["--dtype", args.dtype]
             if args.offload_activations:
                 command.append("--offload-activations")
+            if args.apply:
+                command += ["--plan-dir", str(args.out_dir / f"{name}-plan-{method}")]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"planning {method} failed:\n{done.stderr[-3000:]}")
@@ -258,18 +295,22 @@ def main() -> None:
         shutil.rmtree(calib_dir, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(model, ignore_errors=True)
+            for method in case.methods:
+                shutil.rmtree(args.out_dir / f"{name}-plan-{method}", ignore_errors=True)
     params = s.layers * (2 * s.hidden * s.hidden + 2 * s.hidden * s.hidden * s.kv_heads // s.heads
                          + 3 * s.hidden * s.intermediate)
     print(f"\ncase ({args.case}): {s.family}, {s.layers} layers, hidden {s.hidden}, intermediate {s.intermediate}, "
           f"heads {s.heads}/{s.kv_heads}, vocab {s.vocab} ({params / 1e9:.2f} B decoder linear parameters), "
           f"{case.nsamples} samples, {case.device}, CPU threads {rows[0]['threads']}\n")
-    print("| method | wall time | vs wanda | peak RSS | peak GPU memory |")
-    print("|---|---|---|---|---|")
+    applied = " apply time | apply peak RSS |" if args.apply else ""
+    print("| method | wall time | vs wanda | peak RSS | peak GPU memory |" + applied)
+    print("|---|---|---|---|---|" + "---|---|" * bool(applied))
     base = next((r["seconds"] for r in rows if r["method"] == "wanda"), None)
     for r in rows:
         ratio = f"{r['seconds'] / base:.2f}x" if base else "-"
         gpu = f"{r['peak_gpu_gib']:.1f} GiB" if r["peak_gpu_gib"] is not None else "-"
-        print(f"| {r['method']} | {r['seconds']:.0f} s | {ratio} | {r['peak_rss_gib']:.2f} GiB | {gpu} |")
+        apply = f" {r['apply_seconds']:.0f} s | {r['apply_peak_rss_gib']:.2f} GiB |" if applied else ""
+        print(f"| {r['method']} | {r['seconds']:.0f} s | {ratio} | {r['peak_rss_gib']:.2f} GiB | {gpu} |" + apply)
 
 
 if __name__ == "__main__":
