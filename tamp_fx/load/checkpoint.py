@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from tamp_fx.errors import TampError, first_line
-from tamp_fx.load.fingerprint import FingerprintSample
+from tamp_fx.load.fingerprint import FingerprintSample, sample_positions
 from tamp_fx.load.source import ModelSource, load_config, model_class, weight_files
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class CheckpointIndex:
             tensor = torch.empty(meta["shape"], dtype=target)
             flat, numel = tensor.view(-1), tensor.numel()
             want = fingerprints is not None and tensor.dim() == 2 and stored.is_floating_point
-            idx = torch.linspace(0, numel - 1, min(4096, numel)).long() if want else None
+            idx = sample_positions(numel) if want else None
             parts = []
             step = max(1, READ_CHUNK_BYTES // stored.itemsize)
             with open(shard, "rb") as f:

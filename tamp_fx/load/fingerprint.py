@@ -15,9 +15,22 @@ log = logging.getLogger(__name__)
 FingerprintSample = tuple[tuple[int, ...], bytes]
 
 
+def sample_positions(numel: int, samples: int = 4096) -> torch.Tensor:
+    """The positions (int64, ascending) a fingerprint samples in a tensor of ``numel`` values:
+    ``samples`` evenly strided, computed in float32 as every plan has recorded them. Past 2**24
+    values float32 can round the last position past the end (4096 x 14336: 58720256); those are
+    dropped, as the chunked checkpoint reader always dropped them.
+
+    >>> sample_positions(5, 3).tolist(), len(sample_positions(2**24 + 4))
+    ([0, 2, 4], 4095)
+    """
+    idx = torch.linspace(0, numel - 1, min(samples, numel)).long()     # (samples,)
+    return idx[idx < numel]
+
+
 def fingerprint_sample(tensor: torch.Tensor, samples: int = 4096) -> FingerprintSample:
     t = tensor.detach().reshape(-1)
-    idx = torch.linspace(0, t.numel() - 1, min(samples, t.numel())).long()
+    idx = sample_positions(t.numel(), samples)
     return tuple(tensor.shape), t[idx.to(t.device)].float().cpu().numpy().tobytes()
 
 

@@ -199,6 +199,20 @@ def test_chunked_checkpoint_reads_equal_the_stored_tensors_and_their_fingerprint
     assert samples == {"w": fingerprint.fingerprint_sample(tensors["w"])}         # of the stored values
 
 
+def test_a_tensor_past_two_to_the_24_values_is_fingerprinted_as_the_checkpoint_reader_records_it(tmp_path):
+    """float32 rounds the last sampled position of 2**24 + 4 values past the end: a writer's
+    fingerprint_sample raised IndexError there (apply on Llama-3-8B shapes' 4096 x 14336 weights)."""
+    from safetensors.torch import save_file
+
+    from tamp_fx.load import checkpoint, fingerprint
+    w = torch.arange(2 * (2**23 + 2), dtype=torch.float32).to(torch.bfloat16).view(2, -1)   # 2**24 + 4 values
+    save_file({"w": w}, tmp_path / "m.safetensors")
+    samples = {}
+    checkpoint.CheckpointIndex({"w": ("w", tmp_path / "m.safetensors")}).read(["w"], torch.bfloat16, samples)
+    assert samples == {"w": fingerprint.fingerprint_sample(w)}
+    assert len(samples["w"][1]) == 4 * 4095
+
+
 def test_a_checkpoint_missing_a_decoder_tensor_is_one_line(tiny_models, tmp_path):
     import shutil
 
