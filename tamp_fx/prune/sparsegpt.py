@@ -119,7 +119,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     for i1 in range(0, c_in, blocksize):
         i2 = min(i1 + blocksize, c_in)
         w1 = w[:, i1:i2].clone()  # (C_out, B)
-        q1 = torch.zeros_like(w1)  # (C_out, B)
         err1 = torch.zeros_like(w1)  # (C_out, B)
         hinv1 = hinv[i1:i2, i1:i2]  # (B, B)
         d1 = hinv1.diagonal()  # (B,)
@@ -128,17 +127,17 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         else:
             keep1 = keep_mask(w1.square() / d1.square()[None, :], sparsity, "matrix")  # (C_out, B)
             keep[:, i1:i2] = keep1
-            drop1 = ~keep1  # (C_out, B)
+        cols, keeps, errs, ds = w1.unbind(1), keep1.unbind(1), err1.unbind(1), d1.unbind(0)  # views, made once
         for i in range(i2 - i1):
             if nm and i % prune_m == 0:
                 scores = w1[:, i:i + prune_m].square() / d1[i:i + prune_m].square()[None, :]  # (C_out, m)
                 keep1[:, i:i + prune_m] = nm_keep_mask(scores, prune_n, prune_m)
-                drop1 = ~keep1  # (C_out, B): the columns up to i + m are final
-            col = w1[:, i]  # (C_out,)
-            q = q1[:, i].copy_(col).masked_fill_(drop1[:, i], 0.0)  # (C_out,)
-            err = torch.sub(col, q, out=err1[:, i]).div_(d1[i])  # (C_out,)
+            # err = (w - q) / d with q = w masked: w where pruned, +0.0 where kept (w - w), bit for bit
+            err = torch.div(cols[i].masked_fill(keeps[i], 0.0), ds[i], out=errs[i])  # (C_out,)
             w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # (C_out, B - i): -= err outer Hinv1[i, i:]
-        w[:, i1:i2] = q1
+        # q: each column as it stood at its step (its kept entries, err 0 there, are unchanged by
+        # its own update and later steps update only later columns), pruned entries zeroed
+        w[:, i1:i2] = w1.masked_fill_(~keep1, 0.0)
         w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])  # (C_out, C_in - i2)
 
     # The cast can round tiny kept values; pruned entries stay exactly +0.0 either way.
