@@ -81,7 +81,7 @@ def test_every_command_while_importing(target, tmp_path, llama, saved_plan):
         _run(_INTERRUPT_AT_IMPORT, target, args, tmp_path, llama, saved_plan)
 
 
-@pytest.mark.parametrize("target", ["tamp_fx.pipeline.plan.meta_model", "tamp_fx.pipeline.plan.prune_layers", "tamp_fx.artifact.plan.save_file"])
+@pytest.mark.parametrize("target", ["tamp_fx.pipeline.plan.meta_model", "tamp_fx.pipeline.plan.prune_layers", "tamp_fx.artifact.plan.save_tensors"])
 def test_plan_at_every_stage(target, tmp_path, llama, saved_plan):
     _run(_INTERRUPT_AT_CALL, target, _commands(tmp_path, llama, saved_plan)["plan"], tmp_path, llama)
 
@@ -92,7 +92,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, llama, saved_plan):
 
 
 def test_apply_while_writing_shards(tmp_path, llama, saved_plan):
-    _run(_INTERRUPT_AT_CALL, "tamp_fx.write.apply.save_file", _commands(tmp_path, llama, saved_plan)["apply"],
+    _run(_INTERRUPT_AT_CALL, "tamp_fx.write.apply.save_tensors", _commands(tmp_path, llama, saved_plan)["apply"],
          tmp_path, llama, saved_plan)
 
 
