@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -211,10 +212,26 @@ def _graph(exporter: LayerExporter, layers: DecoderLayers, layer: torch.nn.Modul
 def _on_host(decision: LinearDecision) -> LinearDecision:
     """The decision kept after its layer is released: mask bit-packed in host memory
     (:class:`~tamp_fx.prune.masks.PackedMask`, 1 bit per weight), new weights as their kept values
-    in host memory (:class:`~tamp_fx.prune.masks.KeptValues`: a SparseGPT plan's weights would
-    otherwise be the largest thing a plan holds, 212 MB of SmolLM2's 270 MB in bfloat16)."""
-    new_weight = None if decision.new_weight is None else KeptValues.of(decision.new_weight, decision.mask)
+    (:class:`~tamp_fx.prune.masks.KeptValues`) moved to a temporary file: a SparseGPT plan's weights
+    would otherwise be the largest thing a plan holds and grow with the model (212 MB of SmolLM2's
+    270 MB in bfloat16; ~7 GB at 8B). Where the file cannot be written they stay in memory, with a warning."""
+    new_weight = None if decision.new_weight is None else _spilled(KeptValues.of(decision.new_weight, decision.mask))
     return dataclasses.replace(decision, mask=PackedMask.of(decision.mask), new_weight=new_weight)
+
+
+_SPILL_FAILED: list[str] = []       # the first reason spilling failed in this process (warned once)
+
+
+def _spilled(kept: KeptValues) -> KeptValues:
+    try:
+        return kept.spilled()
+    except OSError as error:
+        if not _SPILL_FAILED:
+            _SPILL_FAILED.append(first_line(error))
+            log.warning("could not write reconstructed weights to the temporary directory %s (%s): they stay in "
+                        "memory; set TMPDIR to a directory with room for about half the model", tempfile.gettempdir(),
+                        _SPILL_FAILED[0])
+        return kept
 
 
 def profile_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, bars: Bars,

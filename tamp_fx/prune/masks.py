@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tamp_fx.runtime.tensor_file import Layout, StoredTensor
+from tamp_fx.runtime.tensor_file import Layout, StoredTensor, spill
 
 #: Valid values of the ``group`` argument of :func:`keep_mask`.
 GROUPS = ("matrix", "row")
@@ -200,16 +200,22 @@ class KeptValues:
     ([1.5, -2.0], [[1.5, 0.0], [0.0, -2.0]])
     """
 
-    values: torch.Tensor                 # (number kept,), the weight's dtype, on the host
+    values: torch.Tensor | StoredTensor  # (number kept,), the weight's dtype, on the host or in a file
 
     @classmethod
     def of(cls, weight: torch.Tensor, mask: torch.Tensor) -> KeptValues:
         return cls(weight.detach().cpu()[mask.cpu()])
 
+    def spilled(self) -> KeptValues:
+        """The same values moved to a temporary file (:func:`~tamp_fx.runtime.tensor_file.spill`;
+        OSError when it cannot be written), read back when unpacked."""
+        return self if isinstance(self.values, StoredTensor) else KeptValues(spill(self.values))
+
     def unpack(self, mask: torch.Tensor) -> torch.Tensor:
         """The weight (mask's shape), +0.0 where ``mask`` is False."""
+        values = self.values.read() if isinstance(self.values, StoredTensor) else self.values   # (number kept,)
         # masked_scatter_ fills in mask order, without the int64 indices (16 bytes a kept entry) dense[mask] = ... builds
-        return self.values.new_zeros(mask.shape).masked_scatter_(mask, self.values)
+        return values.new_zeros(mask.shape).masked_scatter_(mask, values)
 
 
 class _HeldCompact(MutableMapping):
@@ -285,6 +291,10 @@ class KeptWeights(_HeldCompact):
             return held.read()
         kept, mask = held
         return kept.unpack(mask.unpack())
+
+    def held(self, name: str) -> torch.Tensor | StoredTensor | tuple[KeptValues, PackedMask]:
+        """Weight ``name`` in the compact form it is held in, not unpacked or read."""
+        return self._held[name]
 
     def layout(self, name: str) -> Layout:
         """The dtype and shape of weight ``name``, without unpacking or reading it."""

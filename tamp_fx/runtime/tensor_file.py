@@ -3,7 +3,8 @@ tensor's dtype and shape, then each tensor's bytes as it is produced, so a file 
 tensors (a SparseGPT plan's weights, a shard of a pruned checkpoint) never needs them all in
 memory at once, as ``safetensors.torch.save_file`` does; its bytes are the ones ``save_file``
 writes for the same tensors and metadata. :class:`StoredTensor` is the other direction: one
-tensor of an open file, read when asked for.
+tensor of an open file, read when asked for; :func:`spill` moves a tensor out of memory into
+a temporary file that nothing outlives.
 
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +93,21 @@ class StoredTensor:
 
     def read(self) -> torch.Tensor:
         return self.file.get_tensor(self.name)
+
+
+def spill(tensor: torch.Tensor, directory: str | Path | None = None) -> StoredTensor:
+    """``tensor`` moved out of memory: written to a temporary file in ``directory`` (None: the
+    system's temporary directory, ``TMPDIR``), opened, and unlinked at once, so its disk space is
+    freed when the last :class:`StoredTensor` of it is let go and nothing is left behind even if
+    the process is killed. Raises OSError (a full disk, no such directory) with nothing left.
+
+    >>> spill(torch.tensor([1.5, -2.0])).read().tolist()
+    [1.5, -2.0]
+    """
+    fd, path = tempfile.mkstemp(prefix=".tamp-fx-spill-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_tensors(path, {"t": (tensor.dtype, tuple(tensor.shape))}, lambda name: tensor)
+        return StoredTensor.open_all(path)["t"]
+    finally:
+        os.unlink(path)

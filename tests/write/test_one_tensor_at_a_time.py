@@ -3,6 +3,7 @@ reads or prunes a weight before the last one was let go, so a plan or model of 8
 needs memory for its largest weight, not for all of them."""
 from __future__ import annotations
 
+import tempfile
 import weakref
 
 import pytest
@@ -68,3 +69,41 @@ def test_apply_reads_and_prunes_one_tensor_at_a_time(llava, plan, tmp_path, monk
     written = dict(load_model(resolve_source(out)).named_parameters())
     reference = dict(load_model(resolve_source(tamp_fx.apply(llava, plan, tmp_path / "reference"))).named_parameters())
     assert all(torch.equal(written[n], reference[n]) for n in reference)
+
+
+def _plan_sparsegpt(llava):
+    return tamp_fx.plan(llava, llava / "calib.jsonl", tamp_fx.PlanConfig(method="sparsegpt", sparsity=0.5, nsamples=4))
+
+
+def test_reconstructed_weights_wait_in_temporary_files_that_nothing_outlives(llava, plan, tmp_path, monkeypatch):
+    """While a plan runs, each finished layer's reconstructed weights leave memory for a temporary
+    file in TMPDIR, unlinked as soon as it is open: a SparseGPT plan of an 8B model would otherwise
+    hold ~7 GB of them; they read back bit for bit, and TMPDIR is left as it was."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    spilled = _plan_sparsegpt(llava)
+    assert not list(tmp.iterdir())
+    for name in plan.weights:
+        kept, mask = spilled.weights.held(name)
+        assert isinstance(kept.values, StoredTensor), name
+        assert torch.equal(spilled.weights[name], plan.weights[name]), name
+
+
+def test_where_the_temporary_directory_is_full_they_stay_in_memory_with_one_warning(llava, plan, monkeypatch, caplog):
+    from tamp_fx.pipeline import sequential
+    from tamp_fx.runtime import tensor_file
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tensor_file, "save_tensors", disk_full)
+    monkeypatch.setattr(sequential, "_SPILL_FAILED", [])
+    with caplog.at_level("WARNING"):
+        kept_in_memory = _plan_sparsegpt(llava)
+    warnings = [r.getMessage() for r in caplog.records if "temporary directory" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0] and "TMPDIR" in warnings[0]
+    for name in plan.weights:
+        kept, mask = kept_in_memory.weights.held(name)
+        assert isinstance(kept.values, torch.Tensor), name
+        assert torch.equal(kept_in_memory.weights[name], plan.weights[name]), name
