@@ -83,11 +83,15 @@ def _hinv_factor(hessian: torch.Tensor, weight32: torch.Tensor, percdamp: float)
     diag[dead] = 1.0
     weight32[:, dead] = 0.0
     diag.add_(percdamp * diag.mean())
+    # each (C_in, C_in) step lets go of the one before: 822 MB apiece for a 14,336-wide input
     lower, info = torch.linalg.cholesky_ex(h)  # (C_in, C_in)
+    del h, diag
     if info.item() != 0:
         raise _not_positive_definite(c_in, percdamp)
     h_inv = torch.cholesky_inverse(lower)  # (C_in, C_in)
+    del lower
     upper, info = torch.linalg.cholesky_ex(h_inv, upper=True)  # (C_in, C_in)
+    del h_inv
     if info.item() != 0 or not torch.isfinite(upper).all():
         raise _not_positive_definite(c_in, percdamp)
     return upper
