@@ -16,6 +16,7 @@ from safetensors import safe_open
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.fingerprint import FingerprintSample, sample_positions
 from tamp_fx.load.source import ModelSource, load_config, model_class, weight_files
+from tamp_fx.runtime.tensor_file import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,10 @@ class CheckpointIndex:
 
 READ_CHUNK_BYTES = 64 << 20       # checkpoint tensors are read and converted this much at a time
 #: the safetensors dtypes tamp-fx reads; floating weights must be stored in one of the floating ones
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {k: DTYPES[k] for k in ("F64", "F32", "BF16", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL")}
 FLOATING = tuple(k for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point)
 #: bytes per element of every safetensors dtype, read or not (a header's offsets are checked with it)
-_ITEMSIZE = {**{k: v.itemsize for k, v in SAFETENSORS_DTYPES.items()}, "U16": 2, "U32": 4, "U64": 8,
-             "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
+_ITEMSIZE = {**{k: v.itemsize for k, v in DTYPES.items()}, "F8_E8M0": 1}
 _MAX_HEADER = 100 << 20           # as the safetensors library: a longer header is damage, not a model
 
 

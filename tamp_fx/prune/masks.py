@@ -209,7 +209,7 @@ class KeptValues:
     def spilled(self) -> KeptValues:
         """The same values moved to a temporary file (:func:`~tamp_fx.runtime.tensor_file.spill`;
         OSError when it cannot be written), read back when unpacked."""
-        return self if isinstance(self.values, StoredTensor) else KeptValues(spill(self.values))
+        return KeptValues(spill(self.values))
 
     def unpack(self, mask: torch.Tensor) -> torch.Tensor:
         """The weight (mask's shape), +0.0 where ``mask`` is False."""

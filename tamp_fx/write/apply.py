@@ -185,15 +185,18 @@ def _write_gguf(source: ModelSource, plan: Plan, out: Path, overwrite: bool, pro
     return _save_hf(net, load_processor(source, net.config), out, overwrite, protect, finish)
 
 
+def _cast_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """Floating tensors are written in ``dtype`` (None: unchanged); integer and bool ones as they are."""
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """Floating tensors in ``dtype`` (None: unchanged); integer and bool tensors stay as they are."""
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return tensor.to(_cast_dtype(tensor.dtype, dtype))
 
 
 def _cast_layout(part, dtype: torch.dtype | None) -> Layout:
     """The dtype and shape :func:`_cast` gives the stored tensor ``part`` (a safetensors slice), unread."""
-    stored = DTYPES[part.get_dtype()]
-    return (dtype if dtype is not None and stored.is_floating_point else stored), tuple(part.get_shape())
+    return _cast_dtype(DTYPES[part.get_dtype()], dtype), tuple(part.get_shape())
 
 
 def _semi_structured_finish(source: ModelSource, plan: Plan, quantize: str | None) -> Callable[[Path], None]:
