@@ -62,11 +62,23 @@ def _observed(observer: LinearObserver | None) -> dict[str, Any]:
     return stats
 
 
+def _sharing(names: list[str], observers: Mapping[str, LinearObserver]) -> list[list[str]]:
+    """``names`` in groups that share one input statistic (their observers' ``stats`` is one
+    object: q/k/v, gate/up), in the order of their first member; a linear without one alone."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        observer = observers.get(name)
+        groups.setdefault(id(observer.stats) if observer is not None else id(name), []).append(name)
+    return list(groups.values())
+
+
 def plan(gm: torch.fx.GraphModule, config: PlanPassConfig) -> PassResult:
     """Write a LinearDecision into ``node.meta[DECISION_KEY]`` of every targeted linear;
-    ``info["decisions"]`` maps weight name -> decision."""
+    ``info["decisions"]`` maps weight name -> decision. Linears that share one input statistic
+    are decided together (SparseGPT prunes them in one sweep)."""
     score = SCORES[config.score]
-    decisions: dict[str, LinearDecision] = {}
+    nodes: dict[str, torch.fx.Node] = {}
+    kinds: dict[str, str] = {}
     for node in gm.graph.nodes:
         if not is_linear(node):
             continue
@@ -76,21 +88,30 @@ def plan(gm: torch.fx.GraphModule, config: PlanPassConfig) -> PassResult:
         observer = config.observers.get(name)
         if score.needs_activations and (observer is None or observer.stats.n_tokens == 0):
             raise PassError("plan", node, f"score {score.name!r} needs activations but the linear's observer saw none")
-        weight = gm.get_parameter(name)                                   # (C_out, C_in)
-        target = config.targets[name]
-        kind = _pattern_of(target, config.pattern)
+        kind = _pattern_of(config.targets[name], config.pattern)
         if kind is None:
             n, m = config.pattern
-            raise PassError("plan", node, f"target sparsity {target} of {name} is neither {n}/{m} ({n}:{m}) nor 0 (dense)")
-        if kind == "dense":
-            mask, new_weight, group = torch.ones(weight.shape, dtype=torch.bool, device=weight.device), None, "matrix"
-        else:
-            group = score.group if kind == "unstructured" else kind
-            try:
-                mask, new_weight = score.decide(weight, observer.stats if observer else None, target, config.pattern)
-            except ValueError as error:
-                raise PassError("plan", node, str(error)) from error
-        decision = LinearDecision(name, target, achieved_sparsity(mask), group, mask, new_weight, _observed(observer), kind)
+            raise PassError("plan", node, f"target sparsity {config.targets[name]} of {name} is neither {n}/{m} ({n}:{m}) "
+                                          "nor 0 (dense)")
+        nodes[name], kinds[name] = node, kind
+    decided: dict[str, tuple[torch.Tensor, torch.Tensor | None, str]] = {}     # name -> (mask, new weight, group)
+    for name in [w for w in nodes if kinds[w] == "dense"]:
+        weight = gm.get_parameter(name)                                   # (C_out, C_in)
+        decided[name] = torch.ones(weight.shape, dtype=torch.bool, device=weight.device), None, "matrix"
+    for names in _sharing([w for w in nodes if kinds[w] != "dense"], config.observers):
+        observer = config.observers.get(names[0])
+        try:
+            pruned = score.decide([gm.get_parameter(w) for w in names], observer.stats if observer else None,
+                                  [config.targets[w] for w in names], config.pattern)
+        except ValueError as error:
+            raise PassError("plan", nodes[names[0]], str(error)) from error
+        for w, (mask, new_weight) in zip(names, pruned):
+            decided[w] = mask, new_weight, score.group if kinds[w] == "unstructured" else kinds[w]
+    decisions: dict[str, LinearDecision] = {}
+    for name, node in nodes.items():                                      # in graph order
+        mask, new_weight, group = decided[name]
+        decision = LinearDecision(name, config.targets[name], achieved_sparsity(mask), group, mask, new_weight,
+                                  _observed(config.observers.get(name)), kinds[name])
         node.meta[DECISION_KEY] = decision
         decisions[name] = decision
     return PassResult(gm, modified=False, info={"decisions": decisions})

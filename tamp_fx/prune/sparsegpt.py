@@ -15,6 +15,22 @@ Hessian ``H = 2/n X^T X`` of that error:
    (``W1[:, i:] -= err outer Hinv1[i, i:]``); after the block, the accumulated errors update
    every later column (``W[:, end:] -= Err1 @ Hinv[block, end:]``).
 
+Three things differ from the reference in how, not what, they compute:
+
+- ``Hinv`` comes from one Cholesky factor of H (rows and columns reversed) and one triangular
+  inverse instead of the chain of three (:func:`_hinv_factor`): the same factor, 0.7-0.8x the time.
+- within a block, columns go in sub-blocks of :data:`SUB_BLOCK`: a column's error updates the
+  rest of its sub-block at once (``addr``), and the sub-block's errors update the rest of the
+  block in one product, as the block's errors update the rest of the matrix (the reference
+  updates the whole rest of the block column by column). The same sums in another float32
+  order. The sweep runs on the weights transposed, so a column is contiguous.
+- linears that read one input (q/k/v, gate/up) share its Hessian, and
+  :func:`sparsegpt_prune_shared` prunes them in one sweep over their stacked rows, with one
+  factor of ``H^{-1}``: every step treats each row on its own, so each linear comes out as if
+  pruned alone (its mask chosen from its own rows, at its own sparsity).
+
+Together 0.6x the pruning time of a SmolLM2 layer on a 2-core CPU.
+
 Unlike the reference (which takes a threshold and can prune a few extra entries on ties), the
 count here is exact: each (C_out x block width) block loses exactly
 ``pruned_count(sparsity, C_out * width)`` entries, picked by :func:`~tamp_fx.prune.masks.keep_mask`
@@ -22,22 +38,26 @@ with ``group="matrix"`` on the block's scores. For N:M sparsity the mask is chos
 columns from the same kind of scores, computed (as in the reference) on the block's weights as
 updated so far, ``n`` lowest pruned per row in each group of ``m``.
 
-Precision: everything runs in float32, as in the reference, Cholesky chain included. With
-1% damping the condition number of the damped H is at most about ``100 * C_in + 1``; on small
-random problems built to be hard (fewer tokens than columns, rank-8 inputs, one column 300x
-louder, C_in up to 1024, condition ~1e5) the float32 factor of ``H^{-1}`` stayed within 1e-5
-(relative Frobenius) of the float64 one, so float64 was not needed. The result is cast back
-to the dtype of the weight.
+Precision: everything runs in float32, as in the reference, the factor included. With
+1% damping the condition number of the damped H is at most about ``100 * C_in + 1``; on random
+problems built to be hard (fewer tokens than columns, rank-8 inputs, loud columns, C_in up to
+1024) the float32 factor of ``H^{-1}`` stayed within 1e-6 to 1.3e-4 (relative Frobenius) of the
+float64 one, as close as the reference's float32 chain of three, so float64 was not needed.
+The result is cast back to the dtype of the weight.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from tamp_fx.prune.masks import keep_mask, nm_keep_mask, pruned_count
 
-__all__ = ["sparsegpt_prune"]
+__all__ = ["sparsegpt_prune", "sparsegpt_prune_shared"]
+
+#: columns whose errors are spread by rank-1 updates before one product spreads them further
+SUB_BLOCK = 16
 
 
 def _not_positive_definite(c_in: int, percdamp: float) -> ValueError:
@@ -71,28 +91,32 @@ def _check_args(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, bl
     return True
 
 
-def _hinv_factor(hessian: torch.Tensor, weight32: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of the damped ``H^{-1}`` (C_in, C_in) float32; zeroes the dead
-    columns of ``weight32`` (C_out, C_in) in place."""
+def _hinv_factor(hessian: torch.Tensor, weight_t: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of the damped ``H^{-1}`` = U^T U (C_in, C_in) float32; zeroes the
+    dead inputs' rows of ``weight_t`` (C_in, R), the weights transposed, in place.
+
+    The reference factors H, inverts it from that factor and factors the inverse again. The same U
+    from one factor and one triangular inverse: with J the reversal, J H J = L L^T gives H = (J L J)
+    (J L J)^T, so H^{-1} = U^T U with U = J L^{-1} J, upper triangular with a positive diagonal
+    (the Cholesky factor is unique). 0.7-0.8x the time; as close to the float64 factor."""
     c_in = hessian.shape[0]
-    h = hessian.detach().to(device=weight32.device, dtype=torch.float32, copy=True)  # (C_in, C_in)
+    h = hessian.detach().to(device=weight_t.device, dtype=torch.float32, copy=True)  # (C_in, C_in)
     if not torch.isfinite(h).all():
         raise ValueError("SparseGPT: the Hessian has NaN or inf entries; check the calibration inputs of this layer")
     diag = h.diagonal()  # (C_in,) view
     dead = diag == 0  # (C_in,)
-    diag[dead] = 1.0
-    weight32[:, dead] = 0.0
+    diag.masked_fill_(dead, 1.0)
+    weight_t.masked_fill_(dead[:, None], 0.0)
     diag.add_(percdamp * diag.mean())
     # each (C_in, C_in) step lets go of the one before: 822 MB apiece for a 14,336-wide input
-    lower, info = torch.linalg.cholesky_ex(h)  # (C_in, C_in)
+    lower, info = torch.linalg.cholesky_ex(h.flip(0, 1))  # (C_in, C_in): J H J = L L^T
     del h, diag
     if info.item() != 0:
         raise _not_positive_definite(c_in, percdamp)
-    h_inv = torch.cholesky_inverse(lower)  # (C_in, C_in)
-    del lower
-    upper, info = torch.linalg.cholesky_ex(h_inv, upper=True)  # (C_in, C_in)
-    del h_inv
-    if info.item() != 0 or not torch.isfinite(upper).all():
+    identity = torch.eye(c_in, dtype=torch.float32, device=lower.device)
+    upper = torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)  # (C_in, C_in): J L^-1 J
+    del lower, identity
+    if not torch.isfinite(upper).all():
         raise _not_positive_definite(c_in, percdamp)
     return upper
 
@@ -111,38 +135,79 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     be pruned (e.g. ``sparsity=0``) ``weight`` comes back unchanged, bit for bit. The inputs
     are never modified. Raises ValueError when H is not positive definite even after damping.
     """
-    nm = _check_args(weight, hessian, sparsity, blocksize, percdamp, prune_n, prune_m)
-    c_out, c_in = weight.shape
-    keep = torch.ones(c_out, c_in, dtype=torch.bool, device=weight.device)  # (C_out, C_in)
-    if weight.numel() == 0 or (not nm and pruned_count(sparsity, c_out * min(blocksize, c_in)) == 0):
-        return weight.detach().clone(), keep
+    return sparsegpt_prune_shared([weight], hessian, [sparsity], blocksize=blocksize, percdamp=percdamp,
+                                  prune_n=prune_n, prune_m=prune_m)[0]
 
-    w = weight.detach().to(torch.float32, copy=True)  # (C_out, C_in)
-    hinv = _hinv_factor(hessian, w, percdamp)  # (C_in, C_in), upper triangular
 
+@torch.no_grad()
+def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], hessian: torch.Tensor, sparsities: Sequence[float], *,
+                           blocksize: int = 128, percdamp: float = 0.01, prune_n: int = 0,
+                           prune_m: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sparsegpt_prune` of every weight (C_out_k, C_in) of linears that read one input,
+    ``hessian`` its Hessian, each at its sparsity, in one sweep over their stacked rows: one factor
+    of ``H^{-1}`` and one column loop for all. Returns ``(new_weight, keep)`` per weight, each as
+    :func:`sparsegpt_prune` would (a weight with nothing to prune comes back unchanged)."""
+    if not weights or len(weights) != len(sparsities):
+        raise ValueError(f"need one sparsity per weight, got {len(weights)} weights and {len(sparsities)} sparsities")
+    nm = any([_check_args(w, hessian, s, blocksize, percdamp, prune_n, prune_m) for w, s in zip(weights, sparsities)])
+    if len({(w.dtype, w.device) for w in weights}) > 1:
+        raise ValueError("weights pruned in one sweep must share one dtype and device")
+    c_in = hessian.shape[0]
+    width = min(blocksize, c_in)
+    swept = [k for k, (w, s) in enumerate(zip(weights, sparsities))
+             if w.numel() and (nm or pruned_count(s, w.shape[0] * width) > 0)]
+    results = [(w.detach().clone(), torch.ones(w.shape, dtype=torch.bool, device=w.device)) for w in weights]
+    if not swept:
+        return results
+    rows = [weights[k].shape[0] for k in swept]
+    edges = [sum(rows[:j]) for j in range(len(rows) + 1)]
+    w_t = torch.empty(c_in, edges[-1], dtype=torch.float32, device=weights[0].device)  # (C_in, R): all, transposed
+    for k, a, e in zip(swept, edges, edges[1:]):
+        w_t[:, a:e].copy_(weights[k].detach().T)
+    hinv = _hinv_factor(hessian, w_t, percdamp)  # (C_in, C_in), upper triangular
+    keep_t = _sweep(w_t, hinv, rows, [sparsities[k] for k in swept], blocksize, prune_n, prune_m)  # (C_in, R)
+    del hinv
+    for k, a, e in zip(swept, edges, edges[1:]):
+        keep = keep_t[:, a:e].T.contiguous()  # (C_out_k, C_in)
+        # The cast can round tiny kept values; pruned entries stay exactly +0.0 either way.
+        new_weight = torch.empty(weights[k].shape, dtype=weights[k].dtype, device=w_t.device).copy_(w_t[:, a:e].T)
+        results[k] = (new_weight.masked_fill_(~keep, 0.0), keep)
+    return results
+
+
+def _sweep(w_t: torch.Tensor, hinv: torch.Tensor, rows: list[int], sparsities: list[float], blocksize: int,
+           prune_n: int, prune_m: int) -> torch.Tensor:
+    """SparseGPT's column sweep, in place, over ``w_t`` (C_in, R) float32: the weights transposed,
+    so that a column is a contiguous row; columns ``rows`` (R_k each) of ``w_t`` are one weight's
+    rows, pruned at ``sparsities`` (k). Returns the keep-mask, transposed like ``w_t``."""
+    nm = prune_m > 0
+    c_in = w_t.shape[0]
+    # an N:M mask reads its m columns with every earlier column's error in: sub-blocks of whole groups
+    sub = prune_m * max(1, SUB_BLOCK // prune_m) if nm else SUB_BLOCK
+    keep_t = torch.ones(w_t.shape, dtype=torch.bool, device=w_t.device)  # (C_in, R)
     for i1 in range(0, c_in, blocksize):
         i2 = min(i1 + blocksize, c_in)
-        w1 = w[:, i1:i2].clone()  # (C_out, B)
-        err1 = torch.zeros_like(w1)  # (C_out, B)
+        w1 = w_t[i1:i2].clone()  # (B, R)
+        err1 = torch.zeros_like(w1)  # (B, R)
         hinv1 = hinv[i1:i2, i1:i2]  # (B, B)
         d1 = hinv1.diagonal()  # (B,)
-        if nm:
-            keep1 = keep[:, i1:i2]  # (C_out, B) view, filled every prune_m columns
-        else:
-            keep1 = keep_mask(w1.square() / d1.square()[None, :], sparsity, "matrix")  # (C_out, B)
-            keep[:, i1:i2] = keep1
-        cols, keeps, errs, ds = w1.unbind(1), keep1.unbind(1), err1.unbind(1), d1.unbind(0)  # views, made once
-        for i in range(i2 - i1):
-            if nm and i % prune_m == 0:
-                scores = w1[:, i:i + prune_m].square() / d1[i:i + prune_m].square()[None, :]  # (C_out, m)
-                keep1[:, i:i + prune_m] = nm_keep_mask(scores, prune_n, prune_m)
-            # err = (w - q) / d with q = w masked: w where pruned, +0.0 where kept (w - w), bit for bit
-            err = torch.div(cols[i].masked_fill(keeps[i], 0.0), ds[i], out=errs[i])  # (C_out,)
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1)  # (C_out, B - i): -= err outer Hinv1[i, i:]
+        keep1 = keep_t[i1:i2]  # (B, R) view
+        if not nm:                # each weight's block loses exactly its count, chosen from its own rows
+            scores = w1.square() / d1.square()[:, None]  # (B, R)
+            for part, mask, sparsity in zip(scores.split(rows, 1), keep1.split(rows, 1), sparsities):
+                mask.copy_(keep_mask(part.T, sparsity, "matrix").T)   # positions (row, column) as the weight's
+        for s1 in range(0, i2 - i1, sub):
+            s2 = min(s1 + sub, i2 - i1)
+            for i in range(s1, s2):
+                if nm and i % prune_m == 0:
+                    scores = w1[i:i + prune_m].square() / d1[i:i + prune_m].square()[:, None]  # (m, R)
+                    keep1[i:i + prune_m] = nm_keep_mask(scores.T, prune_n, prune_m).T
+                # err = (w - q) / d with q = w masked: w where pruned, +0.0 where kept (w - w), bit for bit
+                err = torch.div(w1[i].masked_fill(keep1[i], 0.0), d1[i], out=err1[i])  # (R,)
+                w1[i:s2].addr_(hinv1[i, i:s2], err, alpha=-1)  # (s2 - i, R): -= Hinv1[i, i:s2] outer err
+            w1[s2:].sub_(hinv1[s1:s2, s2:].T @ err1[s1:s2])  # (B - s2, R): the sub-block's errors, at once
         # q: each column as it stood at its step (its kept entries, err 0 there, are unchanged by
         # its own update and later steps update only later columns), pruned entries zeroed
-        w[:, i1:i2] = w1.masked_fill_(~keep1, 0.0)
-        w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])  # (C_out, C_in - i2)
-
-    # The cast can round tiny kept values; pruned entries stay exactly +0.0 either way.
-    return w.to(weight.dtype).masked_fill_(~keep, 0.0), keep
+        w_t[i1:i2] = w1.masked_fill_(~keep1, 0.0)
+        w_t[i2:].sub_(hinv[i1:i2, i2:].T @ err1)  # (C_in - i2, R)
+    return keep_t

@@ -277,6 +277,31 @@ def test_linears_reading_one_tensor_share_one_statistic_equal_to_a_float64_recom
                 torch.testing.assert_close(stats.sum_sq, (x * x).sum(0), rtol=1e-6, atol=1e-9)
 
 
+def test_sparsegpt_decides_linears_that_share_a_hessian_in_one_sweep_as_each_alone(monkeypatch):
+    import functools
+
+    from tamp_fx.prune import scores
+    from tamp_fx.prune.sparsegpt import sparsegpt_prune
+    from tamp_fx.statistics.observers import LinearObserver
+    layer, acts = _layer_and_acts(8, [9, 14])
+    gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
+    context = ObserverContext()
+    observers = instrument(gm, InstrumentConfig(context, functools.partial(LinearObserver, hessian=True))).info["linear"]
+    _run(gm, acts, context)
+    sweeps = []
+    shared = scores.sparsegpt_prune_shared
+    monkeypatch.setattr(scores, "sparsegpt_prune_shared", lambda weights, *a, **k: sweeps.append(len(weights)) or shared(weights, *a, **k))
+    targets = {n: 0.3 + 0.05 * i for i, n in enumerate(observers)}            # a sparsity of its own each
+    weights = {n: gm.get_parameter(n).detach().clone() for n in observers}
+    decisions = plan(gm, PlanPassConfig("sparsegpt", targets, observers)).info["decisions"]
+    assert sorted(sweeps) == [1, 1, 2, 3]                                     # o, down; gate/up; q/k/v
+    assert list(decisions) == list(observers)                                 # graph order
+    for name, d in decisions.items():
+        new_weight, keep = sparsegpt_prune(weights[name], observers[name].stats.hessian(), targets[name])
+        assert torch.equal(d.mask, keep), name
+        torch.testing.assert_close(d.new_weight, new_weight, rtol=0, atol=0)
+
+
 def test_observers_that_select_tokens_by_their_outputs_keep_their_own_statistics():
     import functools
 

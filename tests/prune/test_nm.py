@@ -100,7 +100,7 @@ def test_every_score_prunes_exactly_n_of_every_m(score, nm):
     g = torch.Generator().manual_seed(0)
     n, m = nm
     weight, x = torch.randn(6, 12 * m, generator=g), torch.randn(40, 12 * m, generator=g)   # (C_out, C_in), (t, C_in)
-    mask, new_weight = SCORES[score].decide(weight, _Stats(x), n / m, nm)
+    (mask, new_weight), = SCORES[score].decide([weight], _Stats(x), [n / m], nm)
     assert torch.all((~mask).reshape(6, 12, m).sum(-1) == n)
     assert (new_weight is not None) == (score == "sparsegpt")
 

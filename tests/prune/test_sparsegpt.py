@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tamp_fx.prune import sparsegpt
 from tamp_fx.prune.masks import keep_mask, pruned_count
-from tamp_fx.prune.sparsegpt import sparsegpt_prune
+from tamp_fx.prune.sparsegpt import SUB_BLOCK, sparsegpt_prune, sparsegpt_prune_shared
 from tamp_fx.statistics.hessian import HessianAccumulator
 
 FAST = settings(max_examples=40, deadline=None)
@@ -40,10 +40,11 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_fasterprune(w: torch.Tensor, h: torch.Tensor, sparsity: float, prunen: int = 0, prunem: int = 0,
-                           blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
-    """Verbatim port of SparseGPT's ``fasterprune`` (mask True = pruned, threshold selection)."""
-    W = w.clone().float()
-    H = h.clone()
+                           blocksize: int = 128, percdamp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Verbatim port of SparseGPT's ``fasterprune`` (mask True = pruned, threshold selection),
+    computed in ``dtype`` (float64: the recomputation float32 results are held to)."""
+    W = w.clone().to(dtype)
+    H = h.clone().to(dtype)
     columns = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -147,6 +148,84 @@ def test_nm_matches_reference_fasterprune(n, m):
     new_w, keep = sparsegpt_prune(w, h, n / m, blocksize=8, prune_n=n, prune_m=m)
     assert torch.equal(keep, ref != 0)
     torch.testing.assert_close(new_w, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4), (1, 2), (8, 32)])
+def test_sub_blocked_sweep_equals_a_float64_recomputation_of_the_reference(nm):
+    """Columns go in sub-blocks of SUB_BLOCK (the reference updates the rest of the block column by
+    column): the same sums in another float32 order. Held to the reference computed in float64:
+    the same mask, and weights as close to it as the reference's own float32 result."""
+    n, m = nm
+    c_out, c_in, blocksize = 24, 256, 128                    # 2 blocks of 8 sub-blocks
+    assert blocksize > 2 * SUB_BLOCK
+    w, h, _ = _problem(c_out, c_in, 400, 11)
+    numel = c_out * blocksize
+    sparsity = (int(numel * 0.5) + 1) / numel if n == 0 else n / m     # the reference's count (see above)
+    ref64 = _reference_fasterprune(w, h, 0.5, prunen=n, prunem=m, blocksize=blocksize, dtype=torch.float64)
+    ref32 = _reference_fasterprune(w, h, 0.5, prunen=n, prunem=m, blocksize=blocksize)
+    new_w, keep = sparsegpt_prune(w, h, sparsity, blocksize=blocksize, prune_n=n, prune_m=m)
+    assert torch.equal(keep, ref64 != 0)
+    ours, theirs = (new_w.double() - ref64).abs().max(), (ref32.double() - ref64).abs().max()
+    assert ours <= 4 * theirs + 1e-6, (ours, theirs)        # float32's own error, give or take the order
+    assert ours <= 1e-4 * ref64.abs().max(), ours
+
+
+def test_hinv_factor_is_as_close_to_the_float64_chain_as_the_reference_float32_chain():
+    """One factor and a triangular inverse give the upper factor of H^-1 that the reference's chain
+    of three gives, on ill-conditioned Hessians (fewer tokens than columns, rank-8 inputs, loud
+    columns, columns scaled 1..300x): no further from the float64 chain than the float32 chain is."""
+    def damped(h):
+        h = h.clone()
+        h.diagonal().add_(0.01 * h.diagonal().mean())
+        return h
+
+    def chain(h):
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped(h))), upper=True)
+
+    for c_in, n, seed in [(64, 32, 0), (256, 100, 1), (512, 400, 2)]:
+        for scale in (torch.ones(c_in), torch.linspace(1, 300, c_in)):
+            h = _hessian(_correlated_inputs(n, c_in, seed) * scale)
+            exact = chain(h.double())
+            u = sparsegpt._hinv_factor(h, torch.zeros(c_in, 1), 0.01)
+            assert torch.equal(u, u.triu()) and (u.diagonal() > 0).all()
+            ours, reference = ((u.double() - exact).norm() / exact.norm()), ((chain(h).double() - exact).norm() / exact.norm())
+            assert ours <= 1.25 * reference and ours < 1e-4, (c_in, ours, reference)
+
+
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4)])
+def test_linears_sharing_a_hessian_pruned_in_one_sweep_equal_each_pruned_alone(nm):
+    """q/k/v (or gate/up) in one sweep over their stacked rows: each keeps the mask and the weights it
+    gets alone, at its own sparsity; one with nothing to prune comes back bit for bit (its dead
+    input columns not zeroed either)."""
+    n, m = nm
+    x = _correlated_inputs(300, 64, 3)
+    x[:, 5] = 0.0                                            # a dead input
+    h = _hessian(x)
+    g = _gen(4)
+    weights = [torch.randn(rows, 64, generator=g).to(torch.bfloat16) for rows in (20, 8, 8, 12)]
+    sparsities = [0.5, 0.3, 0.0, 0.7] if n == 0 else [n / m] * 4
+    before = [w.clone() for w in weights]
+    shared = sparsegpt_prune_shared(weights, h, sparsities, blocksize=32, prune_n=n, prune_m=m)
+    for w, w0 in zip(weights, before):
+        assert torch.equal(w, w0)
+    storages = {new_w.untyped_storage().data_ptr() for new_w, _ in shared}
+    assert len(storages) == len(weights)                     # each its own tensor, not a view of the stack
+    for w, s, (new_w, keep) in zip(weights, sparsities, shared):
+        alone_w, alone_keep = sparsegpt_prune(w, h, s, blocksize=32, prune_n=n, prune_m=m)
+        assert torch.equal(keep, alone_keep)
+        torch.testing.assert_close(new_w, alone_w, rtol=0, atol=0)
+    if n == 0:
+        assert torch.equal(shared[2][0].view(torch.int16), weights[2].view(torch.int16)) and shared[2][1].all()
+
+
+def test_shared_sweep_bad_arguments():
+    h = torch.eye(8)
+    with pytest.raises(ValueError, match="one sparsity per weight"):
+        sparsegpt_prune_shared([torch.randn(4, 8)], h, [0.5, 0.5])
+    with pytest.raises(ValueError, match="one dtype"):
+        sparsegpt_prune_shared([torch.randn(4, 8), torch.randn(4, 8).double()], h, [0.5, 0.5])
+    with pytest.raises(ValueError, match="hessian"):
+        sparsegpt_prune_shared([torch.randn(4, 8), torch.randn(4, 7)], h, [0.5, 0.5])
 
 
 # ----------------------------------------------------------------------------- better than Wanda
