@@ -142,17 +142,18 @@ def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], hessian: torch.Tenso
     :func:`sparsegpt_prune` would (a weight with nothing to prune comes back unchanged)."""
     if not weights or len(weights) != len(sparsities):
         raise ValueError(f"need one sparsity per weight, got {len(weights)} weights and {len(sparsities)} sparsities")
-    nm = any([_check_args(w, hessian, s, blocksize, percdamp, prune_n, prune_m) for w, s in zip(weights, sparsities)])
+    checks = [_check_args(w, hessian, s, blocksize, percdamp, prune_n, prune_m) for w, s in zip(weights, sparsities)]
+    nm = checks[0]                                # every weight checked; all get the same answer
     if len({(w.dtype, w.device) for w in weights}) > 1:
         raise ValueError("weights pruned in one sweep must share one dtype and device")
     c_in = hessian.shape[0]
     width = min(blocksize, c_in)
     swept = [k for k, (w, s) in enumerate(zip(weights, sparsities))
              if w.numel() and (nm or pruned_count(s, w.shape[0] * width) > 0)]
-    results: list = [None if k in swept else (w.detach().clone(), torch.ones(w.shape, dtype=torch.bool, device=w.device))
-                     for k, w in enumerate(weights)]
+    results = {k: (w.detach().clone(), torch.ones(w.shape, dtype=torch.bool, device=w.device))   # nothing to prune
+               for k, w in enumerate(weights) if k not in swept}
     if not swept:
-        return results
+        return [results[k] for k in range(len(weights))]
     rows = [weights[k].shape[0] for k in swept]
     edges = [sum(rows[:j]) for j in range(len(rows) + 1)]
     w_t = torch.empty(c_in, edges[-1], dtype=torch.float32, device=weights[0].device)  # (C_in, R): all, transposed
@@ -166,7 +167,7 @@ def sparsegpt_prune_shared(weights: Sequence[torch.Tensor], hessian: torch.Tenso
         # The cast can round tiny kept values; pruned entries stay exactly +0.0 either way.
         new_weight = torch.empty(weights[k].shape, dtype=weights[k].dtype, device=w_t.device).copy_(w_t[:, a:e].T)
         results[k] = (new_weight.masked_fill_(~keep, 0.0), keep)
-    return results
+    return [results[k] for k in range(len(weights))]
 
 
 def _sweep(w_t: torch.Tensor, hinv: torch.Tensor, rows: list[int], sparsities: list[float], blocksize: int,
