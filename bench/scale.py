@@ -2,8 +2,7 @@
 
 The checkpoint is written a decoder layer at a time (bfloat16 safetensors shards, one per layer,
 values from a seeded generator per tensor), so writing it needs about one layer of memory too;
-each method is then planned in a fresh process, whose peak RSS is reported (across the resets of the
-kernel's mark that per-layer peaks make; writing does not count). With ``--apply`` each plan is
+each method is then planned in a fresh process, whose peak RSS is reported (writing does not count). With ``--apply`` each plan is
 saved and applied to the checkpoint in another fresh process, whose time and peak RSS are reported
 too. The checkpoint (and the plans) are deleted afterwards unless ``--keep``.
 
@@ -192,7 +191,7 @@ def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, devic
     seconds = time.perf_counter() - start
     tokens = plan.linears[next(iter(plan.linears))].stats.get("tokens")
     row = {"method": method, "seconds": round(seconds, 1),
-           "peak_rss_gib": round(process_peak_mib() / 1024, 2),     # not ru_maxrss: the per-layer peaks reset it
+           "peak_rss_gib": round(process_peak_mib() / 1024, 2),
            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "threads": torch.get_num_threads(), "sparsity": round(plan.summary()["sparsity"], 6),
            "samples": plan.model["calibration"]["samples"], "tokens_layer0_linear0": tokens,

@@ -48,13 +48,8 @@ def _cpu() -> str:
 
 
 def _rss_gib() -> float:
-    """This process's peak RSS. tamp-fx's per-layer peaks reset the kernel's mark (``ru_maxrss``
-    would then cover only the last layer): ``process_peak_mib`` keeps the peak across them."""
-    try:
-        from tamp_fx.runtime.memory import process_peak_mib
-    except ImportError:                                     # the peer's Python: no resets there
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    return round(process_peak_mib() / 1024, 2)
+    """This process's peak RSS (GiB), read the same way for both tools: the kernel's ``ru_maxrss``."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
 
 
 def one(method: str, model: Path, calib: Path, nsamples: int, seqlen: int, dtype: str | None, device: str | None,

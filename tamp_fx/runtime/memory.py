@@ -1,5 +1,5 @@
-"""Peak memory of a stretch of work (one decoder layer): host resident set size and, when the
-work runs on a CUDA device, that device's allocated memory."""
+"""Peak memory: the process's peak resident set size on the host and, per stretch of work (one
+decoder layer) on a CUDA device, that device's peak allocated memory; the host heap given back."""
 from __future__ import annotations
 
 import ctypes
@@ -15,24 +15,14 @@ import torch
 _PROC = Path("/proc/self")
 
 
-_peak_before_resets_mib = 0.0     # the highest peak RSS read just before a reset (:func:`process_peak_mib`)
+def process_peak_mib() -> float:
+    """The process's peak RSS since it started (MiB): Linux's ``VmHWM``, else ``getrusage``'s
+    ``ru_maxrss``. Nothing here resets the kernel's mark, so ``/usr/bin/time`` and a caller's own
+    ``getrusage`` see the same peak.
 
-
-def _reset_host_peak() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux: ``echo 5 > /proc/self/clear_refs``), after
-    keeping the peak it held; False where it cannot."""
-    global _peak_before_resets_mib
-    peak = _host_peak_mib()
-    try:
-        (_PROC / "clear_refs").write_text("5")
-    except OSError:
-        return False
-    _peak_before_resets_mib = max(_peak_before_resets_mib, peak)
-    return True
-
-
-def _host_peak_mib() -> float:
-    """Peak RSS since the last reset (Linux ``VmHWM``), else the process's peak since it started."""
+    >>> process_peak_mib() > 0
+    True
+    """
     try:
         for line in (_PROC / "status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -43,20 +33,11 @@ def _host_peak_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
-def process_peak_mib() -> float:
-    """The process's peak RSS since it started (MiB), across the resets :class:`PeakMemory` makes.
-    Those resets also lower what the kernel reports to others (``getrusage``'s ``ru_maxrss``,
-    ``/usr/bin/time``): after a plan they cover only the time since its last decoder layer began.
-
-    >>> process_peak_mib() > 0
-    True
-    """
-    return max(_peak_before_resets_mib, _host_peak_mib())
-
-
 class PeakMemory:
-    """Peak memory from construction (or :meth:`reset`) to :meth:`read`, on the host and on
-    ``device`` when it is a CUDA device.
+    """Peak memory of a stretch of work, read at its end: on the host the process's peak so far
+    (:func:`process_peak_mib`: the layer that raises it is the one whose reading jumps; the
+    kernel's mark is never reset, which would hide the earlier peak from every other reader),
+    and on ``device``, when it is a CUDA device, the peak allocated since construction.
 
     >>> list(PeakMemory(torch.device("cpu")).read())
     ['peak_host_mib']
@@ -64,16 +45,12 @@ class PeakMemory:
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.host_since_start = not _reset_host_peak()  # True: the host peak covers the whole process
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def read(self) -> dict[str, float]:
         """``peak_host_mib``, and ``peak_device_mib`` on a CUDA device."""
-        stats = {"peak_host_mib": round(_host_peak_mib(), 1)}
+        stats = {"peak_host_mib": round(process_peak_mib(), 1)}
         if self.device.type == "cuda":
             stats["peak_device_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return stats
