@@ -195,8 +195,8 @@ def checkpoint_index(source: ModelSource, model: torch.nn.Module) -> CheckpointI
         if name not in meta_state and key in meta_state:
             name, converted = key, None
         if converted is not None:
-            raise TampError(f"checkpoint tensor {key} of {source.path} is converted on loading ({converted}), which "
-                            "layer-by-layer loading does not do: plan with --whole-model")
+            raise TampError(f"checkpoint tensor {key} of {source.path} is converted on loading ({converted}): tamp-fx "
+                            "reads and writes every weight as one stored tensor, so it cannot prune this checkpoint")
         if name in meta_state:
             entries[name] = (key, shard)
         else:
