@@ -2,9 +2,9 @@
 
 The checkpoint is written a decoder layer at a time (bfloat16 safetensors shards, one per layer,
 values from a seeded generator per tensor), so writing it needs about one layer of memory too;
-each method is then planned in a fresh process, whose peak RSS is reported (writing does not count). With ``--apply`` each plan is
-saved and applied to the checkpoint in another fresh process, whose time and peak RSS are reported
-too. The checkpoint (and the plans) are deleted afterwards unless ``--keep``.
+each method is then planned in a fresh process, whose peak RSS is reported (writing does not
+count). With ``--apply`` each plan is saved and applied to the checkpoint in another fresh process,
+whose time and peak RSS are reported too. The checkpoint (and the plans) are deleted afterwards unless ``--keep``.
 
     python bench/scale.py --case a        # CPU, Llama-3-8B shapes, wanda + tamp, 4 x 128 tokens
     python bench/scale.py --case a --methods wanda --apply   # and the memory apply needs at 8B
