@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_MEASUREMENTS = ("seconds", "peak_host_mib", "peak_device_mib")
+RUN_MEASUREMENTS = ("seconds", "peak_host_mib", "host_mib", "peak_device_mib")
 TINY_METHODS = ({"method": "wanda"}, {"method": "sparsegpt"}, {"method": "tamp"}, {"method": "owl"},
                 {"method": "magnitude", "pattern": "2:4"}, {"method": "das", "allocation": "das-block"})
 TINY_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "llama")

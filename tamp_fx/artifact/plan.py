@@ -27,7 +27,7 @@ MASKS_FILE = "masks.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
 #: What ``plan.json``'s per-layer entries record about the run, not the plan: they differ between
 #: two runs of one command (and between placements), everything else is identical.
-RUN_MEASUREMENTS = ("seconds", "peak_host_mib", "peak_device_mib")
+RUN_MEASUREMENTS = ("seconds", "peak_host_mib", "host_mib", "peak_device_mib")
 #: ``plan.json``'s record of the run's wall time and its parts (:class:`~tamp_fx.runtime.timing.Stopwatch`).
 TIMING_KEY = "timing"
 #: How :func:`describe_timing` names the parts.

@@ -344,7 +344,7 @@ def _summary_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 _LAYER_COLUMNS = {"seconds": ("seconds", "{:.2f}"), "peak_host_mib": ("peak host MiB", "{:,.0f}"),
-                  "peak_device_mib": ("peak device MiB", "{:,.0f}")}
+                  "host_mib": ("host MiB at its end", "{:,.0f}"), "peak_device_mib": ("peak device MiB", "{:,.0f}")}
 
 
 def _layer_table(data: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
+import os
 import resource
 import sys
 from collections.abc import Callable
@@ -13,6 +14,14 @@ from pathlib import Path
 import torch
 
 _PROC = Path("/proc/self")
+
+
+def resident_mib() -> float | None:
+    """The process's resident memory now (MiB; Linux ``/proc/self/statm``), None where it cannot be read."""
+    try:
+        return int((_PROC / "statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def process_peak_mib() -> float:
@@ -34,13 +43,14 @@ def process_peak_mib() -> float:
 
 
 class PeakMemory:
-    """Peak memory of a stretch of work, read at its end: on the host the process's peak so far
+    """Memory of a stretch of work, read at its end: on the host the process's peak so far
     (:func:`process_peak_mib`: the layer that raises it is the one whose reading jumps; the
-    kernel's mark is never reset, which would hide the earlier peak from every other reader),
-    and on ``device``, when it is a CUDA device, the peak allocated since construction.
+    kernel's mark is never reset, which would hide the earlier peak from every other reader) and
+    what is resident at the end (:func:`resident_mib`: how memory moves from layer to layer), and
+    on ``device``, when it is a CUDA device, the peak allocated since construction.
 
     >>> list(PeakMemory(torch.device("cpu")).read())
-    ['peak_host_mib']
+    ['peak_host_mib', 'host_mib']
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
@@ -49,16 +59,24 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def read(self) -> dict[str, float]:
-        """``peak_host_mib``, and ``peak_device_mib`` on a CUDA device."""
+        """``peak_host_mib``, ``host_mib`` (where it can be read), and ``peak_device_mib`` on a CUDA device."""
+        resident = resident_mib()                # read first: the peak read after it is at least as high
         stats = {"peak_host_mib": round(process_peak_mib(), 1)}
+        if resident is not None:
+            stats["host_mib"] = round(resident, 1)
         if self.device.type == "cuda":
             stats["peak_device_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return stats
 
 
 def describe(stats: dict[str, float]) -> str:
-    """``peak host 812 MiB, device 1,204 MiB`` from :meth:`PeakMemory.read`'s keys."""
-    parts = [f"host {stats['peak_host_mib']:,.0f} MiB"]
+    """``peak host 812 MiB (640 now), device 1,204 MiB`` from :meth:`PeakMemory.read`'s keys.
+
+    >>> describe({"peak_host_mib": 812.0, "host_mib": 640.2, "peak_device_mib": 1204.0})
+    'peak host 812 MiB (640 now), device 1,204 MiB'
+    """
+    now = f" ({stats['host_mib']:,.0f} now)" if "host_mib" in stats else ""
+    parts = [f"host {stats['peak_host_mib']:,.0f} MiB{now}"]
     if "peak_device_mib" in stats:
         parts.append(f"device {stats['peak_device_mib']:,.0f} MiB")
     return "peak " + ", ".join(parts)

@@ -27,7 +27,7 @@ def test_plan_prints_a_line_per_layer_and_what_to_run_next(tiny_models, tmp_path
     layers = [line for line in r.stderr.splitlines() if line.startswith("prune ")]
     assert len(layers) == n, r.stderr
     for k, line in enumerate(layers, 1):
-        assert re.fullmatch(rf"prune {k}/{n}: layer {k - 1}, \d+\.\d s, peak host [\d,]+ MiB; "
+        assert re.fullmatch(rf"prune {k}/{n}: layer {k - 1}, \d+\.\d s, peak host [\d,]+ MiB \([\d,]+ now\); "
                             r"\d+:\d\d:\d\d elapsed, ETA (\d+:\d\d:\d\d|-:--:--)", line), line
     assert re.search(r"^write plan 1/1 in \d+\.\d s; \d+:\d\d:\d\d elapsed, ETA 0:00:00$", r.stderr, re.M), r.stderr
     assert "━" not in r.output                          # no bars

@@ -204,6 +204,7 @@ STATISTICS = {
 SUMMARY = {
     "seconds a string": _set_layers([{"layer": 0, "seconds": "slow"}]),
     "peak memory a mapping": _set_layers([{"layer": 0, "peak_host_mib": {"a": 1}}]),
+    "resident memory a string": _set_layers([{"layer": 0, "host_mib": "lots"}]),
 }
 #: damage that is still a plan to draw: NaN and infinity are gaps in a figure, not errors
 DRAWABLE = {
