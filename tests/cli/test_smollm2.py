@@ -54,6 +54,13 @@ def test_wanda_from_the_gguf_file_prunes_every_row_by_half_and_nothing_else(dens
             assert torch.equal(pruned[name][kept], tensor[kept])
         else:
             assert torch.equal(pruned[name], tensor), name
+    # the provenance of a model pruned from a GGUF file names that file
+    record = json.loads((tmp_path / "m" / "tamp-fx.json").read_text())
+    assert (record["input_model"], record["base_model"]) == (str(gguf.absolute()), gguf.stem)
+    assert record["calibration"]["file"] == CALIB_TEXT.name and record["sparsity"]["achieved"] == 0.5
+    assert record["reproduce"][0].startswith(f"tamp-fx plan {gguf.absolute()} --calib {CALIB_TEXT.name} --method wanda "
+                                             "--sparsity 0.5 --nsamples 4 --seqlen 64")
+    assert f'base_model: "{gguf.stem}"' in (tmp_path / "m" / "README.md").read_text()
 
 
 def test_tamp_plans_the_real_model(dense, tmp_path):
