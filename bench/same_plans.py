@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_MEASUREMENTS = ("seconds", "peak_host_mib", "host_mib", "peak_device_mib")
 TINY_METHODS = ({"method": "wanda"}, {"method": "sparsegpt"}, {"method": "tamp"}, {"method": "owl"},
                 {"method": "magnitude", "pattern": "2:4"}, {"method": "das", "allocation": "das-block"})
 TINY_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "llama")
@@ -82,14 +81,14 @@ def _plan_with(root: Path, jobs: list[dict], out: Path) -> None:
 
 
 def _digest(plan_dir: Path) -> dict[str, str]:
-    """sha256 of the masks and weights files, and of plan.json without the run measurements."""
+    """sha256 of the masks and weights files, and of plan.json without the run measurements
+    (this checkout's :func:`without_run_measurements`: it reads any version's plan.json)."""
+    from tamp_fx.artifact.plan import without_run_measurements
     digests = {}
     for name in ("masks.safetensors", "weights.safetensors"):
         path = plan_dir / name
         digests[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
-    data = json.loads((plan_dir / "plan.json").read_text())
-    data["layers"] = [{k: v for k, v in layer.items() if k not in RUN_MEASUREMENTS} for layer in data["layers"]]
-    data.pop("timing", None)                      # the run's wall time and its parts
+    data = without_run_measurements(json.loads((plan_dir / "plan.json").read_text()))
     digests["plan.json"] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     return digests
 

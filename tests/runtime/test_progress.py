@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import mmap
-import os
 import re
 import resource
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from rich.console import Console
 
 import tamp_fx
-from tamp_fx.runtime.memory import PeakMemory, describe
+from tamp_fx.runtime.memory import PeakMemory, describe, resident_mib
 from tamp_fx.runtime.progress import Bars, Eta, InfoColumn
 
 
@@ -140,7 +139,7 @@ def test_peak_memory_is_the_peak_the_kernel_reports():
     kernel's own mark, which nothing resets."""
     with mmap.mmap(-1, 64 * 2**20) as pages:        # fresh pages (a heap allocation may reuse resident ones)
         pages.write(b"\1" * len(pages))            # touched: 64 MiB more resident
-        resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        resident = resident_mib()
     peak = PeakMemory().read()["peak_host_mib"]
     kernel = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # KiB on Linux
     assert peak >= resident - 0.1                  # read() rounds to 0.1 MiB
