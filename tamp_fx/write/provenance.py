@@ -30,6 +30,7 @@ PYTHON_API = "tamp_fx.apply (Python API)"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _ALWAYS = ("method", "sparsity", "nsamples", "seqlen", "seed")        # plan flags the reproduce line always gives
 _PARTS = ("allocation", "score", "tokens")
+_DTYPES = ("float32", "bfloat16", "float16")                           # what `tamp-fx plan --dtype` takes besides auto
 _FLAGS = (*_ALWAYS, "pattern", *_PARTS, "atv_alpha", "max_sparsity_delta", "sequential")   # PlanConfig fields `tamp-fx plan` takes
 
 
@@ -80,7 +81,7 @@ class Provenance:
                           "quantize": self.quantize},
             "calibration": calibration,
             "model": model,
-            "reproduce": [plan_command(config, str(self.model), calib, plan_dir or "PLAN"),
+            "reproduce": [plan_command(config, str(self.model), calib, plan_dir or "PLAN", _ran_in(plan)),
                           shlex.join(self._apply_command(plan_dir or "PLAN"))],
         }
 
@@ -121,9 +122,16 @@ def base_model(model: Path) -> str:
     return model.stem if model.is_file() else model.name
 
 
-def plan_command(config: PlanConfig, model: str, calib: str, out: str) -> str:
-    """A ``tamp-fx plan`` command line that makes a plan with ``config``; settings the command
-    line does not take (set through :class:`PlanConfig`) are named in a trailing comment."""
+def _ran_in(plan: Plan) -> str | None:
+    """The dtype the plan's forward passes ran in, as ``--dtype`` takes it (None: not recorded)."""
+    dtype = (plan.timing or {}).get("dtype")
+    return dtype if dtype in _DTYPES else None
+
+
+def plan_command(config: PlanConfig, model: str, calib: str, out: str, dtype: str | None = None) -> str:
+    """A ``tamp-fx plan`` command line that makes a plan with ``config``, in ``dtype`` where given
+    (a machine with another default would otherwise plan in its own); settings the command line
+    does not take (set through :class:`PlanConfig`) are named in a trailing comment."""
     defaults = {f.name: f.default for f in dataclasses.fields(PlanConfig)}
     defaults["sequential"] = dataclasses.replace(config, sequential=None).sequential    # what the tokens imply
     custom = config.method == CUSTOM              # not a --method choice: the parts are given instead
@@ -135,7 +143,7 @@ def plan_command(config: PlanConfig, model: str, calib: str, out: str) -> str:
             continue
         args += ["--" + name.replace("_", "-"), str(value)]
     other = [f"{n}={getattr(config, n)}" for n in defaults if n not in _FLAGS and getattr(config, n) != defaults[n]]
-    line = shlex.join([*args, "--out", out])
+    line = shlex.join([*args, *(["--dtype", dtype] if dtype else []), "--out", out])
     return line + (f"  # and {', '.join(other)} (tamp_fx.PlanConfig)" if other else "")
 
 

@@ -138,13 +138,31 @@ def test_the_recorded_plan_command_makes_the_same_plan(model, plan_dir, tmp_path
     tamp_fx.PlanConfig(method="das", pattern="2:4", sparsity=0.4, max_sparsity_delta=0.2),
     tamp_fx.PlanConfig(method="magnitude", pattern="4:8"),
 ])
-def test_the_plan_command_line_gives_the_config_back(config):
-    args = shlex.split(plan_command(config, "model", "calib.jsonl", "plan"), comments=True)
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_the_plan_command_line_gives_the_config_back(config, dtype):
+    args = shlex.split(plan_command(config, "model", "calib.jsonl", "plan", dtype), comments=True)
     command = typer.main.get_command(app).get_command(None, "plan")
     params = command.make_context("plan", args[2:]).params          # the real options, parsed as the CLI does
     fields = {f.name for f in dataclasses.fields(tamp_fx.PlanConfig)}
     given = {k: v.value if isinstance(v, Enum) else v for k, v in params.items() if k in fields}
     assert tamp_fx.PlanConfig(**given) == config
+    assert params["dtype"] == dtype
+
+
+def test_the_reproduce_line_plans_in_the_dtype_the_plan_ran_in(model, plan_dir, tmp_path):
+    """Another machine's default dtype may differ (bfloat16 only where the hardware has it): the line
+    names the one recorded; a plan without that record (older, or edited) gives none."""
+    ran = json.loads((plan_dir / "plan.json").read_text())["timing"]["dtype"]
+    assert ran in ("float32", "bfloat16")
+    line = json.loads((tamp_fx.apply(model, plan_dir, tmp_path / "out") / PROVENANCE_FILE).read_text())["reproduce"][0]
+    assert f" --dtype {ran} --out " in line
+    for n, timing in enumerate([None, {"wall_s": 1.0, "parts_s": {}, "dtype": "float64; rm -rf"}]):
+        edited = Path(shutil.copytree(plan_dir, tmp_path / f"plan{n}"))
+        data = json.loads((edited / "plan.json").read_text())
+        data.pop("timing") if timing is None else data.update(timing=timing)
+        (edited / "plan.json").write_text(json.dumps(data))
+        line = json.loads((tamp_fx.apply(model, edited, tmp_path / f"out{n}") / PROVENANCE_FILE).read_text())["reproduce"][0]
+        assert "--dtype" not in line
 
 
 def test_settings_the_command_line_does_not_take_are_named():
