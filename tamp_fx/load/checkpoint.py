@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -50,7 +51,9 @@ class CheckpointIndex:
     _headers: dict[Path, tuple[int, dict]] = field(default_factory=dict, compare=False, repr=False)
 
     def key(self, name: str) -> str:
-        return self.entries[name][0] if name in self.entries else name
+        """The checkpoint key of ``name``; for a tensor the checkpoint lacks, the key it would have in
+        the checkpoint's layout (:func:`stored_name`), so a refusal names what the user would look for."""
+        return self.entries[name][0] if name in self.entries else stored_name(name, self.entries)
 
     def _header(self, shard: Path) -> tuple[int, dict]:
         if shard not in self._headers:
@@ -124,6 +127,34 @@ FLOATING = tuple(k for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point
 #: bytes per element of every safetensors dtype, read or not (a header's offsets are checked with it)
 _ITEMSIZE = {**{k: v.itemsize for k, v in DTYPES.items()}, "F8_E8M0": 1}
 _MAX_HEADER = 100 << 20           # as the safetensors library: a longer header is damage, not a model
+
+
+def stored_name(name: str, entries: Mapping[str, tuple[str, Any]]) -> str:
+    """The key ``name`` would have in a checkpoint whose tensors ``entries`` (name -> (key, ...)) are
+    stored renamed: the rename of the tensors under the longest prefix of ``name`` that is renamed (a
+    name and its key with their common dotted tail cut off), where those tensors agree; else ``name``.
+
+    >>> entries = {"model.language_model.norm.weight": ("language_model.model.norm.weight", None),
+    ...            "lm_head.weight": ("language_model.lm_head.weight", None), "x.weight": ("x.weight", None)}
+    >>> stored_name("model.language_model.layers.1.mlp.up_proj.weight", entries)
+    'language_model.model.layers.1.mlp.up_proj.weight'
+    >>> stored_name("y.weight", entries)          # lm_head and x disagree on the empty prefix: no guess
+    'y.weight'
+    """
+    renames: dict[str, set[str]] = {}             # prefix of in-memory names -> prefixes of their keys
+    for memory, (key, *_) in entries.items():
+        a, b = memory.split("."), key.split(".")
+        tail = 0                                  # dotted parts the two end with alike
+        while tail < min(len(a), len(b)) and a[-1 - tail] == b[-1 - tail]:
+            tail += 1
+        renames.setdefault(".".join(a[:len(a) - tail]), set()).add(".".join(b[:len(b) - tail]))
+    under = [p for p in renames if not p or name.startswith(p + ".")]
+    prefix = max(under, key=len, default=None)
+    if prefix is None or len(renames[prefix]) != 1:
+        return name
+    (to,) = renames[prefix]
+    rest = name[len(prefix) + 1:] if prefix else name
+    return f"{to}.{rest}" if to else rest
 
 
 def torch_dtype(stored: str, key: str, where: Path) -> torch.dtype:

@@ -77,7 +77,9 @@ def _missing(source: ModelSource, name: str, index: CheckpointIndex, missing: li
     count = f" ({len(missing)} missing)" if len(missing) > 1 else ""
     near = difflib.get_close_matches(name, list(index.unmatched), n=1, cutoff=0.8)
     hint = f"; it holds {index.unmatched[near[0]]}, which this model does not load: rename it" if near else ""
-    return f"model {source.path} has no tensor {name}{count}, which the model needs{hint}: {_FIX}"
+    key = index.key(name)
+    loaded = f" (loaded as {name})" if key != name else ""
+    return f"model {source.path} has no tensor {key}{loaded}{count}, which the model needs{hint}: {_FIX}"
 
 
 def check_gguf_header(source: ModelSource) -> None:

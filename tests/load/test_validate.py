@@ -6,6 +6,7 @@ Damaged safetensors headers and ``.pt2`` archives give a correct read or one cle
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 import zipfile
@@ -66,6 +67,23 @@ def test_header_damage_is_refused_without_reading_a_tensor(how, llava_copy, monk
     message = _refusal(lambda: check_checkpoint(source))
     assert CHECKPOINT_DAMAGE[how][1] in message
     assert key.split("model.")[-1].replace("q_prj", "q_proj") in message       # the tensor, by name
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_audio", "llama"])
+def test_a_missing_tensor_is_named_as_the_checkpoint_would_store_it(family, tiny_models, tmp_path):
+    """Each family's checkpoint layout (legacy llava ``language_model.model.``, Qwen2-VL ``model.``)
+    differs from the names transformers loads it under: the refusal gives the key to look for."""
+    model = Path(shutil.copytree(tiny_models(family), tmp_path / family))
+    for how in ("missing decoder weight", "missing embedding"):
+        key = damage_checkpoint(model, how)
+        message = _refusal(lambda: check_checkpoint(resolve_source(model)))
+        assert re.search(rf"has no tensor {re.escape(key)}[ ,]", message), message
+        index = checkpoint_index(resolve_source(model), meta_model(resolve_source(model), torch.float32))
+        loaded = next(n for n in meta_model(resolve_source(model), torch.float32).state_dict()
+                      if n not in index.entries)
+        assert (f"(loaded as {loaded})" in message) == (loaded != key)
+        shutil.rmtree(model)
+        shutil.copytree(tiny_models(family), model)
 
 
 def test_a_renamed_tensor_is_named_under_both_names(llava_copy):
