@@ -16,7 +16,7 @@ from safetensors import safe_open
 from tamp_fx.config import PlanConfig
 from tamp_fx.errors import TampError, first_line
 from tamp_fx.load.fingerprint import FingerprintSample, fingerprint_of
-from tamp_fx.prune.masks import KeptWeights, PackedMask, PackedMasks, achieved_sparsity, apply_mask, unpack_mask
+from tamp_fx.prune.masks import KeptWeights, PackedMask, PackedMasks, apply_mask, check_packed
 from tamp_fx.runtime.tensor_file import StoredTensor, save_tensors
 from tamp_fx.runtime.timing import WRITING, with_part
 from tamp_fx.runtime.transaction import atomic_directory
@@ -243,18 +243,19 @@ class Plan:
             if shapes.get(name, lp.shape) != lp.shape:
                 raise TampError(f"{masks_file} stores the mask of {name} as {shapes[name]}, {PLAN_FILE} says {lp.shape}: "
                                 "the plan directory is damaged")
+            mask = PackedMask(masks[name], tuple(lp.shape))
             try:
-                mask = unpack_mask(masks[name], lp.shape)
+                check_packed(mask.packed, mask.shape)
             except ValueError as error:
                 raise TampError(f"{masks_file}: the mask of {name} does not fit its shape {lp.shape} ({error}): "
                                 "the plan directory is damaged") from error
-            if abs(achieved_sparsity(mask) - lp.sparsity) > _SPARSITY_TOLERANCE:
-                raise TampError(f"{masks_file}: the mask of {name} prunes {achieved_sparsity(mask):.4%}, but "
+            if abs(mask.sparsity() - lp.sparsity) > _SPARSITY_TOLERANCE:
+                raise TampError(f"{masks_file}: the mask of {name} prunes {mask.sparsity():.4%}, but "
                                 f"{PLAN_FILE} says {lp.sparsity:.4%}: the plan directory is damaged")
             if name in weights and (weights[name].shape != lp.shape or not weights[name].dtype.is_floating_point):
                 raise TampError(f"{directory / WEIGHTS_FILE}: {name} is {weights[name].dtype} of shape "
                                 f"{tuple(weights[name].shape)}, the plan's linear is {lp.shape}: the plan directory is damaged")
-            kept[name] = PackedMask(masks[name], tuple(lp.shape))
+            kept[name] = mask
         return cls(config, data["model"], linears, data.get("layers", []), kept, weights, path=directory,
                    timing=_timing(data.get(TIMING_KEY)))
 

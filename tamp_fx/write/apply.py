@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from tamp_fx.artifact.plan import Plan
 from tamp_fx.errors import TampError
-from tamp_fx.load.checkpoint import check_finite, checkpoint_keys
+from tamp_fx.load.checkpoint import check_finite, checkpoint_keys, read_header, stored_fingerprint
 from tamp_fx.load.fingerprint import fingerprint_sample
 from tamp_fx.load.program import load_program
 from tamp_fx.load.source import ModelSource, load_config, load_model, load_processor, resolve_source
@@ -111,13 +111,11 @@ def _write_shards(source: ModelSource, plan: Plan, out: Path, overwrite: bool, p
     plan's linears counted in ``record``), the companions (config, processor, ...) copied; a tensor
     holding NaN or inf refused as it is read, unless ``allow_nonfinite``."""
     keys = checkpoint_keys(source)
-    samples = {}                         # read one at a time: the model's linears need not fit in memory
-    for name in plan.linears:
-        if name in keys:
-            with safe_open(keys[name], "pt") as f:
-                samples[name] = fingerprint_sample(_read(f, name, source.path, allow_nonfinite))
-    plan.check_model(samples, source.path)
     shards = sorted(set(keys.values()))
+    headers = {shard: read_header(shard) for shard in shards}
+    # the plan checked against the sampled values (each tensor is read whole once, below, to be written)
+    plan.check_model({name: stored_fingerprint(keys[name], name, headers[keys[name]], allow_nonfinite=allow_nonfinite)
+                      for name in plan.linears if name in keys}, source.path)
     with atomic_directory(out, overwrite=overwrite, protect=protect) as tmp, Bars(progress) as bars:
         left = copy_companions(source.path, tmp, skip=(semi_structured.MANIFEST,))
         if left:

@@ -6,6 +6,7 @@ Damaged safetensors headers and ``.pt2`` archives give a correct read or one cle
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import warnings
@@ -116,6 +117,25 @@ def test_nonfinite_values_are_refused_as_they_are_read_unless_allowed(how, llava
     assert key in _refusal(lambda: load_checked(source))
     assert not torch.isfinite(index.read([name], torch.float32, allow_nonfinite=True)[name]).all()
     load_checked(source, allow_nonfinite=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+       shape=st.lists(st.integers(1, 70), min_size=1, max_size=3), seed=st.integers(0, 2**31 - 1),
+       bad=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.sampled_from([math.nan, math.inf, -math.inf])),
+                    max_size=3), scale=st.sampled_from([1.0, 1e30, 6e4]))
+def test_the_finite_check_refuses_exactly_what_isfinite_finds(dtype, shape, seed, bad, scale):
+    """One reduction (aminmax) instead of a bool copy: any NaN or inf, anywhere, at any magnitude
+    of the rest (values at the edge of float16's range included), and nothing else."""
+    from tamp_fx.load.checkpoint import check_finite
+    tensor = (torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale).to(dtype)
+    for where, value in bad:
+        tensor.view(-1)[int(where * tensor.numel())] = value
+    finite = bool(torch.isfinite(tensor).all())
+    if finite:
+        check_finite(tensor, "w", "model")
+    else:
+        assert "NaN or infinite" in _refusal(lambda: check_finite(tensor, "w", "model"))
 
 
 def test_an_int8_weight_output_of_apply_passes(tiny_models, tmp_path):

@@ -245,6 +245,20 @@ def test_pack_unpack_round_trip(shape, seed):
     assert torch.equal(unpacked, mask)
 
 
+@FAST
+@given(shape=st.lists(st.integers(0, 40), min_size=1, max_size=3), seed=seeds, keep=st.floats(0.0, 1.0),
+       padding=st.integers(0, 255))
+def test_the_sparsity_of_a_packed_mask_is_the_unpacked_masks(shape, seed, keep, padding):
+    """Counted on the packed bits, padding bits ignored (as unpacking ignores them, whatever a file holds)."""
+    shape = tuple(shape)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < keep
+    packed = pack_mask(mask)
+    if mask.numel() % 8:
+        packed[-1] |= padding & (0xFF >> (mask.numel() % 8))             # junk in the padding bits
+    assert masks.PackedMask(packed, shape).sparsity() == achieved_sparsity(unpack_mask(packed, shape))
+    assert achieved_sparsity(mask) == int((~mask).sum()) / mask.numel() if mask.numel() else True
+
+
 def test_pack_msb_first_and_zero_padded():
     mask = torch.tensor([True, False, True, True, False, False, False, False, True])
     assert pack_mask(mask).tolist() == [0b10110000, 0b10000000]

@@ -8,12 +8,17 @@ import weakref
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import tamp_fx
 from tamp_fx.artifact.plan import Plan
+from tamp_fx.load.checkpoint import read_header, stored_fingerprint
+from tamp_fx.load.fingerprint import fingerprint_sample
 from tamp_fx.load.source import load_model, resolve_source
-from tamp_fx.prune.masks import KeptValues
+from tamp_fx.prune.masks import KeptValues, PackedMask
 from tamp_fx.runtime.tensor_file import StoredTensor
+from tamp_fx.write import apply as apply_module
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +74,35 @@ def test_apply_reads_and_prunes_one_tensor_at_a_time(llava, plan, tmp_path, monk
     written = dict(load_model(resolve_source(out)).named_parameters())
     reference = dict(load_model(resolve_source(tamp_fx.apply(llava, plan, tmp_path / "reference"))).named_parameters())
     assert all(torch.equal(written[n], reference[n]) for n in reference)
+
+
+def test_apply_reads_each_tensor_of_the_checkpoint_once(llava, plan, tmp_path, monkeypatch):
+    """The plan is checked against sampled values (a few thousand small reads per linear), so a
+    checkpoint of 15 GB is read once, to be written, not twice."""
+    plan.save(tmp_path / "plan")
+    loaded = Plan.load(tmp_path / "plan")
+    reads, unpacked = [], []
+    real, unpack = apply_module._read, PackedMask.unpack
+    monkeypatch.setattr(apply_module, "_read", lambda f, key, *a: reads.append(key) or real(f, key, *a))
+    monkeypatch.setattr(PackedMask, "unpack", lambda self: unpacked.append(self) or unpack(self))
+    tamp_fx.apply(llava, loaded, tmp_path / "out")
+    keys = []
+    for shard in sorted(llava.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            keys += list(f.keys())
+    assert sorted(reads) == sorted(keys) and set(plan.linears) <= set(reads)
+    assert len(unpacked) == len(plan.linears), "each mask unpacked once (`name in masks` unpacked it too)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (64, 128), (300, 77), (2, 40000)])
+def test_the_sampled_fingerprint_is_the_whole_tensors(dtype, shape, tmp_path):
+    tensors = {"a": torch.randn(7, dtype=dtype), "w": torch.randn(shape, dtype=torch.float64).to(dtype),
+               "z": torch.randn(3, 3, dtype=dtype)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    header = read_header(tmp_path / "m.safetensors")
+    for key in tensors:
+        assert stored_fingerprint(tmp_path / "m.safetensors", key, header) == fingerprint_sample(tensors[key])
 
 
 def _plan_sparsegpt(llava):
