@@ -29,7 +29,7 @@ from support.corrupt import (
     small_gguf,
 )
 from tamp_fx.errors import TampError
-from tamp_fx.load.checkpoint import checkpoint_index, meta_model, read_header
+from tamp_fx.load.checkpoint import checkpoint_index, meta_model, read_header, stored_name
 from tamp_fx.load.program import load_program
 from tamp_fx.load.source import load_config, load_model, resolve_source
 from tamp_fx.load.validate import check_checkpoint, check_program, load_checked
@@ -85,6 +85,20 @@ def test_a_missing_tensor_is_named_as_the_checkpoint_would_store_it(family, tiny
         assert (f"(loaded as {loaded})" in message) == (loaded != key)
         shutil.rmtree(model)
         shutil.copytree(tiny_models(family), model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_missing_key_is_inferred_from_the_others_or_not_guessed(family, tiny_models):
+    """Each tensor taken out in turn: the key inferred for it from the rest of the checkpoint is its
+    own, or (where the rest does not say) its in-memory name; never another key. Every tensor of a
+    layer (decoder, vision or audio tower) is inferred exactly."""
+    source = resolve_source(tiny_models(family))
+    index = checkpoint_index(source, meta_model(source, torch.float32))
+    for name, (key, _) in index.entries.items():
+        inferred = stored_name(name, {n: e for n, e in index.entries.items() if n != name})
+        assert inferred in (key, name), (name, key, inferred)
+        if ".layers." in name:
+            assert inferred == key, (name, key, inferred)
 
 
 def test_a_renamed_tensor_is_named_under_both_names(llava_copy):
