@@ -29,6 +29,7 @@ from tamp_fx.load.checkpoint import (
     meta_model,
     torch_dtype,
 )
+from tamp_fx.load.gguf_header import read_gguf_header
 from tamp_fx.load.source import ModelSource, load_model
 
 _FIX = "re-download or re-save the model"
@@ -162,13 +163,9 @@ def _gguf_header(path: Path) -> tuple[str, object, dict[str, tuple[int, ...]]]:
 
 @functools.lru_cache(maxsize=4)
 def _read_gguf_header(path: Path, size: int, mtime_ns: int) -> tuple[str, object, dict[str, tuple[int, ...]]]:
-    from gguf import GGUFReader
-    reader = GGUFReader(path)                       # a memory map: its tensor table parsed, no tensor read
-    field = reader.fields.get("general.architecture")
-    arch = field.contents() if field is not None else ""
-    layers = reader.fields.get(f"{arch}.block_count")
-    shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
-    return arch, layers.contents() if layers is not None else None, shapes
+    header = read_gguf_header(path)
+    arch = header.metadata.get("general.architecture", "")
+    return arch, header.metadata.get(f"{arch}.block_count"), header.shapes
 
 
 def load_checked(source: ModelSource, dtype: torch.dtype = torch.float32, *,

@@ -13,6 +13,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -28,8 +29,10 @@ from support.corrupt import (
     rewrite_member,
     small_gguf,
 )
+from support.gguf_reader import as_gguf_reads_it
 from tamp_fx.errors import TampError
 from tamp_fx.load.checkpoint import checkpoint_index, meta_model, read_header, stored_name
+from tamp_fx.load.gguf_header import read_gguf_header
 from tamp_fx.load.program import load_program
 from tamp_fx.load.source import load_config, load_model, resolve_source
 from tamp_fx.load.validate import check_checkpoint, check_program, load_checked
@@ -175,6 +178,30 @@ def _no_model_built(monkeypatch) -> None:
     fail = lambda *a, **k: pytest.fail("the model was built or a tensor read")          # noqa: E731
     monkeypatch.setattr("tamp_fx.load.validate.load_model", fail)
     monkeypatch.setattr("gguf.dequantize", fail)
+
+
+@pytest.mark.parametrize("order", ["LITTLE", "BIG"])
+def test_the_gguf_header_reads_as_ggufs_own_reader_reads_it(order, tmp_path):
+    import gguf
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama", endianess=getattr(gguf.GGUFEndian, order))
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_uint64("llama.context_length", 2**40)
+    writer.add_string("general.name", "modèle")
+    for add, value in (("add_int8", -3), ("add_uint16", 7), ("add_int64", -2**40), ("add_float32", 0.1),
+                       ("add_float64", 1e-300), ("add_bool", True)):
+        getattr(writer, add)(f"x.{add}", value)
+    writer.add_token_list(["<s>", "", "ü" * 300])
+    writer.add_array("x.nested", [[1, 2], [3]])
+    writer.add_array("x.floats", [0.5] * 1000)
+    for name, shape in (("blk.0.w", (3, 5)), ("blk.1.w", (2, 3, 4)), ("norm", (7,))):
+        writer.add_tensor(name, np.zeros(shape, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert read_gguf_header(path) == as_gguf_reads_it(path)
+    assert read_gguf_header(small_gguf(tmp_path / "small.gguf")) == as_gguf_reads_it(tmp_path / "small.gguf")
 
 
 def test_a_sound_gguf_passes_without_a_tensor_read(tmp_path, monkeypatch):
