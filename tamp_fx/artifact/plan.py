@@ -169,8 +169,9 @@ class Plan:
         as it is. Every writer of pruned weights goes through here."""
         if name not in self.masks:
             return tensor
-        value = self.weights[name].to(tensor.dtype) if name in self.weights else tensor
-        return apply_mask(value, self.masks[name])
+        mask = self.masks[name]                                            # unpacked once
+        value = self.weights.dense(name, mask).to(tensor.dtype) if name in self.weights else tensor
+        return apply_mask(value, mask)
 
     def summary(self) -> dict[str, Any]:
         total = sum(lp.shape[0] * lp.shape[1] for lp in self.linears.values())

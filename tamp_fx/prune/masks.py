@@ -317,6 +317,12 @@ class KeptWeights(_HeldCompact):
         kept, mask = held
         return kept.unpack(mask.unpack())
 
+    def dense(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        """Weight ``name`` whole, given its keep-mask already unpacked (``mask``): kept values are
+        scattered by it instead of by a second unpacking of the mask held with them."""
+        held = self._held[name]
+        return held[0].unpack(mask) if isinstance(held, tuple) else self._unpack(held)
+
     def held(self, name: str) -> torch.Tensor | StoredTensor | tuple[KeptValues, PackedMask]:
         """Weight ``name`` in the compact form it is held in, not unpacked or read."""
         return self._held[name]

@@ -76,11 +76,14 @@ def test_apply_reads_and_prunes_one_tensor_at_a_time(llava, plan, tmp_path, monk
     assert all(torch.equal(written[n], reference[n]) for n in reference)
 
 
-def test_apply_reads_each_tensor_of_the_checkpoint_once(llava, plan, tmp_path, monkeypatch):
+@pytest.mark.parametrize("saved", [True, False], ids=["plan-read-back", "plan-in-memory"])
+def test_apply_reads_each_tensor_of_the_checkpoint_once(llava, plan, tmp_path, monkeypatch, saved):
     """The plan is checked against sampled values (a few thousand small reads per linear), so a
-    checkpoint of 15 GB is read once, to be written, not twice."""
-    plan.save(tmp_path / "plan")
-    loaded = Plan.load(tmp_path / "plan")
+    checkpoint of 15 GB is read once, to be written, not twice; each mask is unpacked once, also
+    where the plan holds SparseGPT's kept values (scattered by the same unpacked mask)."""
+    if saved:
+        plan.save(tmp_path / "plan")
+    loaded = Plan.load(tmp_path / "plan") if saved else plan
     reads, unpacked = [], []
     real, unpack = apply_module._read, PackedMask.unpack
     monkeypatch.setattr(apply_module, "_read", lambda f, key, *a: reads.append(key) or real(f, key, *a))
