@@ -19,6 +19,7 @@ import tamp_fx
 from tamp_fx.artifact.plan import Plan
 from tamp_fx.config import CUSTOM, PlanConfig
 from tamp_fx.errors import TampError, first_line
+from tamp_fx.runtime.placement import DTYPES
 
 PROVENANCE_FILE = "tamp-fx.json"
 CARD_FILE = "README.md"
@@ -30,7 +31,6 @@ PYTHON_API = "tamp_fx.apply (Python API)"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _ALWAYS = ("method", "sparsity", "nsamples", "seqlen", "seed")        # plan flags the reproduce line always gives
 _PARTS = ("allocation", "score", "tokens")
-_DTYPES = ("float32", "bfloat16", "float16")                           # what `tamp-fx plan --dtype` takes besides auto
 _FLAGS = (*_ALWAYS, "pattern", *_PARTS, "atv_alpha", "max_sparsity_delta", "sequential")   # PlanConfig fields `tamp-fx plan` takes
 
 
@@ -125,7 +125,7 @@ def base_model(model: Path) -> str:
 def _ran_in(plan: Plan) -> str | None:
     """The dtype the plan's forward passes ran in, as ``--dtype`` takes it (None: not recorded)."""
     dtype = (plan.timing or {}).get("dtype")
-    return dtype if dtype in _DTYPES else None
+    return dtype if isinstance(dtype, str) and DTYPES.get(dtype) is not None else None   # named, not "auto"
 
 
 def plan_command(config: PlanConfig, model: str, calib: str, out: str, dtype: str | None = None) -> str:
