@@ -14,8 +14,9 @@ L2-normalised, G = Z Z^T):
 
 The selected tokens' *inputs* give the Wanda norm (:func:`selected_input_sq_sum`).
 
-Cost: one ``O(N^2 C)`` Gram matrix (:func:`unit_gram`, exactly symmetric, 3/4 of a full
-product) plus a few ``O(N^2)`` passes (top-k, kernel, row sums),
+Cost: one ``O(N^2 C)`` Gram matrix (:func:`cosine_gram`, exactly symmetric, of bfloat16
+outputs without float32 copies where that product is exact) plus a few ``O(N^2)`` passes
+(top-k, kernel, row sums),
 then each greedy step is ``O(N)``: an argmax over ``g``, at most ``k`` scalar updates of
 ``g``, one row of ``K`` added to the running row sums ``K[:, S].sum(1)`` (``K`` is symmetric)
 and ``O(1)`` updates of the float64 sums behind ``mean(K[S, S])`` and ``mean(K[:, S])``.
@@ -33,7 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tamp_fx.statistics.products import exact_bf16_products, gram
+
 _NORM_EPS = 1e-12   # rows of Z with a smaller norm normalise to zero vectors (D = 1 to all)
+#: row norms (other than 0) within which the Gram matrix of the outputs themselves, then divided by
+#: the norms, loses nothing to float32's range (every |y_i . y_j| <= 2^80, terms down to 2^-110 of
+#: n_i n_j kept)
+_RAW_NORMS = (2.0**-40, 2.0**40)
 
 
 @dataclass(frozen=True)
@@ -78,23 +85,31 @@ def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     return diversity
 
 
-def unit_gram(z: torch.Tensor) -> torch.Tensor:
-    """The Gram matrix ``z z^T`` (N, N) of the rows of ``z`` (N, C), exactly symmetric: the
-    upper block row and the lower-right block are multiplied, the lower-left block is the
-    transpose of the upper-right, so it costs 3/4 of ``z @ z.T``.
+def cosine_gram(outputs: torch.Tensor) -> torch.Tensor:
+    """``G = Z Z^T`` (N, N) float32 of the outputs (N, C) with their rows L2-normalised (norms
+    below 1e-12 taken as 1e-12), exactly symmetric. bfloat16 outputs are multiplied as they are
+    where that product is exact (:func:`~tamp_fx.statistics.products.exact_bf16_products`) and
+    then divided by their norms (``y_i . y_j / (n_i n_j)``); otherwise the rows are normalised in
+    float32 first. Raises ValueError where a row's norm does not fit in float32.
 
-    >>> z = torch.tensor([[1., 0.], [0.6, 0.8], [0., 1.]])
-    >>> unit_gram(z)
+    >>> cosine_gram(torch.tensor([[2., 0.], [0.6, 0.8], [0., 3.]]))
     tensor([[1.0000, 0.6000, 0.0000],
             [0.6000, 1.0000, 0.8000],
             [0.0000, 0.8000, 1.0000]])
     """
-    n, h = z.shape[0], (z.shape[0] + 1) // 2
-    gram = z.new_empty(n, n)                                               # (N, N)
-    gram[:h] = z[:h] @ z.T                                                 # (h, N)
-    gram[h:, h:] = z[h:] @ z[h:].T                                         # (N - h, N - h)
-    gram[h:, :h] = gram[:h, h:].T                                          # (N - h, h) mirror
-    return gram
+    y = outputs.detach()                                                   # (N, C)
+    narrow = y.dtype in (torch.bfloat16, torch.float16)                    # widened as the norm reads them
+    norm = torch.linalg.vector_norm(y if narrow else y.to(torch.float32), dim=1, dtype=torch.float32)  # (N,)
+    if not bool(torch.isfinite(norm).all()):
+        raise ValueError("outputs must be finite (with row norms that fit in float32)")
+    inverse = 1.0 / norm.clamp_min(_NORM_EPS)                              # (N,)
+    nonzero = norm[norm > 0]
+    if y.dtype == torch.bfloat16 and exact_bf16_products(y.device) and (nonzero.numel() == 0 or (
+            _RAW_NORMS[0] <= float(nonzero.min()) and float(nonzero.max()) <= _RAW_NORMS[1])):
+        g = gram(y.T)                                                      # (N, N) y_i . y_j, symmetric
+        return g.mul_(torch.outer(inverse, inverse))                       # (N, N) symmetric: i*j == j*i
+    z = y.to(torch.float32) * inverse[:, None]                             # (N, C) unit rows
+    return gram(z.T)                                                       # (N, N)
 
 
 def _neighbours(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,23 +154,20 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     """
     diversity = _check_inputs(outputs, attention, diversity)
     n, device = outputs.shape[0], outputs.device
-    z = outputs.detach().to(torch.float32)                                 # (N, C)
-    norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)                # (N, 1)
-    if not bool(torch.isfinite(norm).all()):
-        raise ValueError("outputs must be finite (with row norms that fit in float32)")
     if n == 1:
+        if not bool(torch.isfinite(torch.linalg.vector_norm(outputs.detach().float()))):
+            raise ValueError("outputs must be finite (with row norms that fit in float32)")
         return torch.zeros(1, dtype=torch.int64, device=device)
     k = min(params.k, n - 1)
 
     # ---- precompute, float32 on the device of outputs: the Gram matrix, then O(N^2) passes.
     # kNN on G (largest G = smallest D, without rounding 1 - G in float32); the kernel is kept
     # as K' = exp(G) = e * K (one in-place pass) and MMD^2, linear in K, is divided by e.
-    z = z / norm.clamp_min(_NORM_EPS)                                      # (N, C) unit rows
-    gram = unit_gram(z)                                                    # (N, N) G
-    gdiag = gram.diagonal().clone()                                        # (N,)
-    gram.diagonal().fill_(-math.inf)                                       # kNN excludes self
-    nbr, nbr_g = _neighbours(gram, k)                                      # (N, k), (N, k)
-    kern = gram.exp_()                                                     # (N, N) K' = e * K
+    sim = cosine_gram(outputs)                                             # (N, N) G
+    gdiag = sim.diagonal().clone()                                        # (N,)
+    sim.diagonal().fill_(-math.inf)                                       # kNN excludes self
+    nbr, nbr_g = _neighbours(sim, k)                                      # (N, k), (N, k)
+    kern = sim.exp_()                                                     # (N, N) K' = e * K
     kdiag = gdiag.exp_()                                                   # (N,) K'_ii
     kern.diagonal().copy_(kdiag)
     colsum = kern.sum(1, dtype=torch.float64)                              # (N,) K' row = column sums

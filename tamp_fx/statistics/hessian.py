@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from tamp_fx.statistics.products import exact_bf16_products, gram_blocks, mirror_upper_, upper_gram_
+
 #: inputs wait to be multiplied until they fill this many rows or :data:`FLUSH_ELEMENTS` values:
 #: one large ``x^T x`` is faster than many small ones (1.5x for 512 x 1536 -> 4096 x 1536 on a CPU)
 FLUSH_ROWS, FLUSH_ELEMENTS = 4096, 2**24
-#: ``x^T x`` is symmetric: it is multiplied in this many block rows, each from its diagonal block
-#: rightwards, and the lower blocks are mirrored when read (5/8 of the products; 0.71x the time of
-#: one full product for 4096 x 1536 on a 2-core CPU, 0.86x for 4096 x 576)
-BLOCK_ROWS = 4
 
 
 class HessianAccumulator:
@@ -18,7 +16,10 @@ class HessianAccumulator:
     Kept in the reference's running-average form (``H *= n/(n+t); H += 2/(n+t) x^T x``), so
     its scale does not grow with the number of tokens; inputs are gathered into products of
     :data:`FLUSH_ROWS` rows (float32 accumulation throughout), of the upper blocks only
-    (:data:`BLOCK_ROWS`): the Hessian read is exactly symmetric. Lives on the device of the first input.
+    (:func:`~tamp_fx.statistics.products.upper_gram_`): the Hessian read is exactly symmetric.
+    bfloat16 inputs wait and multiply as they are where that product is exact
+    (:func:`~tamp_fx.statistics.products.exact_bf16_products`), others as float32.
+    Lives on the device of the first input.
 
     >>> acc = HessianAccumulator()
     >>> acc.add(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
@@ -29,10 +30,11 @@ class HessianAccumulator:
     def __init__(self) -> None:
         self._h: torch.Tensor | None = None  # (C_in, C_in) float32
         self._n: float = 0                   # tokens in _h
-        self._buffer: torch.Tensor | None = None  # (capacity, C_in) float32: inputs not yet in _h, rows [0, _waiting_rows)
+        self._buffer: torch.Tensor | None = None  # (capacity, C_in): inputs not yet in _h, rows [0, _waiting_rows)
         self._waiting_rows = 0
         self._waiting_n: float = 0           # their tokens, each counted with its weight
         self._mirrored = True                # the blocks below the diagonal are up to date
+        self._blocks = 1                     # the block rows of the products since they were
 
     @property
     def n_tokens(self) -> float:
@@ -55,13 +57,15 @@ class HessianAccumulator:
         if t == 0:
             return
         rows, capacity = x2.shape[0], max(1, min(FLUSH_ROWS, FLUSH_ELEMENTS // c_in))
-        if self._waiting_rows + rows > capacity:
+        exact = x2.dtype == torch.bfloat16 and exact_bf16_products(self._h.device)
+        dtype = torch.bfloat16 if exact else torch.float32      # what the inputs wait and multiply in
+        if self._waiting_rows + rows > capacity or (self._buffer is not None and self._buffer.dtype != dtype):
             self._flush()
         if rows >= capacity:                 # too many to wait for company: multiplied as they come
-            self._multiply(x2.to(device=self._h.device, dtype=torch.float32), t)
+            self._multiply(x2.to(device=self._h.device, dtype=dtype), t)
             return
-        if self._buffer is None:             # one buffer, filled in place: no list of copies to concatenate
-            self._buffer = torch.empty(capacity, c_in, dtype=torch.float32, device=self._h.device)
+        if self._buffer is None or self._buffer.dtype != dtype:   # one buffer, filled in place: no list of copies
+            self._buffer = torch.empty(capacity, c_in, dtype=dtype, device=self._h.device)
         self._buffer[self._waiting_rows:self._waiting_rows + rows].copy_(x2)
         self._waiting_rows += rows
         self._waiting_n += t
@@ -74,26 +78,13 @@ class HessianAccumulator:
             self._waiting_rows, self._waiting_n = 0, 0
 
     def _multiply(self, x: torch.Tensor, t: float) -> None:
-        """Add ``x`` (T, C_in) float32, ``t`` tokens, to the running Hessian."""
+        """Add ``x`` (T, C_in) (bfloat16 or float32), ``t`` tokens, to the running Hessian."""
         n = self._n + t
-        self._h.mul_(self._n / n)
-        for a, e in self._blocks():
-            self._h[a:e, a:].addmm_(x[:, a:e].T, x[:, a:], alpha=2.0 / n)   # (e - a, C_in - a)
-        self._n = n
-        self._mirrored = False
-
-    def _blocks(self) -> list[tuple[int, int]]:
-        """The block rows [a, e) of the Hessian."""
-        c_in = self._h.shape[0]
-        edges = [c_in * i // BLOCK_ROWS for i in range(BLOCK_ROWS + 1)]
-        return [(a, e) for a, e in zip(edges, edges[1:]) if e > a]
-
-    def _mirror(self) -> None:
-        for a, e in self._blocks():
-            self._h[a:e, :a] = self._h[:a, a:e].T      # (e - a, a) from the block column above
-            block = self._h[a:e, a:e]                  # (e - a, e - a): its product rounds the two triangles apart
-            block.copy_(block.triu() + block.triu(1).T)
-        self._mirrored = True
+        blocks = gram_blocks(self._h.device, x.dtype, x.shape[1])
+        if not self._mirrored and blocks != self._blocks:
+            mirror_upper_(self._h, self._blocks)           # the other block layout: its lower blocks from its upper ones
+        upper_gram_(self._h, x, blocks, alpha=2.0 / n, beta=self._n / n)
+        self._n, self._blocks, self._mirrored = n, blocks, False
 
     def merge(self, hessian: torch.Tensor, n_tokens: float) -> None:
         """Replace the running Hessian by one over ``n_tokens`` tokens (the ranks' Hessians combined)."""
@@ -108,5 +99,6 @@ class HessianAccumulator:
         if self._h is None or self.n_tokens == 0:
             raise ValueError("the Hessian accumulator saw no calibration tokens; run calibration data through the layer first")
         if not self._mirrored:
-            self._mirror()
+            mirror_upper_(self._h, self._blocks)
+            self._mirrored = True
         return self._h

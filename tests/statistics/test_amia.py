@@ -2,7 +2,8 @@
 loop (hypothesis), a hand-checked golden, edge cases and the selected-input square sums.
 
 The reference shares one thing with the implementation: the float32 Gram matrix of the
-L2-normalised outputs (computed with the same torch ops; ``D = 1 - G`` in float64), which is
+L2-normalised outputs (``amia.cosine_gram``, itself checked against float64 below; ``D = 1 - G``
+in float64), which is
 the algorithm's numerical input. Everything after that (kNN, g, the greedy loop, MMD^2 recomputed
 from scratch each step) is written out plainly in float64 here, so the index sequences must
 agree exactly; only the stopping step may move, when MMD^2 is within 1e-6 of the threshold
@@ -29,10 +30,8 @@ NEAR = 1e-6   # how close to the threshold MMD^2 must be for the stopping step t
 
 def distances(outputs: torch.Tensor) -> torch.Tensor:
     """D = 1 - Zn Zn^T (N, N) in float64, from the float32 Gram matrix computed as the
-    implementation computes it (normalise the rows in float32, then ``amia.unit_gram``)."""
-    z = outputs.float()
-    z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
-    return 1.0 - amia.unit_gram(z).double()
+    implementation computes it (``amia.cosine_gram``)."""
+    return 1.0 - amia.cosine_gram(outputs).double()
 
 
 def mmd2(kern: torch.Tensor, chosen: list[int]) -> float:
