@@ -40,6 +40,16 @@ class ObserverContext:
         self.labels: torch.Tensor | None = None  # (N,) int8 modality per token of the current sample, on the layer's device
         self.sample = 0                           # its index in the full calibration list (on any rank)
         self.layer_change: Any = None             # ATV: the layer's statistics.atv.LayerChange, measured before the run
+        self._whole: dict[tuple[int, bool], torch.Tensor] = {}   # every_token_row per (sample, one_modality)
+
+    def every_token_row(self, labels: torch.Tensor, one_modality: bool) -> torch.Tensor:
+        """A token-count row (2M,) float64 of the current sample where every token is chosen: 1 for
+        each modality present, twice (present, share chosen). The same for every linear of the
+        layer, so computed once per sample (``one_modality``: ``labels`` are all zeros); read-only."""
+        key = (self.sample, one_modality)
+        if key not in self._whole:
+            self._whole[key] = (torch.bincount(labels, minlength=len(Modality)) > 0).double().repeat(2)
+        return self._whole[key]
 
 
 class SampleSums:
@@ -195,8 +205,12 @@ class LinearObserver(torch.nn.Module):
         """Count the sample's tokens per modality and the share chosen (None: all), on the
         device of ``labels`` without a host synchronisation."""
         n_mod = len(Modality)
+        if chosen is None:
+            one_modality = self.context.labels is None or self.all_tokens_one_modality
+            self.token_sums.add(self.context.every_token_row(labels, one_modality))
+            return
         per_sample_total = torch.bincount(labels, minlength=n_mod).double()                       # (M,)
-        picked = labels if chosen is None else labels[chosen.to(labels.device)]
+        picked = labels[chosen.to(labels.device)]
         per_sample_chosen = torch.bincount(picked, minlength=n_mod).double()                      # (M,)
         present = per_sample_total > 0                                                            # (M,)
         fraction = torch.where(present, per_sample_chosen / per_sample_total.clamp_min(1), 0.0)
