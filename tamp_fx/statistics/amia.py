@@ -103,9 +103,12 @@ def cosine_gram(outputs: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(norm).all()):
         raise ValueError("outputs must be finite (with row norms that fit in float32)")
     inverse = 1.0 / norm.clamp_min(_NORM_EPS)                              # (N,)
-    nonzero = norm[norm > 0]
-    if y.dtype == torch.bfloat16 and exact_bf16_products(y.device) and (nonzero.numel() == 0 or (
-            _RAW_NORMS[0] <= float(nonzero.min()) and float(nonzero.max()) <= _RAW_NORMS[1])):
+    raw = y.dtype == torch.bfloat16 and exact_bf16_products(y.device)    # the outputs' own product?
+    nonzero = norm[norm > 0] if raw else norm[:0]                          # (<= N,)
+    if nonzero.numel():
+        lo, hi = (float(v) for v in torch.aminmax(nonzero))
+        raw = _RAW_NORMS[0] <= lo and hi <= _RAW_NORMS[1]
+    if raw:
         g = gram(y.T)                                                      # (N, N) y_i . y_j, symmetric
         return g.mul_(torch.outer(inverse, inverse))                       # (N, N) symmetric: i*j == j*i
     z = y.to(torch.float32) * inverse[:, None]                             # (N, C) unit rows
@@ -154,16 +157,13 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     """
     diversity = _check_inputs(outputs, attention, diversity)
     n, device = outputs.shape[0], outputs.device
-    if n == 1:
-        if not bool(torch.isfinite(torch.linalg.vector_norm(outputs.detach().float()))):
-            raise ValueError("outputs must be finite (with row norms that fit in float32)")
-        return torch.zeros(1, dtype=torch.int64, device=device)
-    k = min(params.k, n - 1)
-
     # ---- precompute, float32 on the device of outputs: the Gram matrix, then O(N^2) passes.
     # kNN on G (largest G = smallest D, without rounding 1 - G in float32); the kernel is kept
     # as K' = exp(G) = e * K (one in-place pass) and MMD^2, linear in K, is divided by e.
-    sim = cosine_gram(outputs)                                             # (N, N) G
+    sim = cosine_gram(outputs)                                             # (N, N) G; refuses non-finite outputs
+    if n == 1:
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    k = min(params.k, n - 1)
     gdiag = sim.diagonal().clone()                                        # (N,)
     sim.diagonal().fill_(-math.inf)                                       # kNN excludes self
     nbr, nbr_g = _neighbours(sim, k)                                      # (N, k), (N, k)

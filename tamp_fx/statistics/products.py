@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 
 import torch
 
 from tamp_fx.runtime.placement import cpu_multiplies_natively
-
-log = logging.getLogger(__name__)
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112     # CBLAS_LAYOUT, CBLAS_TRANSPOSE
 _INT_MAX = 2**31 - 1                              # MKL_INT of the LP64 interface
