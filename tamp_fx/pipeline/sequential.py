@@ -289,8 +289,7 @@ def prune_layers(layers: DecoderLayers, acts: Activations, config: PlanConfig, t
     selection = TOKEN_SELECTIONS[config.tokens]
     selector = selection.selector(config) if score.needs_activations else None
     measure_change = score.needs_activations and selection.needs_layer_change
-    observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian,
-                                         selector_diversity=selection.needs_diversity)
+    observer_factory = functools.partial(LinearObserver, selector=selector, hessian=score.needs_hessian)
     results = []
     n_layers = len(layers)
     with bars.task(PRUNE, n_layers, item="layer") as advance_layer:

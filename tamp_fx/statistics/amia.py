@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tamp_fx.statistics.diversity import gram_diversity_terms, importance
 from tamp_fx.statistics.products import exact_bf16_products, gram
 
 _NORM_EPS = 1e-12   # rows of Z with a smaller norm normalise to zero vectors (D = 1 to all)
@@ -120,6 +121,8 @@ def _neighbours(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     the k largest G (= smallest D = 1 - G), ordered by (D, index); ties, including ties for
     the k-th place, go to the lower index. Returns the indices (N, k) and their G (N, k)."""
     vals, nbr = sim.topk(k + 1, dim=1)                                     # (N, k + 1) descending
+    if not bool((vals[:, 1:] == vals[:, :-1]).any()):                      # no ties: already in (D, index) order
+        return nbr[:, :k], vals[:, :k]
     shared = vals[:, k] == vals[:, k - 1]                                  # (N,) k-th place tied
     if bool(shared.any()):                                                 # rare: fix those rows
         rows = shared.nonzero().squeeze(1)                                 # (T,)
@@ -132,6 +135,26 @@ def _neighbours(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     sims = sim.gather(1, nbr)                                              # (N, k)
     order = sims.argsort(dim=1, descending=True, stable=True)              # (N, k) then by D
     return nbr.gather(1, order), sims.gather(1, order)
+
+
+def select_tokens_by_modality(outputs: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor,
+                              params: AmiaParams = AmiaParams()) -> torch.Tensor:
+    """:func:`select_tokens` with the diversity the stopping threshold reads taken from the outputs
+    themselves: DAS's importance over the modalities of ``labels`` (N,), the mean of
+    :func:`~tamp_fx.statistics.diversity.gram_diversity_terms` of the Gram matrix the selection
+    computes anyway (no second pass over the outputs).
+
+    >>> z = torch.tensor([[1., 0.], [1., 0.], [0., 1.], [0., -1.]])
+    >>> a = torch.tensor([0.4, 0.1, 0.1, 0.4])
+    >>> select_tokens_by_modality(z, a, torch.zeros(4, dtype=torch.int8))   # mean cosine 0: diversity 1
+    tensor([0, 3, 1])
+    """
+    _check_inputs(outputs, attention, 0.0)
+    if labels.numel() != outputs.shape[0]:
+        raise ValueError(f"labels must have {outputs.shape[0]} entries, got {labels.numel()}")
+    sim = cosine_gram(outputs)                                             # (N, N) G; refuses non-finite outputs
+    diversity = importance(gram_diversity_terms(sim, labels))
+    return _select(sim, attention, max(diversity, 0.0), params)
 
 
 def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: float,
@@ -156,11 +179,15 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     tensor([0, 3, 1, 2])
     """
     diversity = _check_inputs(outputs, attention, diversity)
-    n, device = outputs.shape[0], outputs.device
-    # ---- precompute, float32 on the device of outputs: the Gram matrix, then O(N^2) passes.
+    return _select(cosine_gram(outputs), attention, diversity, params)   # cosine_gram refuses non-finite outputs
+
+
+def _select(sim: torch.Tensor, attention: torch.Tensor, diversity: float, params: AmiaParams) -> torch.Tensor:
+    """The selection given the outputs' cosine Gram matrix ``sim`` (N, N) float32, which it overwrites."""
+    n, device = sim.shape[0], sim.device
+    # ---- precompute, float32 on the device of outputs: O(N^2) passes over the Gram matrix.
     # kNN on G (largest G = smallest D, without rounding 1 - G in float32); the kernel is kept
     # as K' = exp(G) = e * K (one in-place pass) and MMD^2, linear in K, is divided by e.
-    sim = cosine_gram(outputs)                                             # (N, N) G; refuses non-finite outputs
     if n == 1:
         return torch.zeros(1, dtype=torch.int64, device=device)
     k = min(params.k, n - 1)

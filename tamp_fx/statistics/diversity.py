@@ -1,10 +1,17 @@
 """Diversity of a linear's output tokens within and across modalities (DAS, TAMP §3.1).
 
-With Z's rows normalised and S_a the sum of the n_a rows of modality a:
-intra similarity (S_a.S_a - n_a) / (n_a (n_a - 1)) (mean cosine over ordered pairs of distinct
-tokens), inter similarity S_a.S_b / (n_a n_b); diversity = 1 - similarity. Exact up to float32
-rounding: rows are normalised and summed in float32 (torch's cascaded sums, relative error
-about 1e-7 at N = 512), dot products are float64. O(N C).
+With Z's rows normalised (a zero row stays zero) and S_a the sum of the n_a rows of modality a:
+intra similarity (S_a.S_a - u_a) / (n_a (n_a - 1)) (mean cosine over ordered pairs of distinct
+tokens; u_a = the sum of the rows' own dot products: n_a less the zero rows), inter similarity
+S_a.S_b / (n_a n_b); diversity = 1 - similarity.
+
+Two ways to the dot products S_a.S_b, both exact up to float32 rounding:
+
+- :func:`diversity_terms` from the outputs, O(N C): rows normalised and summed in float32
+  (torch's cascaded sums, relative error about 1e-7 at N = 512), dot products in float64;
+- :func:`gram_diversity_terms` from the cosine Gram matrix G = Z Z^T (N, N) where one is at hand
+  (AMIA computes it for its selection), O(N^2): S_a.S_b is the float64 sum of G over the rows of
+  a and the columns of b.
 """
 from __future__ import annotations
 
@@ -13,6 +20,34 @@ import torch
 from tamp_fx.modality import Modality
 
 _EPS = 1e-12
+
+
+def _present(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, list[int], list[int]]:
+    """labels (N,) as int64 on ``device``, the token count of every modality, the modalities present."""
+    labels = labels.reshape(-1).long().to(device)                        # (N,)
+    counts = torch.bincount(labels, minlength=len(Modality)).tolist()    # tokens per modality
+    return labels, counts, [m for m, n in enumerate(counts) if n]
+
+
+def _self_dots(labels: torch.Tensor, row_dots: torch.Tensor, present: list[int]) -> list[float]:
+    """Per present modality: the sum of its rows' dot products with themselves, ``row_dots`` (N,)."""
+    return torch.bincount(labels, weights=row_dots.double(), minlength=len(Modality))[present].tolist()
+
+
+def _terms(dots: list[list[float]], self_dots: list[float], counts: list[int], present: list[int]) -> dict[str, float]:
+    """The terms of the dot products ``dots`` (P, P) of the present modalities' sums, less each
+    modality's rows' own (``self_dots``, P)."""
+    names = [Modality(m).name.lower() for m in present]
+    terms: dict[str, float] = {}
+    for a, m in enumerate(present):
+        n = counts[m]
+        if n > 1:
+            terms[names[a]] = 1.0 - (dots[a][a] - self_dots[a]) / (n * (n - 1))
+    for a in range(len(present)):
+        for b in range(a + 1, len(present)):
+            key = "-".join(sorted((names[a], names[b])))
+            terms[key] = 1.0 - dots[a][b] / (counts[present[a]] * counts[present[b]])
+    return terms
 
 
 def diversity_terms(outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -26,10 +61,11 @@ def diversity_terms(outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     {'text': 0.0, 'image-text': 1.0}
     """
     z = outputs.reshape(-1, outputs.shape[-1]).float()                    # (N, C)
-    z = z / z.norm(dim=1, keepdim=True).clamp_min(_EPS)                  # unit rows, float32
-    labels = labels.reshape(-1).long().to(z.device)                      # (N,)
-    counts = torch.bincount(labels, minlength=len(Modality)).tolist()    # tokens per modality
-    present = [m for m, n in enumerate(counts) if n]
+    norm = z.norm(dim=1, keepdim=True)                                   # (N, 1)
+    scale = norm.clamp_min(_EPS)                                         # (N, 1)
+    z = z / scale                                                        # unit rows (zero rows zero), float32
+    labels, counts, present = _present(labels, z.device)
+    self_dots = _self_dots(labels, (norm / scale).square().flatten(), present)   # (P,) 1 per nonzero row
     if len(present) == 1:                                                # one modality: no gather
         sums = z.sum(0)[None]                                            # (1, C)
     else:
@@ -38,18 +74,24 @@ def diversity_terms(outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
         slot[rows] = torch.arange(len(present), device=z.device)
         sums = z.new_zeros(len(present), z.shape[1]).index_add_(0, slot[labels], z)  # (P, C)
     sums = sums.double()                                                 # (P, C)
-    dots = (sums @ sums.T).tolist()                                      # (P, P) S_a . S_b, float64
-    names = [Modality(m).name.lower() for m in present]
-    terms: dict[str, float] = {}
-    for a, m in enumerate(present):
-        n = counts[m]
-        if n > 1:
-            terms[names[a]] = 1.0 - (dots[a][a] - n) / (n * (n - 1))
-    for a in range(len(present)):
-        for b in range(a + 1, len(present)):
-            key = "-".join(sorted((names[a], names[b])))
-            terms[key] = 1.0 - dots[a][b] / (counts[present[a]] * counts[present[b]])
-    return terms
+    return _terms((sums @ sums.T).tolist(), self_dots, counts, present)  # (P, P) S_a . S_b, float64
+
+
+def gram_diversity_terms(gram: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """:func:`diversity_terms` of outputs whose cosine Gram matrix (rows normalised, zero rows
+    zero) is ``gram`` (N, N), labels (N,).
+
+    >>> z = torch.tensor([[1., 0.], [1., 0.], [0., 1.]])
+    >>> gram_diversity_terms(z @ z.T, torch.tensor([0, 0, 1]))
+    {'text': 0.0, 'image-text': 1.0}
+    """
+    labels, counts, present = _present(labels, gram.device)
+    if len(present) == 1:
+        dots = [[float(gram.sum(dtype=torch.float64))]]                  # (1, 1)
+    else:
+        onehot = (labels[:, None] == torch.tensor(present, device=gram.device)).double()  # (N, P)
+        dots = (onehot.T @ gram.double() @ onehot).tolist()              # (P, P) S_a . S_b
+    return _terms(dots, _self_dots(labels, gram.diagonal(), present), counts, present)
 
 
 def importance(terms: dict[str, float]) -> float:

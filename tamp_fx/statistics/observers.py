@@ -29,8 +29,8 @@ class Chosen:
 
 
 #: picks the tokens whose inputs count: (outputs (N, C_out), attention (N,) | None, labels (N,),
-#: diversity, the layer's ObserverContext) -> Chosen
-TokenSelector = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, float, "ObserverContext"], Chosen]
+#: the layer's ObserverContext) -> Chosen
+TokenSelector = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, "ObserverContext"], Chosen]
 
 
 class ObserverContext:
@@ -147,7 +147,7 @@ class LinearObserver(torch.nn.Module):
 
     def __init__(self, context: ObserverContext, *, selector: TokenSelector | None = None, hessian: bool = False,
                  track_diversity: bool = False, all_tokens_one_modality: bool = False,
-                 collect_inputs: bool = True, selector_diversity: bool = False) -> None:
+                 collect_inputs: bool = True) -> None:
         super().__init__()
         if not collect_inputs and (selector is not None or hessian or not track_diversity):
             raise ValueError("collect_inputs=False is for diversity-only observers (no selector, no Hessian)")
@@ -156,7 +156,6 @@ class LinearObserver(torch.nn.Module):
         self.collect_inputs = collect_inputs
         self.stats = InputStats(hessian)
         self.track_diversity = track_diversity
-        self.selector_diversity = selector_diversity   # the selector reads the sample's diversity (AMIA)
         self.all_tokens_one_modality = all_tokens_one_modality
         self.owns_stats = True               # False: a linear reading the same tensor fills ``stats`` (share_inputs)
         self.diversity_sums = SampleSums()   # per sample: term values (T), term present (T), importance
@@ -223,21 +222,18 @@ class LinearObserver(torch.nn.Module):
         x, z = self._pending
         self._pending = None
         labels = self._labels(x.shape[0], x.device)
-        div = 0.0
-        if self.track_diversity or self.selector_diversity:
-            terms = diversity_terms(z, labels)
-            div = importance(terms)
         if self.track_diversity:
+            terms = diversity_terms(z, labels)
             values = [terms.get(k, 0.0) for k in DIVERSITY_TERMS]
             present = [float(k in terms) for k in DIVERSITY_TERMS]
-            self.diversity_sums.add(torch.tensor([*values, *present, div], dtype=torch.float64))
+            self.diversity_sums.add(torch.tensor([*values, *present, importance(terms)], dtype=torch.float64))
         if not self.collect_inputs:
             return
         if self.selector is None:
             chosen = Chosen()
         else:
             with stage(SELECTION):
-                chosen = self.selector(z, attention, labels, div, self.context)
+                chosen = self.selector(z, attention, labels, self.context)
         index = None if chosen.index is None else chosen.index.to(x.device)
         self.stats.add(x if index is None else x[index], chosen.weight)
         self._count(index, labels)

@@ -19,7 +19,7 @@ from tamp_fx.errors import TampError
 from tamp_fx.modality import Modality
 from tamp_fx.registry import Registry
 from tamp_fx.runtime.distributed import sample_seed
-from tamp_fx.statistics.amia import select_tokens
+from tamp_fx.statistics.amia import select_tokens_by_modality
 from tamp_fx.statistics.observers import Chosen, ObserverContext, TokenSelector
 
 
@@ -30,17 +30,17 @@ def _need_attention(attention: torch.Tensor | None, name: str) -> torch.Tensor:
     return attention
 
 
-def _amia(outputs, attention, labels, diversity, context):
-    return Chosen(select_tokens(outputs, _need_attention(attention, "amia"), diversity))
+def _amia(outputs, attention, labels, context):
+    return Chosen(select_tokens_by_modality(outputs, _need_attention(attention, "amia"), labels))
 
 
-def _attention(outputs, attention, labels, diversity, context):
+def _attention(outputs, attention, labels, context):
     a = _need_attention(attention, "attention")                         # (N,)
     return Chosen(torch.nonzero(a > a.mean()).flatten())
 
 
 def _random(count: int, seed: int) -> TokenSelector:
-    def select(outputs, attention, labels, diversity, context):
+    def select(outputs, attention, labels, context):
         generator = torch.Generator().manual_seed(sample_seed(seed, context.sample))
         n = outputs.shape[0]
         return Chosen(torch.randperm(n, generator=generator)[:count].sort().values)
@@ -48,7 +48,7 @@ def _random(count: int, seed: int) -> TokenSelector:
 
 
 def _atv(alpha: float) -> TokenSelector:
-    def select(outputs, attention, labels, diversity, context: ObserverContext):
+    def select(outputs, attention, labels, context: ObserverContext):
         return Chosen(context.layer_change.kept(context.sample, labels, alpha))
     return select
 
@@ -59,7 +59,7 @@ def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     return (1.0 / torch.bincount(labels, minlength=len(Modality)).double().clamp_min(1))[labels]
 
 
-def _balanced(outputs, attention, labels, diversity, context):
+def _balanced(outputs, attention, labels, context):
     return Chosen(None, balanced_weights(labels))
 
 
@@ -68,12 +68,11 @@ class TokenSelection:
     name: str
     selector: Callable[..., TokenSelector | None]     # (plan config) -> selector; None: every token
     needs_layer_change: bool = False                  # the driver measures each layer's LayerChange first (ATV)
-    needs_diversity: bool = False                     # the selector reads each sample's output diversity (AMIA)
 
 
 TOKEN_SELECTIONS: Registry[TokenSelection] = Registry("tokens")
 TOKEN_SELECTIONS.register(TokenSelection("all", lambda config: None))
-TOKEN_SELECTIONS.register(TokenSelection("amia", lambda config: _amia, needs_diversity=True))
+TOKEN_SELECTIONS.register(TokenSelection("amia", lambda config: _amia))
 TOKEN_SELECTIONS.register(TokenSelection("atv", lambda config: _atv(config.atv_alpha), needs_layer_change=True))
 TOKEN_SELECTIONS.register(TokenSelection("balanced", lambda config: _balanced))
 TOKEN_SELECTIONS.register(TokenSelection("attention", lambda config: _attention))

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from tamp_fx.allocate.budget import allocate, allocate_size_normalised, min_keep, owl_sparsities
 from tamp_fx.modality import Modality
-from tamp_fx.statistics.diversity import diversity_terms, importance
+from tamp_fx.statistics.amia import cosine_gram
+from tamp_fx.statistics.diversity import diversity_terms, gram_diversity_terms, importance
 
 
 def quadratic_reference(z: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -34,15 +35,34 @@ def quadratic_reference(z: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 40), c=st.integers(1, 12), seed=st.integers(0, 10**6),
+@given(n=st.integers(1, 40), c=st.integers(1, 12), seed=st.integers(0, 10**6), zero_rows=st.integers(0, 3),
        mods=st.lists(st.sampled_from(list(Modality)), min_size=1, max_size=4, unique=True))
-def test_streaming_diversity_equals_the_quadratic_definition(n, c, seed, mods):
+def test_streaming_diversity_equals_the_quadratic_definition(n, c, seed, zero_rows, mods):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, c, generator=g)
+    z[:min(zero_rows, n - 1)] = 0.0          # a zero row is similar to nothing, itself included
     labels = torch.tensor([int(mods[i % len(mods)]) for i in torch.randperm(n, generator=g).tolist()])
     got, want = diversity_terms(z, labels), quadratic_reference(z, labels)
     assert got.keys() == want.keys()
     for k in want:  # rows are normalised and summed in float32: agree to float32 rounding
+        assert math.isclose(got[k], want[k], abs_tol=1e-6), k
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), c=st.integers(1, 12), seed=st.integers(0, 10**6), zero_rows=st.integers(0, 3),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       mods=st.lists(st.sampled_from(list(Modality)), min_size=1, max_size=4, unique=True))
+def test_diversity_from_the_gram_matrix_equals_the_quadratic_definition(n, c, seed, zero_rows, dtype, mods):
+    # AMIA reads the diversity off the cosine Gram matrix it computes anyway: the same terms as the
+    # definition (and as the streaming sums), zero rows included (normalised to zero vectors)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g)
+    z[:min(zero_rows, n - 1)] = 0.0
+    z = z.to(dtype)
+    labels = torch.tensor([int(mods[i % len(mods)]) for i in torch.randperm(n, generator=g).tolist()])
+    got, want = gram_diversity_terms(cosine_gram(z), labels), quadratic_reference(z.double(), labels)
+    assert got.keys() == want.keys() == diversity_terms(z, labels).keys()
+    for k in want:
         assert math.isclose(got[k], want[k], abs_tol=1e-6), k
 
 

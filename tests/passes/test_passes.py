@@ -308,7 +308,7 @@ def test_observers_that_select_tokens_by_their_outputs_keep_their_own_statistics
     from tamp_fx.statistics.observers import Chosen, LinearObserver
     layer, acts = _layer_and_acts(6, [8, 5])
     gm = export_layer(layer, (acts.hidden[0],), acts.layer_kwargs[0][0])
-    first_half = lambda z, attention, labels, div, context: Chosen(torch.arange(z.shape[0] // 2))   # noqa: E731
+    first_half = lambda z, attention, labels, context: Chosen(torch.arange(z.shape[0] // 2))   # noqa: E731
     observers = instrument(gm, InstrumentConfig(ObserverContext(), functools.partial(LinearObserver, selector=first_half))).info["linear"]
     stats = [o.stats for o in observers.values()]
     assert len({id(s) for s in stats}) == len(stats)

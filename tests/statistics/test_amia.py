@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tamp_fx.statistics import amia
-from tamp_fx.statistics.amia import AmiaParams, select_tokens, selected_input_sq_sum
+from tamp_fx.statistics.amia import AmiaParams, select_tokens, select_tokens_by_modality, selected_input_sq_sum
+from tamp_fx.statistics.diversity import gram_diversity_terms, importance
 
 FAST = settings(max_examples=120, deadline=None)
 NEAR = 1e-6   # how close to the threshold MMD^2 must be for the stopping step to move
@@ -208,6 +209,23 @@ def test_zero_diversity_terminates():
     got = select_tokens(z, a, 0.0).tolist()
     assert len(got) == len(set(got)) <= 60
     assert got == reference(z, a, 0.0, min_steps=len(got))[0]
+
+
+@FAST
+@given(cases(), st.integers(0, 2**31 - 1))
+def test_by_modality_is_select_tokens_at_the_outputs_own_diversity(case, seed):
+    # the observers' entry point: the stopping threshold's diversity is DAS's importance of the
+    # outputs over their modalities, read from the Gram matrix the selection computes
+    outputs, attention, _, params = case
+    labels = torch.randint(0, 3, (outputs.shape[0],), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    diversity = max(importance(gram_diversity_terms(amia.cosine_gram(outputs), labels)), 0.0)
+    got = select_tokens_by_modality(outputs, attention, labels, params)
+    assert torch.equal(got, select_tokens(outputs, attention, diversity, params))
+
+
+def test_by_modality_refuses_labels_of_another_length():
+    with pytest.raises(ValueError, match="labels must have 3 entries"):
+        select_tokens_by_modality(torch.randn(3, 2), torch.ones(3), torch.zeros(4, dtype=torch.int8))
 
 
 def test_half_precision_is_computed_in_float32():
