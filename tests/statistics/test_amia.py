@@ -223,6 +223,17 @@ def test_by_modality_is_select_tokens_at_the_outputs_own_diversity(case, seed):
     assert torch.equal(got, select_tokens(outputs, attention, diversity, params))
 
 
+@pytest.mark.parametrize("n, value", [(64, 0.3), (100, 0.7), (257, 1.1), (512, 0.01)])
+def test_by_modality_takes_identical_outputs_whose_diversity_rounds_to_either_side_of_zero(n, value):
+    # every row the same: the diversity is 0 up to rounding, on either side; a hair below 0 counts as 0
+    z = torch.full((n, 8), value).to(torch.bfloat16)
+    labels, a = torch.zeros(n, dtype=torch.int8), torch.full((n,), 1 / n)
+    diversity = importance(gram_diversity_terms(amia.cosine_gram(z), labels))
+    assert abs(diversity) < 1e-5
+    got = select_tokens_by_modality(z, a, labels)
+    assert torch.equal(got, select_tokens(z, a, max(diversity, 0.0)))
+
+
 def test_by_modality_refuses_labels_of_another_length():
     with pytest.raises(ValueError, match="labels must have 3 entries"):
         select_tokens_by_modality(torch.randn(3, 2), torch.ones(3), torch.zeros(4, dtype=torch.int8))
