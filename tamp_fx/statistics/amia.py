@@ -71,7 +71,7 @@ class AmiaParams:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
-def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor, diversity: float) -> float:
+def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor) -> None:
     if outputs.dim() != 2 or outputs.shape[0] == 0:
         raise ValueError(f"outputs must be 2-D (N, C) with N >= 1, got shape {tuple(outputs.shape)}")
     if not outputs.is_floating_point():
@@ -80,10 +80,6 @@ def _check_inputs(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
         raise ValueError(f"attention must have shape ({outputs.shape[0]},), got {tuple(attention.shape)}")
     if not bool((torch.isfinite(attention) & (attention >= 0)).all()):
         raise ValueError("attention must be finite and non-negative")
-    diversity = float(diversity)
-    if not math.isfinite(diversity) or diversity < 0:
-        raise ValueError(f"diversity must be a finite number >= 0, got {diversity!r}")
-    return diversity
 
 
 def cosine_gram(outputs: torch.Tensor) -> torch.Tensor:
@@ -149,7 +145,7 @@ def select_tokens_by_modality(outputs: torch.Tensor, attention: torch.Tensor, la
     >>> select_tokens_by_modality(z, a, torch.zeros(4, dtype=torch.int8))   # mean cosine 0: diversity 1
     tensor([0, 3, 1])
     """
-    _check_inputs(outputs, attention, 0.0)
+    _check_inputs(outputs, attention)
     if labels.numel() != outputs.shape[0]:
         raise ValueError(f"labels must have {outputs.shape[0]} entries, got {labels.numel()}")
     sim = cosine_gram(outputs)                                             # (N, N) G; refuses non-finite outputs
@@ -178,7 +174,10 @@ def select_tokens(outputs: torch.Tensor, attention: torch.Tensor, diversity: flo
     >>> select_tokens(z, a, diversity=0.25)
     tensor([0, 3, 1, 2])
     """
-    diversity = _check_inputs(outputs, attention, diversity)
+    _check_inputs(outputs, attention)
+    diversity = float(diversity)
+    if not math.isfinite(diversity) or diversity < 0:
+        raise ValueError(f"diversity must be a finite number >= 0, got {diversity!r}")
     return _select(cosine_gram(outputs), attention, diversity, params)   # cosine_gram refuses non-finite outputs
 
 

@@ -22,27 +22,25 @@ from tamp_fx.modality import Modality
 _EPS = 1e-12
 
 
-def _present(labels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, list[int], list[int]]:
-    """labels (N,) as int64 on ``device``, the token count of every modality, the modalities present."""
-    labels = labels.reshape(-1).long().to(device)                        # (N,)
-    counts = torch.bincount(labels, minlength=len(Modality)).tolist()    # tokens per modality
-    return labels, counts, [m for m, n in enumerate(counts) if n]
-
-
-def _self_dots(labels: torch.Tensor, row_dots: torch.Tensor, present: list[int]) -> list[float]:
-    """Per present modality: the sum of its rows' dot products with themselves, ``row_dots`` (N,)."""
-    return torch.bincount(labels, weights=row_dots.double(), minlength=len(Modality))[present].tolist()
+def _per_modality(labels: torch.Tensor, row_dots: torch.Tensor) -> tuple[torch.Tensor, list[int], list[float], list[int]]:
+    """labels (N,) as int64 on the device of ``row_dots`` (N,); per modality its token count and the
+    sum of its rows' dot products with themselves (one host transfer); the modalities present."""
+    labels = labels.reshape(-1).long().to(row_dots.device)               # (N,)
+    counts, self_dots = torch.stack([torch.bincount(labels, minlength=len(Modality)).double(),
+                                     torch.bincount(labels, weights=row_dots.double(), minlength=len(Modality))]).tolist()
+    counts = [int(n) for n in counts]                                    # tokens per modality
+    return labels, counts, self_dots, [m for m, n in enumerate(counts) if n]
 
 
 def _terms(dots: list[list[float]], self_dots: list[float], counts: list[int], present: list[int]) -> dict[str, float]:
     """The terms of the dot products ``dots`` (P, P) of the present modalities' sums, less each
-    modality's rows' own (``self_dots``, P)."""
+    modality's rows' own (``self_dots``, per modality)."""
     names = [Modality(m).name.lower() for m in present]
     terms: dict[str, float] = {}
     for a, m in enumerate(present):
         n = counts[m]
         if n > 1:
-            terms[names[a]] = 1.0 - (dots[a][a] - self_dots[a]) / (n * (n - 1))
+            terms[names[a]] = 1.0 - (dots[a][a] - self_dots[m]) / (n * (n - 1))
     for a in range(len(present)):
         for b in range(a + 1, len(present)):
             key = "-".join(sorted((names[a], names[b])))
@@ -64,8 +62,7 @@ def diversity_terms(outputs: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     norm = z.norm(dim=1, keepdim=True)                                   # (N, 1)
     scale = norm.clamp_min(_EPS)                                         # (N, 1)
     z = z / scale                                                        # unit rows (zero rows zero), float32
-    labels, counts, present = _present(labels, z.device)
-    self_dots = _self_dots(labels, (norm / scale).square().flatten(), present)   # (P,) 1 per nonzero row
+    labels, counts, self_dots, present = _per_modality(labels, (norm / scale).square().flatten())  # 1 per nonzero row
     if len(present) == 1:                                                # one modality: no gather
         sums = z.sum(0)[None]                                            # (1, C)
     else:
@@ -85,13 +82,13 @@ def gram_diversity_terms(gram: torch.Tensor, labels: torch.Tensor) -> dict[str, 
     >>> gram_diversity_terms(z @ z.T, torch.tensor([0, 0, 1]))
     {'text': 0.0, 'image-text': 1.0}
     """
-    labels, counts, present = _present(labels, gram.device)
+    labels, counts, self_dots, present = _per_modality(labels, gram.diagonal())
     if len(present) == 1:
         dots = [[float(gram.sum(dtype=torch.float64))]]                  # (1, 1)
     else:
         onehot = (labels[:, None] == torch.tensor(present, device=gram.device)).double()  # (N, P)
         dots = (onehot.T @ gram.double() @ onehot).tolist()              # (P, P) S_a . S_b
-    return _terms(dots, _self_dots(labels, gram.diagonal(), present), counts, present)
+    return _terms(dots, self_dots, counts, present)
 
 
 def importance(terms: dict[str, float]) -> float:
